@@ -1,0 +1,1 @@
+"""Data stages: reading DREAM files, synthesis, tokenizers, shards, loader, GloVe."""
