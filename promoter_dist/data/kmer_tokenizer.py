@@ -1,0 +1,271 @@
+"""Team SYSU-SAIL's k-mer BERT tokens: 3-mers over ACGTN plus five specials, 130 ids.
+
+Vocabulary (fixed, independent of corpus frequencies)::
+
+    [PAD]=0 [CLS]=1 [UNK]=2 [SEP]=3 [MASK]=4, then the 125 3-mers over ACGTN in
+    lexicographic order of the alphabet order "ACGTN" (AAA=5, AAC=6, ..., NNN=129)
+
+so a 3-mer's id is ``5 + 25*c0 + 5*c1 + c2`` with the base codes of
+:mod:`promoter_dist.data.alphabet` (A0 C1 G2 T3 N4).
+
+The team report fixes the vocabulary and says each sequence is "extended 150bp
+(upstream) and 150bp (downstream)"; it leaves the rest open. The choices made here:
+
+Flank joining
+    The vector's 150 bp either side of the random region (``UPSTREAM_150`` /
+    ``DOWNSTREAM_150``) already end / start with the 17-bp 5' and 13-bp 3' adapters
+    that every row carries. Gluing the full 150 bp onto a row would repeat the
+    adapters, which is not DNA that exists in the plasmid. The input is therefore
+    ``UPSTREAM_150[:-17] + row + DOWNSTREAM_150[13:]`` (133 + row + 137 bp): the row's
+    own adapter bases are kept, so a nominal 110-bp row becomes exactly the 380-bp
+    plasmid context (150 + 80 + 150). Rows of other lengths (synthesis errors, about
+    18% of the training rows) keep all their own bases; nothing is trimmed or
+    realigned, so their extended length is ``270 + len(row)``.
+
+Reading frames
+    Tokens are non-overlapping 3-mers. Frame ``f`` in {0, 1, 2} starts at offset ``f``
+    of the extended sequence (its first ``f`` bases, all vector, are skipped); a
+    trailing 1-2 bases that do not fill a 3-mer are dropped. A 380-bp context gives
+    126 3-mers in every frame, 128 tokens with [CLS] and [SEP]. SYSU's published model
+    code averages three token sequences per input; the three reading frames are the
+    natural reading of that (an inference: the tokenizer code is not public). Frame 0
+    is the default; :func:`build_tokenizer` / :func:`encode_codes` take any frame and
+    :func:`build_frame_tokenizers` / :func:`encode_codes_all_frames` give all three.
+
+Letters
+    Lower case folds to upper case. Any other character (including whitespace; the
+    row is taken exactly as given, nothing is stripped) makes the 3-mer it falls in
+    [UNK]. One character is one position, as in :func:`alphabet.encode`, so the string
+    path and the code path agree on where the 3-mer boundaries fall.
+
+Two equal paths
+    :func:`build_tokenizer` is a real Hugging Face fast tokenizer (``tokenizers``
+    WordLevel model) that does all of the above itself: its normalizer folds case and
+    adds the flanks (the frame offset is applied by prepending the upstream flank
+    without its first ``f`` bases), its pre-tokenizer cuts 3-mers, its post-processor
+    adds [CLS] ... [SEP]. It saves with ``save_pretrained`` and reloads offline with
+    ``AutoTokenizer.from_pretrained``. :func:`encode_codes` is the vectorised numpy path
+    the data loader uses on alphabet codes; it gives exactly the same ids. One edge
+    differs and is refused instead: the ``tokenizers`` normalizer leaves an empty
+    string empty (no flanks), so :func:`encode_codes` rejects rows of length 0.
+
+Truncation (``max_tokens`` in :func:`encode_codes`)
+    ``max_tokens`` counts every position, [CLS] and [SEP] included. A row with more than
+    ``max_tokens - 2`` 3-mers keeps its first ``max_tokens - 2`` (the 3' end is cut)
+    and still ends in [SEP]; shorter rows are padded to ``max_tokens``. This is what
+    the HF tokenizer does with ``padding="max_length", truncation=True,
+    max_length=max_tokens``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from .alphabet import ADAPTER_3P, ADAPTER_5P, BASES, DOWNSTREAM_150, PAD, UPSTREAM_150, encode
+
+SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[UNK]", "[SEP]", "[MASK]"]
+PAD_ID, CLS_ID, UNK_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+K = 3
+NUM_KMERS = len(BASES) ** K  # 125
+VOCAB_SIZE = len(SPECIAL_TOKENS) + NUM_KMERS  # 130
+FRAMES = (0, 1, 2)
+
+#: Vector bases added before / after a row: the 150-bp flanks without the adapters
+#: the row already carries (133 and 137 bp).
+UPSTREAM_FLANK = UPSTREAM_150[: -len(ADAPTER_5P)]
+DOWNSTREAM_FLANK = DOWNSTREAM_150[len(ADAPTER_3P) :]
+EXTENSION = len(UPSTREAM_FLANK) + len(DOWNSTREAM_FLANK)  # 270
+
+_UP_CODES = encode(UPSTREAM_FLANK)
+_DOWN_CODES = encode(DOWNSTREAM_FLANK)
+
+# Codes are clipped to 0..5 (5 = anything that is not a base: PAD or INVALID) and a
+# 3-mer is looked up as 36*c0 + 6*c1 + c2 (at most 215, so uint8 arithmetic is exact).
+_BAD = 5
+_TRIPLE_LUT = np.full(6**K, UNK_ID, dtype=np.int64)
+for _c0, _c1, _c2 in itertools.product(range(len(BASES)), repeat=K):
+    _TRIPLE_LUT[36 * _c0 + 6 * _c1 + _c2] = len(SPECIAL_TOKENS) + 25 * _c0 + 5 * _c1 + _c2
+
+
+def kmer_vocabulary() -> dict[str, int]:
+    """Token -> id for all 130 tokens (specials 0-4, then the 3-mers in ACGTN order)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for kmer in itertools.product(BASES, repeat=K):
+        vocab["".join(kmer)] = len(vocab)
+    return vocab
+
+
+def extend_with_vector(sequence: str) -> str:
+    """The row inside its plasmid context: ``UPSTREAM_150[:-17] + row + DOWNSTREAM_150[13:]``.
+
+    The row is kept as given (its own adapters, its case); a 110-bp row gives 380 bp.
+    """
+    return UPSTREAM_FLANK + sequence + DOWNSTREAM_FLANK
+
+
+def kmer_count(length: int | np.ndarray, frame: int = 0) -> int | np.ndarray:
+    """Number of 3-mers (specials not counted) a row of ``length`` bases gives in ``frame``."""
+    _check_frame(frame)
+    return (length + EXTENSION - frame) // K
+
+
+def split_kmers(sequence: str, frame: int = 0) -> list[str]:
+    """The 3-mers of a row in ``frame`` as strings (upper-cased, not yet mapped to ids).
+
+    A plain-Python statement of the rule both tokenizer paths implement.
+    """
+    _check_frame(frame)
+    extended = extend_with_vector(_fold_case(sequence))
+    stop = frame + (len(extended) - frame) // K * K
+    return [extended[i : i + K] for i in range(frame, stop, K)]
+
+
+def build_tokenizer(frame: int = 0, model_max_length: int = 512) -> PreTrainedTokenizerFast:
+    """A Hugging Face fast tokenizer that turns a raw row into [CLS] 3-mers... [SEP] ids.
+
+    The vector extension, the frame offset and case folding all live inside the
+    tokenizer (normalizer), so ``tok(row)`` on a row as read from the file gives the
+    same ids as :func:`encode_codes` on its codes, and the saved tokenizer needs no
+    code from this package to reload.
+    """
+    _check_frame(frame)
+    backend = Tokenizer(models.WordLevel(vocab=kmer_vocabulary(), unk_token="[UNK]"))
+    backend.normalizer = normalizers.Sequence(
+        # Fold only the five base letters: other letters become [UNK] either way, and
+        # folding nothing else keeps the string path equal to alphabet.ENCODE_LUT.
+        [normalizers.Replace(base.lower(), base) for base in BASES]
+        + [
+            # The frame offset is applied here: the first `frame` bases of the extended
+            # sequence are vector bases, so prepending the flank without them is the same.
+            normalizers.Prepend(UPSTREAM_FLANK[frame:]),
+            # `\z` is the zero-width end of the string: a literal append.
+            normalizers.Replace(Regex(r"\z"), DOWNSTREAM_FLANK),
+        ]
+    )
+    # Keep every run of 3 characters (any character, newline included) and drop what
+    # is left over at the end: `invert=True` keeps the matches, "removed" drops the rest.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]{3}"), behavior="removed", invert=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)],
+    )
+    # Decoding joins the 3-mers back into the (framed, extended) sequence.
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=model_max_length,
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        padding_side="right",
+        truncation_side="right",
+        # BERT needs no token types for single sequences.
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def build_frame_tokenizers(model_max_length: int = 512) -> list[PreTrainedTokenizerFast]:
+    """One tokenizer per reading frame, in frame order 0, 1, 2."""
+    return [build_tokenizer(frame, model_max_length) for frame in FRAMES]
+
+
+def encode_codes(
+    codes: np.ndarray, lengths: np.ndarray, frame: int = 0, max_tokens: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask for a batch of coded rows, without a loop over rows.
+
+    ``codes`` is uint8 (n, W) in alphabet coding with PAD beyond each row's length;
+    ``lengths`` (n,) are the row lengths. Returns ``input_ids`` and ``attention_mask``,
+    both int64 (n, T): [CLS], the row's 3-mers in ``frame``, [SEP], then [PAD] (mask 0).
+    T is the longest row's token count, or ``max_tokens`` (see the module docstring for
+    the truncation rule). Any code other than A C G T N inside a row gives [UNK].
+    """
+    _check_frame(frame)
+    extended, ext_lengths = _extend_codes(codes, lengths)
+    return _frame_ids(extended, ext_lengths, frame, max_tokens)
+
+
+def encode_codes_all_frames(
+    codes: np.ndarray, lengths: np.ndarray, max_tokens: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_codes` for frames 0, 1, 2 at once: int64 (n, 3, T) ids and mask.
+
+    T is shared by the three frames (the longest count over frames and rows, or
+    ``max_tokens``) so the three sequences stack into one tensor.
+    """
+    extended, ext_lengths = _extend_codes(codes, lengths)
+    if max_tokens is None:
+        max_tokens = int(ext_lengths.max(initial=EXTENSION)) // K + 2
+    per_frame = [_frame_ids(extended, ext_lengths, frame, max_tokens) for frame in FRAMES]
+    ids = np.stack([p[0] for p in per_frame], axis=1)
+    mask = np.stack([p[1] for p in per_frame], axis=1)
+    return ids, mask
+
+
+def _check_frame(frame: int) -> None:
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be 0, 1 or 2, not {frame!r}")
+
+
+def _fold_case(sequence: str) -> str:
+    return sequence.translate(str.maketrans(BASES.lower(), BASES))
+
+
+def _extend_codes(codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with both flanks, (n, 133 + W + 137) uint8 clipped to 0..5, and their lengths."""
+    codes = np.asarray(codes)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if codes.ndim != 2 or lengths.shape != (codes.shape[0],):
+        raise ValueError(f"codes must be (n, W) and lengths (n,); got {codes.shape} and {lengths.shape}")
+    n, width = codes.shape
+    if n and (lengths.min() < 1 or lengths.max() > width):
+        raise ValueError(f"row lengths must lie in 1..{width} (the codes' width)")
+    up, down = len(_UP_CODES), len(_DOWN_CODES)
+    extended = np.full((n, up + width + down), _BAD, dtype=np.uint8)
+    extended[:, :up] = _UP_CODES
+    # INVALID (255) and a stray PAD inside a row both become _BAD, hence [UNK].
+    np.minimum(codes, _BAD, out=extended[:, up : up + width], casting="unsafe")
+    # The downstream flank starts right after each row, at a per-row column: write it
+    # through flat indices (row * stride + column), one vectorised scatter.
+    starts = np.arange(n, dtype=np.int64) * extended.shape[1] + up + lengths
+    extended.reshape(-1)[starts[:, None] + np.arange(down)] = _DOWN_CODES
+    return extended, lengths + EXTENSION
+
+
+def _frame_ids(
+    extended: np.ndarray, ext_lengths: np.ndarray, frame: int, max_tokens: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """[CLS] 3-mers [SEP] [PAD]... for one frame of already extended rows."""
+    n, ext_width = extended.shape
+    counts = (ext_lengths - frame) // K
+    if max_tokens is None:
+        total = int(counts.max(initial=0)) + 2
+    else:
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2 ([CLS] and [SEP]), not {max_tokens}")
+        total = int(max_tokens)
+        counts = np.minimum(counts, total - 2)
+    # Only as many 3-mer columns as both the output and the extended rows can hold.
+    columns = min(total - 2, (ext_width - frame) // K)
+    triples = extended[:, frame : frame + K * columns].reshape(n, columns, K)
+    index = 36 * triples[:, :, 0] + 6 * triples[:, :, 1] + triples[:, :, 2]
+    positions = np.arange(total)
+    ids = np.full((n, total), PAD_ID, dtype=np.int64)
+    ids[:, 1 : 1 + columns] = _TRIPLE_LUT[index]
+    ids[:, 0] = CLS_ID
+    last = counts[:, None] + 1  # [SEP]'s column
+    ids[positions >= last] = PAD_ID
+    ids[np.arange(n), counts + 1] = SEP_ID
+    mask = (positions <= last).astype(np.int64)
+    return ids, mask
+
+
+# The base codes this module relies on (PAD must be above every base for the clip).
+assert PAD == _BAD and BASES == "ACGTN"

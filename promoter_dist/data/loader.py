@@ -1,0 +1,433 @@
+"""Streaming loader: block shards -> model-ready batches, equal steps on every rank.
+
+The pipeline is a chain of small generator stages (composed with
+``webdataset.DataPipeline``); each consumer (one DataLoader worker of one rank) runs
+it over its own share of the data:
+
+    units of `chunk_blocks` consecutive blocks, permuted per epoch (same on every rank)
+    -> split_by_rank -> split_by_worker      (explicit, balanced by row count)
+    -> read_units     (one seek + read per unit; tar parsed by webdataset)
+    -> select_view    (all rows / NAD-eligible / top-expression subset)
+    -> shuffle_rows   (a vectorised shuffle buffer of `shuffle_buffer` rows)
+    -> batch_rows     (exactly this worker's quota of full batches)
+    -> to_model_inputs (NAD words, 3-mer BERT ids or raw codes, as torch tensors)
+
+Equal steps: the number of batches per epoch is computed from the manifest's row
+counts alone, identically on every rank, as the largest count that every worker of
+every rank can fill; no rank ever waits on another that ran dry. Rows beyond it
+(at most about one block per worker plus a batch) are skipped for that epoch only:
+the next epoch permutes differently.
+
+Determinism and exact resume: everything is a function of (seed, epoch, rank,
+world size, workers). Worker w yields batches w, w+W, w+2W, ... of its rank's
+sequence (quotas never increase with w, so torch's in-order round robin delivers
+exactly that order). ``state_dict()`` is (epoch, batches consumed); a resumed loader
+replays each worker's stream up to its position without building tensors, and
+rotates worker roles so the next batch is the one that would have come next.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import UserError
+from .alphabet import PAD
+from .nad_words import words_from_codes
+from .shards import FLAG_NAD, FLAG_TOP, VIEWS, load_manifest, padded_codes, read_block_range
+
+TOKENS = ("nad", "kmer", "bases")
+_VIEW_COLUMN = {"all": 2, "nad": 3, "top": 4}  # column of the manifest's per-block index
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What to stream and how."""
+
+    split: str = "train"
+    """Split folder entry in the manifest (train / val / test)."""
+    view: str = "all"
+    """Row subset: 'all', 'nad' (110 bp, no N) or 'top' (top-expression subset)."""
+    tokens: str = "bases"
+    """Model inputs: 'nad' (5-mer word ids), 'kmer' (3-mer BERT ids) or 'bases' (codes)."""
+    batch_size: int = 256
+    """Rows per batch on each rank."""
+    shuffle: bool = True
+    """Permute units per epoch and shuffle rows through the buffer."""
+    shuffle_buffer: int = 16384
+    """Rows held by the shuffle buffer of each worker."""
+    chunk_blocks: int = 1
+    """Consecutive blocks read with one seek; the unit of splitting over ranks and workers."""
+    drop_last: bool = True
+    """Equal full batches on every rank (training). False: every row once, last batch partial (evaluation)."""
+    seed: int = 0
+    """Seed of the permutation and the shuffle buffer."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: stream in the training process)."""
+    kmer_frame: int = 0
+    """Reading frame of the 3-mer tokens."""
+
+    def __post_init__(self) -> None:
+        if self.view not in VIEWS:
+            raise UserError(f"loader.view: {self.view!r} is not one of {sorted(VIEWS)}")
+        if self.tokens not in TOKENS:
+            raise UserError(f"loader.tokens: {self.tokens!r} is not one of {list(TOKENS)}")
+        if self.tokens == "nad" and self.view != "nad":
+            raise UserError("loader.tokens='nad' needs loader.view='nad' (NAD words exist only for 110-bp rows without N)")
+        for key in ("batch_size", "shuffle_buffer", "chunk_blocks"):
+            if getattr(self, key) < 1:
+                raise UserError(f"loader.{key} must be >= 1, not {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise UserError(f"loader.num_workers must be >= 0, not {self.num_workers}")
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) from RANK / WORLD_SIZE, defaulting to a single process."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise UserError("RANK and WORLD_SIZE must be integers") from None
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A run of consecutive blocks of one shard: the unit of work."""
+
+    path: str
+    offset: int
+    nbytes: int
+    rows: int  # rows of the requested view
+
+
+def epoch_units(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int) -> list[Unit]:
+    """All units of the split, permuted for ``epoch`` when shuffling (same on every rank)."""
+    if config.split not in manifest["splits"]:
+        raise UserError(f"split {config.split!r} not in the shards (have: {', '.join(manifest['splits'])})")
+    column = _VIEW_COLUMN[config.view]
+    units = []
+    for shard in manifest["splits"][config.split]["shards"]:
+        blocks = shard["blocks"]
+        for i in range(0, len(blocks), config.chunk_blocks):
+            run = blocks[i : i + config.chunk_blocks]
+            rows = sum(b[column] for b in run)
+            if rows:
+                units.append(Unit(str(Path(shard_dir) / shard["file"]), run[0][0], sum(b[1] for b in run), rows))
+    if config.shuffle:
+        order = np.random.default_rng([config.seed, epoch, 0x5EED]).permutation(len(units))
+        units = [units[i] for i in order]
+    return units
+
+
+def balanced_split(units: list[Unit], parts: int) -> list[list[Unit]]:
+    """Deal units to ``parts`` consumers, each to the one with the fewest rows so far."""
+    out: list[list[Unit]] = [[] for _ in range(parts)]
+    load = np.zeros(parts, dtype=np.int64)
+    for unit in units:
+        target = int(np.argmin(load))  # ties go to the lowest index: deterministic
+        out[target].append(unit)
+        load[target] += unit.rows
+    return out
+
+
+def split_by_rank(units: list[Unit], rank: int, world_size: int) -> list[Unit]:
+    return balanced_split(units, world_size)[rank]
+
+
+def split_by_worker(units: list[Unit], worker: int, workers: int) -> list[Unit]:
+    return balanced_split(units, workers)[worker]
+
+
+def worker_quotas(rows_per_worker: list[int], batch_size: int, total: int) -> list[int]:
+    """Batches per worker when the rank yields ``total``: batch j comes from worker j % W."""
+    workers = len(rows_per_worker)
+    return [total // workers + (1 if w < total % workers else 0) for w in range(workers)]
+
+
+def _rank_capacity(rows_per_worker: list[int], batch_size: int) -> int:
+    """Most batches a rank can yield in round-robin order with these worker rows."""
+    full = [r // batch_size for r in rows_per_worker]
+    q = min(full)
+    t = 0
+    while t < len(full) and full[t] > q:
+        t += 1
+    return q * len(full) + t
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Who reads what in one epoch, and how many batches each yields."""
+
+    units: list[list[list[Unit]]]  # [rank][worker] -> units
+    steps: int  # batches per rank (drop_last) ...
+    steps_per_rank: list[int]  # ... or per rank when not dropping the last batch
+    quotas: list[list[int]]  # [rank][worker] -> batches
+
+
+def plan_epoch(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int, world_size: int) -> EpochPlan:
+    workers = max(config.num_workers, 1)
+    units = epoch_units(manifest, shard_dir, config, epoch)
+    per_rank = [balanced_split(split_by_rank(units, r, world_size), workers) for r in range(world_size)]
+    rows = [[sum(u.rows for u in w) for w in r] for r in per_rank]
+    if config.drop_last:
+        steps = min(_rank_capacity(r, config.batch_size) for r in rows)
+        quotas = [worker_quotas(r, config.batch_size, steps) for r in rows]
+        return EpochPlan(per_rank, steps, [steps] * world_size, quotas)
+    # Evaluation: every row once; each worker's last batch may be partial.
+    quotas = [[-(-n // config.batch_size) for n in r] for r in rows]
+    return EpochPlan(per_rank, max(sum(q) for q in quotas), [sum(q) for q in quotas], quotas)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def read_units(units: Iterable[Unit]) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded blocks of each unit, in order."""
+    for unit in units:
+        yield from read_block_range(unit.path, unit.offset, unit.nbytes)
+
+
+def select_view(view: str, width: int):
+    """Stage: keep the rows of ``view`` and lay them out as fixed-width row arrays."""
+    bit = VIEWS[view]
+
+    def stage(blocks: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        for block in blocks:
+            rows = np.flatnonzero(block["flags"] & bit) if bit else None
+            if rows is not None and not len(rows):
+                continue
+            pick = slice(None) if rows is None else rows
+            yield {
+                "codes": padded_codes(block, rows, width),
+                "len": block["len"][pick].astype(np.int64),
+                "y": block["y"][pick],
+                "line": block["line"][pick].astype(np.int64),
+            }
+
+    return stage
+
+
+def _take(rows: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in rows.items()}
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def shuffle_rows(capacity: int, rng: np.random.Generator | None):
+    """Stage: a shuffle buffer over rows, vectorised per block.
+
+    Once full, each incoming block of b rows evicts b slots drawn at random and takes
+    their place; at the end the rest leaves in random order. Every row leaves once.
+    """
+
+    def stage(chunks: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        if rng is None:
+            yield from chunks
+            return
+        buffer: dict[str, np.ndarray] | None = None
+        size = 0
+        for chunk in chunks:
+            n = len(chunk["len"])
+            start = 0
+            if buffer is None:
+                buffer = {k: np.empty((capacity,) + v.shape[1:], v.dtype) for k, v in chunk.items()}
+            while start < n:
+                if size < capacity:  # filling
+                    take = min(capacity - size, n - start)
+                    for k, v in chunk.items():
+                        buffer[k][size : size + take] = v[start : start + take]
+                    size += take
+                    start += take
+                    continue
+                take = min(capacity, n - start)
+                slots = rng.permutation(capacity)[:take]
+                out = _take(buffer, slots)
+                for k, v in chunk.items():
+                    buffer[k][slots] = v[start : start + take]
+                start += take
+                yield out
+        if buffer is not None and size:
+            yield _take(buffer, rng.permutation(size))
+
+    return stage
+
+
+def batch_rows(batch_size: int, quota: int, skip: int, partial_last: bool):
+    """Stage: cut rows into ``quota`` batches; the first ``skip`` are only counted (resume)."""
+
+    def stage(chunks: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray] | None]:
+        pending: list[dict[str, np.ndarray]] = []
+        held = 0
+        made = 0
+        for chunk in chunks:
+            if made >= quota:
+                return
+            pending.append(chunk)
+            held += len(chunk["len"])
+            if held < batch_size:
+                continue
+            rows = _concat(pending)
+            at = 0
+            while held - at >= batch_size and made < quota:
+                yield None if made < skip else _take(rows, slice(at, at + batch_size))
+                at += batch_size
+                made += 1
+            pending = [_take(rows, slice(at, None))]
+            held -= at
+        if partial_last and held and made < quota:
+            rows = _concat(pending)
+            yield None if made < skip else rows
+            made += 1
+        if made < quota:
+            raise RuntimeError(f"loader made {made} batches, planned {quota}: the shards differ from their manifest")
+
+    return stage
+
+
+def to_model_inputs(tokens: str, kmer_frame: int):
+    """Stage: row arrays -> torch tensors for the model (None passes through: skipped batch)."""
+
+    def stage(batches: Iterable[dict[str, np.ndarray] | None]) -> Iterator[dict[str, torch.Tensor] | None]:
+        for rows in batches:
+            if rows is None:
+                yield None
+                continue
+            out = {"y": torch.from_numpy(np.ascontiguousarray(rows["y"])), "line": torch.from_numpy(rows["line"])}
+            if tokens == "nad":
+                out["words"] = torch.from_numpy(words_from_codes(rows["codes"]).astype(np.int64))
+            elif tokens == "kmer":
+                from .kmer_tokenizer import encode_codes
+
+                ids, mask = encode_codes(rows["codes"], rows["len"], frame=kmer_frame)
+                out["input_ids"], out["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+            else:
+                width = int(rows["len"].max(initial=0))
+                out["codes"] = torch.from_numpy(rows["codes"][:, :width].astype(np.int64))
+                out["lengths"] = torch.from_numpy(rows["len"])
+            yield out
+
+    return stage
+
+
+# --------------------------------------------------------------------------- dataset and loader
+
+
+class _RankStream(IterableDataset):
+    """One rank's batches for one epoch; under a DataLoader each worker streams its part."""
+
+    def __init__(self, manifest: dict, shard_dir: str, config: LoaderConfig, rank: int, world_size: int,
+                 epoch: int, start_step: int, width: int):
+        self.manifest, self.shard_dir, self.config = manifest, shard_dir, config
+        self.rank, self.world_size, self.epoch, self.start_step, self.width = rank, world_size, epoch, start_step, width
+        self.plan = plan_epoch(manifest, shard_dir, config, epoch, world_size)
+
+    def worker_stream(self, worker_slot: int) -> Iterator[dict[str, torch.Tensor] | None]:
+        """The batches of logical worker ``(slot + start_step) % W`` from its resume point on."""
+        import webdataset as wds
+
+        workers = max(self.config.num_workers, 1)
+        logical = (worker_slot + self.start_step) % workers
+        skip = len(range(logical, self.start_step, workers))  # its batches already consumed
+        quota = self.plan.quotas[self.rank][logical]
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, logical]) if cfg.shuffle else None
+        units = self.plan.units[self.rank][logical]
+        pipeline = wds.DataPipeline(
+            lambda: iter(units),
+            read_units,
+            select_view(cfg.view, self.width),
+            shuffle_rows(cfg.shuffle_buffer, rng),
+            batch_rows(cfg.batch_size, quota, skip, partial_last=not cfg.drop_last),
+            to_model_inputs(cfg.tokens, cfg.kmer_frame),
+        )
+        return iter(pipeline)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        slot = 0 if info is None else info.id
+        for batch in self.worker_stream(slot):
+            if batch is not None:
+                yield batch
+
+
+class ShardLoader:
+    """Iterable over model-ready batches of one split, for this rank, epoch after epoch.
+
+    ``for batch in loader`` runs the current epoch from its current position and then
+    advances to the next epoch. ``state_dict()`` after any batch and
+    ``load_state_dict()`` on a fresh loader continue exactly from that batch.
+    """
+
+    def __init__(self, shard_dir: str | os.PathLike, config: LoaderConfig = LoaderConfig(),
+                 rank: int | None = None, world_size: int | None = None):
+        env_rank, env_world = world_from_env()
+        self.rank = env_rank if rank is None else rank
+        self.world_size = env_world if world_size is None else world_size
+        self.shard_dir = str(shard_dir)
+        self.config = config
+        self.manifest = load_manifest(shard_dir)
+        self.width = max(int(self.manifest["fingerprint"]["read"]["max_length"]), 1)
+        self.epoch = 0
+        self.step = 0
+        if self.steps_per_epoch() == 0:
+            raise UserError(
+                f"{self.shard_dir}: split {config.split!r} (view {config.view!r}) has too few rows for one batch of "
+                f"{config.batch_size} on each of {self.world_size} rank(s) x {max(config.num_workers, 1)} worker(s)"
+            )
+
+    def steps_per_epoch(self, epoch: int | None = None) -> int:
+        """Batches this rank yields in an epoch (the same on every rank when drop_last)."""
+        plan = plan_epoch(self.manifest, self.shard_dir, self.config, self.epoch if epoch is None else epoch, self.world_size)
+        return plan.steps_per_rank[self.rank]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        stream = _RankStream(self.manifest, self.shard_dir, self.config, self.rank, self.world_size,
+                             self.epoch, self.step, self.width)
+        total = stream.plan.steps_per_rank[self.rank]
+        if self.config.num_workers > 0:
+            batches: Iterable = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
+                                           persistent_workers=False)
+        else:
+            batches = stream
+        for batch in batches:
+            self.step += 1
+            yield batch
+        if self.step != total:
+            raise RuntimeError(f"rank {self.rank} yielded {self.step} batches in epoch {self.epoch}, planned {total}")
+        self.epoch += 1
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last batch taken from the iterator."""
+        return {
+            "epoch": self.epoch, "step": self.step, "world_size": self.world_size,
+            "num_workers": self.config.num_workers, "config": asdict(self.config),
+            "source_sha256": self.manifest["source"]["sha256"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; the data layout (world size, workers, config) must match."""
+        for key, mine in (("world_size", self.world_size), ("num_workers", self.config.num_workers),
+                          ("config", asdict(self.config)), ("source_sha256", self.manifest["source"]["sha256"])):
+            if state.get(key) != mine:
+                raise UserError(
+                    f"loader state: {key} differs ({state.get(key)!r} saved, {mine!r} now); an exact resume needs "
+                    "the same shards, world size, workers and loader config"
+                )
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
