@@ -271,7 +271,8 @@ class BuildResult:
 
 def _fingerprint(source_sha: str, read_options: ReadOptions, options: ShardOptions) -> dict:
     read = {k: v for k, v in asdict(read_options).items() if k not in ("workers", "chunk_bytes")}
-    return {"format_version": FORMAT_VERSION, "source_sha256": source_sha, "read": read, "shards": asdict(options)}
+    fingerprint = {"format_version": FORMAT_VERSION, "source_sha256": source_sha, "read": read, "shards": asdict(options)}
+    return json.loads(json.dumps(fingerprint))  # the form it takes when read back from JSON
 
 
 def _plan(split_of_row: np.ndarray, options: ShardOptions) -> list[tuple[str, np.ndarray]]:

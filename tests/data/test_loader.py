@@ -1,0 +1,166 @@
+"""Streaming loader: node/worker split, equal steps, determinism, exact resume, views, tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from promoter_dist.data.alphabet import encode
+from promoter_dist.data.kmer_tokenizer import build_tokenizer
+from promoter_dist.data.loader import LoaderConfig, ShardLoader, plan_epoch
+from promoter_dist.data.nad_words import words_from_codes
+from promoter_dist.data.shards import load_manifest
+from promoter_dist.errors import UserError
+from tests.conftest import DEMO_TRAIN
+
+NAD = LoaderConfig(view="nad", tokens="nad", batch_size=32, shuffle_buffer=600, seed=3)
+
+
+def _source() -> dict[int, tuple[str, float]]:
+    rows = {}
+    for number, line in enumerate(DEMO_TRAIN.read_text().splitlines(), start=1):
+        seq, y = line.split("\t")
+        rows[number] = (seq, float(y))
+    return rows
+
+
+def _lines(batches) -> list[np.ndarray]:
+    return [b["line"].numpy().copy() for b in batches]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uneven_shards_two_ranks_equal_steps_no_duplicates(small_shards: Path, workers: int) -> None:
+    config = LoaderConfig(**{**NAD.__dict__, "num_workers": workers})
+    manifest = load_manifest(small_shards)
+    shard_rows = [s["rows"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(set(shard_rows)) > 1  # the fixture's shards are uneven
+    per_rank = []
+    for rank in range(2):
+        loader = ShardLoader(small_shards, config, rank=rank, world_size=2)
+        batches = list(loader)
+        assert len(batches) == loader.steps_per_epoch(epoch=0) > 0
+        assert all(b["words"].shape == (32, 80) and b["y"].shape == (32,) for b in batches)
+        per_rank.append(np.concatenate(_lines(batches)))
+    assert len(per_rank[0]) == len(per_rank[1])  # same number of steps on both ranks
+    seen = np.concatenate(per_rank)
+    assert len(np.unique(seen)) == len(seen)  # no row twice in an epoch
+    nad_rows = manifest["splits"]["train"]["rows_nad"]
+    workers_total = 2 * max(workers, 1)
+    # skipped rows are bounded by about one block plus one batch per worker
+    assert nad_rows - len(seen) <= workers_total * (128 + 32)
+
+
+def test_rank_and_world_size_come_from_the_environment(small_shards: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from_env = ShardLoader(small_shards, NAD)
+    explicit = ShardLoader(small_shards, NAD, rank=1, world_size=2)
+    assert (from_env.rank, from_env.world_size) == (1, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(_lines(from_env), _lines(explicit)))
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(UserError, match="RANK=2"):
+        ShardLoader(small_shards, NAD)
+
+
+def test_deterministic_for_a_seed_and_new_order_each_epoch(small_shards: Path) -> None:
+    a = ShardLoader(small_shards, NAD, rank=0, world_size=1)
+    b = ShardLoader(small_shards, NAD, rank=0, world_size=1)
+    epoch0_a, epoch0_b = _lines(a), _lines(b)
+    assert all(np.array_equal(x, y) for x, y in zip(epoch0_a, epoch0_b))
+    epoch1 = _lines(a)
+    assert a.epoch == 2
+    assert not np.array_equal(np.concatenate(epoch0_a), np.concatenate(epoch1))
+    other_seed = ShardLoader(small_shards, LoaderConfig(**{**NAD.__dict__, "seed": 4}), rank=0, world_size=1)
+    assert not np.array_equal(np.concatenate(_lines(other_seed)), np.concatenate(epoch0_a))
+    # shuffling mixes rows across blocks, not only block order
+    first = epoch0_a[0]
+    assert len(np.unique(first // 128)) > 3
+
+
+@pytest.mark.parametrize("workers,stop", [(0, 7), (2, 5), (2, 6), (3, 10)])
+def test_resume_mid_epoch_is_exact(small_shards: Path, workers: int, stop: int) -> None:
+    config = LoaderConfig(**{**NAD.__dict__, "num_workers": workers})
+    reference = ShardLoader(small_shards, config, rank=1, world_size=2)
+    full = _lines(reference) + _lines(reference)  # two epochs
+    interrupted = ShardLoader(small_shards, config, rank=1, world_size=2)
+    taken = []
+    for batch in interrupted:
+        taken.append(batch["line"].numpy().copy())
+        if len(taken) == stop:
+            break
+    state = interrupted.state_dict()
+    assert (state["epoch"], state["step"]) == (0, stop)
+    resumed = ShardLoader(small_shards, config, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    rest = _lines(resumed) + _lines(resumed)
+    continued = taken + rest  # the rest of epoch 0, then all of epoch 1
+    assert len(continued) == len(full)
+    assert all(np.array_equal(x, y) for x, y in zip(continued, full))
+
+
+def test_resume_with_another_layout_is_refused(small_shards: Path) -> None:
+    loader = ShardLoader(small_shards, NAD, rank=0, world_size=2)
+    state = loader.state_dict()
+    with pytest.raises(UserError, match="world_size"):
+        ShardLoader(small_shards, NAD, rank=0, world_size=1).load_state_dict(state)
+
+
+def test_nad_words_and_labels_match_the_source(small_shards: Path) -> None:
+    source = _source()
+    batch = next(iter(ShardLoader(small_shards, NAD, rank=0, world_size=1)))
+    for i, line in enumerate(batch["line"].tolist()):
+        seq, y = source[line]
+        assert len(seq) == 110 and "N" not in seq
+        assert np.array_equal(batch["words"][i].numpy(), words_from_codes(encode(seq)[None])[0])
+        assert batch["y"][i].item() == pytest.approx(y, rel=1e-6)
+
+
+def test_kmer_tokens_equal_the_hf_tokenizer(small_shards: Path) -> None:
+    source = _source()
+    config = LoaderConfig(view="all", tokens="kmer", batch_size=64, shuffle=False)
+    batch = next(iter(ShardLoader(small_shards, config, rank=0, world_size=1)))
+    tokenizer = build_tokenizer()
+    for i, line in enumerate(batch["line"].tolist()):
+        expected = tokenizer(source[line][0])["input_ids"]
+        got = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+        assert got == expected
+
+
+def test_top_view_and_bases(small_shards: Path) -> None:
+    manifest = load_manifest(small_shards)
+    threshold = manifest["labels"]["top_threshold"]
+    config = LoaderConfig(view="top", tokens="bases", batch_size=16, shuffle=False, drop_last=False)
+    loader = ShardLoader(small_shards, config, rank=0, world_size=1)
+    ys = torch.cat([b["y"] for b in loader])
+    assert len(ys) == manifest["splits"]["train"]["rows_top"]
+    assert bool((ys >= threshold).all())
+
+
+def test_evaluation_mode_sees_every_row_once(small_shards: Path) -> None:
+    manifest = load_manifest(small_shards)
+    config = LoaderConfig(split="val", batch_size=50, shuffle=False, drop_last=False, num_workers=2)
+    lines = []
+    for rank in range(2):
+        lines += [b["line"] for b in ShardLoader(small_shards, config, rank=rank, world_size=2)]
+    lines = torch.cat(lines).numpy()
+    assert sorted(lines.tolist()) == sorted(set(lines.tolist())) and len(lines) == manifest["splits"]["val"]["rows"]
+
+
+def test_plan_balances_rows_over_ranks(small_shards: Path) -> None:
+    manifest = load_manifest(small_shards)
+    plan = plan_epoch(manifest, str(small_shards), NAD, epoch=0, world_size=3)
+    loads = [sum(u.rows for u in plan.units[r][0]) for r in range(3)]
+    assert max(loads) - min(loads) <= 128  # at most one block apart
+    assert plan.steps_per_rank == [plan.steps] * 3
+
+
+def test_too_little_data_is_a_clear_error(small_shards: Path) -> None:
+    with pytest.raises(UserError, match="too few rows"):
+        ShardLoader(small_shards, LoaderConfig(split="val", batch_size=4096), rank=0, world_size=1)
+    with pytest.raises(UserError, match="view='nad'"):
+        LoaderConfig(tokens="nad")
+    with pytest.raises(UserError, match="split 'nope'"):
+        ShardLoader(small_shards, LoaderConfig(split="nope"), rank=0, world_size=1)

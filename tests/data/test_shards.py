@@ -1,0 +1,244 @@
+"""Shard build, read-back, determinism, resume after a kill, and verification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from promoter_dist.data.alphabet import decode
+from promoter_dist.data.dream import ReadOptions, read_dream
+from promoter_dist.data.shards import (
+    FLAG_INTEGER,
+    FLAG_NAD,
+    FLAG_TOP,
+    MANIFEST,
+    ShardOptions,
+    build_shards,
+    load_manifest,
+    padded_codes,
+    read_block_range,
+    sequence_hash,
+    verify_shards,
+)
+from promoter_dist.errors import UserError
+from tests.conftest import DEMO_TRAIN
+
+SMALL = ShardOptions(rows_per_block=128, blocks_per_shard=5)
+
+
+def _source_rows(path: Path) -> dict[int, tuple[str, float]]:
+    rows = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        sequence, label = line.split("\t")
+        rows[number] = (sequence, float(label))
+    return rows
+
+
+def _all_blocks(shard_dir: Path, split: str):
+    manifest = load_manifest(shard_dir)
+    for shard in manifest["splits"][split]["shards"]:
+        for offset, nbytes, *_ in shard["blocks"]:
+            yield from read_block_range(shard_dir / shard["file"], offset, nbytes)
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_real_rows_round_trip(small_shards: Path) -> None:
+    manifest = load_manifest(small_shards)
+    source = _source_rows(DEMO_TRAIN)
+    assert manifest["rows"] == len(source) == 6370
+    assert manifest["read"]["rows_in"] == manifest["read"]["rows_ok"] + manifest["read"]["rows_rejected"]
+    seen = set()
+    for split in manifest["splits"]:
+        for block in _all_blocks(small_shards, split):
+            codes = padded_codes(block)
+            for i, line in enumerate(block["line"].tolist()):
+                sequence, label = source[line]
+                assert decode(codes[i]) == sequence
+                assert block["y"][i] == pytest.approx(label, rel=1e-6)
+                assert bool(block["flags"][i] & FLAG_INTEGER) == (label == int(label))
+                assert bool(block["flags"][i] & FLAG_NAD) == (len(sequence) == 110 and "N" not in sequence)
+                seen.add(line)
+    assert seen == set(source)  # every row in exactly one split
+
+
+def test_split_fractions_and_sizes(small_shards: Path) -> None:
+    manifest = load_manifest(small_shards)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert abs(train["rows"] / manifest["rows"] - 0.9) < 0.02
+    assert train["rows"] + val["rows"] == manifest["rows"]
+    assert len(train["shards"]) == -(-train["rows"] // (128 * 5))
+    assert [s["rows"] for s in train["shards"][:-1]] == [640] * (len(train["shards"]) - 1)
+    # block-level counts add up to the shard's
+    for shard in train["shards"]:
+        assert sum(b[2] for b in shard["blocks"]) == shard["rows"]
+
+
+def test_top_subset_threshold_is_over_the_whole_file(small_shards: Path) -> None:
+    manifest = load_manifest(small_shards)
+    labels = np.array([y for _, y in _source_rows(DEMO_TRAIN).values()])
+    threshold = np.quantile(labels, 0.8)
+    assert manifest["labels"]["top_threshold"] == pytest.approx(threshold)
+    assert manifest["labels"]["rows_top"] == int((labels >= threshold).sum())
+    for block in _all_blocks(small_shards, "val"):
+        top = (block["flags"] & FLAG_TOP) > 0
+        assert np.array_equal(top, block["y"] >= np.float32(threshold))
+
+
+def test_stock_webdataset_and_tar_read_the_shards(small_shards: Path) -> None:
+    manifest = load_manifest(small_shards)
+    urls = [str(small_shards / s["file"]) for s in manifest["splits"]["train"]["shards"]]
+    rows = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        assert sample["seq.npy"].dtype == np.uint8
+        assert int(sample["len.npy"].sum()) == len(sample["seq.npy"])
+        rows += len(sample["y.npy"])
+    assert rows == manifest["splits"]["train"]["rows"]
+    listing = subprocess.run(["tar", "tf", urls[0]], capture_output=True, text=True, check=True).stdout.split()
+    assert listing[:5] == [f"train-000000_0000.{m}.npy" for m in ("seq", "len", "y", "line", "flags")]
+    with tarfile.open(urls[0]) as tar:
+        member = tar.getmembers()[0]
+        assert (member.mtime, member.uid, member.uname) == (0, 0, "")
+
+
+def test_build_is_deterministic_across_worker_counts(tmp_path: Path, small_shards: Path) -> None:
+    build_shards(DEMO_TRAIN, tmp_path / "one", SMALL, workers=0, progress=False)
+    assert _tree_digest(tmp_path / "one") == _tree_digest(small_shards)
+
+
+def test_duplicate_sequences_share_a_split_and_seed_redraws(tmp_path: Path) -> None:
+    rows, _ = read_dream(DEMO_TRAIN)
+    # the hash ignores padding width
+    wide = np.full((len(rows), rows.codes.shape[1] + 9), 5, dtype=np.uint8)
+    wide[:, : rows.codes.shape[1]] = rows.codes
+    assert np.array_equal(sequence_hash(rows.codes, rows.lengths), sequence_hash(wide, rows.lengths))
+    text = DEMO_TRAIN.read_text().splitlines()
+    doubled = tmp_path / "doubled.txt"
+    doubled.write_text("\n".join(text[:500] + [line.split("\t")[0] + "\t1" for line in text[:500]]) + "\n")
+    build_shards(doubled, tmp_path / "a", ShardOptions(rows_per_block=64, blocks_per_shard=2), progress=False)
+    split_of: dict[str, set] = {}
+    for split in ("train", "val"):
+        for block in _all_blocks(tmp_path / "a", split):
+            for i in range(len(block["len"])):
+                split_of.setdefault(decode(padded_codes(block)[i]), set()).add(split)
+    assert all(len(s) == 1 for s in split_of.values())
+    three = ShardOptions(splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)), split_seed=7, rows_per_block=256)
+    m = build_shards(DEMO_TRAIN, tmp_path / "b", three, progress=False).manifest
+    assert set(m["splits"]) == {"train", "val", "test"}
+    assert abs(m["splits"]["test"]["rows"] / 6370 - 0.1) < 0.02
+
+
+def test_bad_rows_are_reported_not_lost(tmp_path: Path) -> None:
+    lines = DEMO_TRAIN.read_text().splitlines()[:300]
+    lines[9] = lines[9].replace("A", "R", 1)
+    lines[19] = lines[19].split("\t")[0] + "\tnan"
+    source = tmp_path / "bad.txt"
+    source.write_text("\n".join(lines) + "\n")
+    m = build_shards(source, tmp_path / "out", SMALL, progress=False).manifest
+    assert m["read"]["rows_in"] == 300 and m["rows"] == 298 and m["read"]["rows_rejected"] == 2
+    assert m["read"]["rejected_by_reason"] == {"invalid_base": 1, "nonfinite_label": 1}
+    rejected = (tmp_path / "out" / "rejected.tsv").read_text().splitlines()
+    assert [r.split("\t")[:2] for r in rejected[1:]] == [["10", "invalid_base"], ["20", "nonfinite_label"]]
+    with pytest.raises(UserError, match=r"bad\.txt:10 \[sequence\]"):
+        build_shards(source, tmp_path / "strict", SMALL, read_options=ReadOptions(strict=True), progress=False)
+
+
+def test_verify_names_corrupted_truncated_and_missing_shards(tmp_path: Path, small_shards: Path) -> None:
+    work = tmp_path / "copy"
+    shutil.copytree(small_shards, work)
+    assert verify_shards(work).ok
+    names = sorted(p.name for p in work.glob("train-*.tar"))
+    data = bytearray((work / names[0]).read_bytes())
+    data[5000] ^= 0xFF
+    (work / names[0]).write_bytes(bytes(data))
+    with open(work / names[1], "r+b") as handle:
+        handle.truncate(1000)
+    (work / names[2]).unlink()
+    result = verify_shards(work)
+    assert not result.ok
+    text = "\n".join(result.problems)
+    assert f"{names[0]}: corrupted" in text
+    assert f"{names[1]}: truncated" in text
+    assert f"{names[2]}: missing" in text
+    assert len(result.problems) == 3
+    cli = subprocess.run([sys.executable, "-m", "promoter_dist.cli", "shards", "verify", str(work)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and names[0] in cli.stdout and "Traceback" not in cli.stderr
+
+
+def test_other_source_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    build_shards(DEMO_TRAIN, out, SMALL, progress=False)
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:1000]) + "\n")
+    with pytest.raises(UserError, match="another source"):
+        build_shards(other, out, SMALL, progress=False)
+    m = build_shards(other, out, SMALL, overwrite=True, progress=False).manifest
+    assert m["rows"] == 1000 and verify_shards(out).ok
+    assert sum(len(s["shards"]) for s in m["splits"].values()) == len(list(out.glob("*.tar")))
+
+
+def _big_source(tmp_path: Path, copies: int) -> Path:
+    """The demo rows repeated with a mutated base per copy, so each copy is new sequence."""
+    lines = DEMO_TRAIN.read_text().splitlines()
+    out = tmp_path / "big.txt"
+    with open(out, "w") as handle:
+        for c in range(copies):
+            base = "ACGT"[c % 4]
+            for i, line in enumerate(lines):
+                seq, y = line.split("\t")
+                pos = 17 + (c * 7 + i) % 80
+                handle.write(f"{seq[:pos]}{base}{seq[pos + 1:]}\t{y}\n")
+    return out
+
+
+def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
+    source = _big_source(tmp_path, 24)  # ~153k rows, ~60 shards of 2,560 rows
+    options = ShardOptions(rows_per_block=256, blocks_per_shard=10)
+    reference = tmp_path / "reference"
+    build_shards(source, reference, options, workers=2, progress=False)
+    resumed = tmp_path / "resumed"
+    code = (
+        "import sys; from promoter_dist.data.shards import ShardOptions, build_shards; "
+        f"build_shards({str(source)!r}, {str(resumed)!r}, ShardOptions(rows_per_block=256, blocks_per_shard=10), "
+        "workers=2, progress=False)"
+    )
+    kills = 0
+    for wanted in (1, 15, 40):  # kill after some shards exist, three times over
+        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(resumed.glob("*.tar"))) >= wanted:
+                break
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if (resumed / MANIFEST).exists():
+            break
+    assert kills >= 1, "the build finished before it could be interrupted"
+    result = build_shards(source, resumed, options, workers=2, progress=False)
+    assert result.shards_reused > 0
+    assert _tree_digest(resumed) == _tree_digest(reference) | {}
+    assert verify_shards(resumed).ok
+
+
+def test_rebuild_of_finished_folder_is_a_no_op(small_shards: Path) -> None:
+    before = _tree_digest(small_shards)
+    result = build_shards(DEMO_TRAIN, small_shards, SMALL, progress=False, log=lambda *_: None)
+    assert result.shards_written == 0 and _tree_digest(small_shards) == before
