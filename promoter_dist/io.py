@@ -11,10 +11,12 @@ from typing import IO, Any, Iterator
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open ``path.tmp-<pid>`` for writing; on success fsync and rename it over ``path``.
+def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO[Any]]:
+    """Open ``path.tmp-<pid>`` for writing; on success (fsync and) rename it over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is untouched.
+    On any exception the temporary file is removed and ``path`` is untouched. A caller
+    writing many files may pass ``fsync=False`` and flush them together later
+    (:func:`fsync_paths`); a killed process still leaves only whole files behind.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -22,7 +24,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         with open(tmp, mode) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -44,3 +47,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def fsync_paths(paths: "list[str | os.PathLike]") -> None:
+    """Flush files (and their folders) to disk, e.g. before writing a manifest that vouches for them."""
+    folders = set()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        folders.add(os.path.dirname(os.path.abspath(path)))
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

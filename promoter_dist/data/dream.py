@@ -31,7 +31,8 @@ from typing import IO, Iterator
 import numpy as np
 
 from ..errors import InputError, UserError
-from .alphabet import ENCODE_LUT, INVALID, PAD
+from .alphabet import ENCODE_LUT, INVALID, N, PAD
+from .hashing import sequence_hash
 
 TAB, LF, CR = 9, 10, 13
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -84,6 +85,8 @@ class ReadOptions:
             raise UserError(f"max_length must be >= 1, not {self.max_length}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise UserError(f"max_bad_fraction must be in [0, 1], not {self.max_bad_fraction}")
+        if self.chunk_bytes < 1:  # read(0) would end the file at once, read(-1) read it whole
+            raise UserError(f"chunk_bytes must be >= 1, not {self.chunk_bytes}")
 
 
 @dataclass
@@ -100,6 +103,10 @@ class Rows:
     """bool (n,) label is a whole number as written (a "singleton", seen once)."""
     lines: np.ndarray
     """int64 (n,) 1-based line numbers in the source file."""
+    has_n: np.ndarray
+    """bool (n,) the sequence contains N."""
+    hash: np.ndarray
+    """uint64 (n,) hash of the sequence (hashing.sequence_hash), the key of split assignment."""
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -122,6 +129,8 @@ class Rows:
             labels=np.concatenate([p.labels for p in parts]),
             integer_label=np.concatenate([p.integer_label for p in parts]),
             lines=np.concatenate([p.lines for p in parts]),
+            has_n=np.concatenate([p.has_n for p in parts]),
+            hash=np.concatenate([p.hash for p in parts]),
         )
 
     @staticmethod
@@ -132,6 +141,8 @@ class Rows:
             labels=np.zeros(0, np.float32),
             integer_label=np.zeros(0, bool),
             lines=np.zeros(0, np.int64),
+            has_n=np.zeros(0, bool),
+            hash=np.zeros(0, np.uint64),
         )
 
 
@@ -231,7 +242,7 @@ def _raw_chunks(path: Path, options: ReadOptions, report: ReadReport) -> Iterato
     try:
         while True:
             try:
-                block = handle.read(options.chunk_bytes)
+                block = handle.read(max(options.chunk_bytes, len(UTF8_BOM)) if first else options.chunk_bytes)
             except EOFError:
                 raise InputError(
                     str(path),
@@ -245,6 +256,8 @@ def _raw_chunks(path: Path, options: ReadOptions, report: ReadReport) -> Iterato
                 if block.startswith(UTF8_BOM):
                     block = block[len(UTF8_BOM) :]
                     report.warnings.append("UTF-8 byte-order mark at the start of the file was ignored")
+                    if not block:  # the block held only the mark; not the end of the file
+                        continue
             report.bytes_read += len(block)
             if skipping and block:
                 cut = block.find(b"\n")
@@ -266,7 +279,8 @@ def _raw_chunks(path: Path, options: ReadOptions, report: ReadReport) -> Iterato
                 index += 1
                 too_long = []
             line_no += body.count(b"\n")
-            if len(carry) > options.max_line_bytes:
+            # +1: the carry may end with the CR of a CRLF whose LF is in the next block.
+            if len(carry) > options.max_line_bytes + 1:
                 too_long.append((line_no, carry[:_RAW_KEEP]))
                 line_no += 1
                 carry = b""
@@ -310,11 +324,11 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     n = len(starts)
     line_numbers = chunk.first_line + np.arange(n, dtype=np.int64)
 
-    # Tab count and first tab per line, from prefix sums over the whole chunk.
-    is_tab = arr == TAB
-    tab_cum = np.concatenate([[0], np.cumsum(is_tab, dtype=np.int64)])
-    n_tabs = tab_cum[ends] - tab_cum[starts]
-    tab_pos = np.flatnonzero(is_tab)
+    # Tabs and invalid bases are sparse: locate them, then count per line (no full-buffer prefix sums).
+    tab_pos = np.flatnonzero(arr == TAB)
+    tab_line = np.searchsorted(starts, tab_pos, side="right") - 1
+    in_line = tab_pos < ends[tab_line] if len(tab_pos) else np.zeros(0, bool)  # a tab after a CR is outside
+    n_tabs = np.bincount(tab_line[in_line], minlength=n)[:n]
     if len(tab_pos):
         next_tab = tab_pos[np.minimum(np.searchsorted(tab_pos, starts), len(tab_pos) - 1)]
     else:
@@ -326,8 +340,14 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     label_len = ends - label_start
 
     codes_all = ENCODE_LUT[arr]
-    bad_cum = np.concatenate([[0], np.cumsum(codes_all == INVALID, dtype=np.int64)])
-    n_bad_bases = bad_cum[seq_end] - bad_cum[starts]
+    odd_pos = np.flatnonzero(codes_all == INVALID)  # tabs, newlines and label characters too
+    odd_line = np.searchsorted(starts, odd_pos, side="right") - 1
+    in_seq = odd_pos < seq_end[odd_line] if len(odd_pos) else np.zeros(0, bool)
+    n_bad_bases = np.bincount(odd_line[in_seq], minlength=n)[:n]
+    # Rows are gathered as fixed-width windows over the chunk (padded so every window fits).
+    pad_to = max(options.max_length, _MAX_FAST_LABEL) + 1
+    padded = np.concatenate([arr, np.zeros(pad_to, np.uint8)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, pad_to)
 
     reason = np.zeros(n, dtype=np.int8)  # 0 ok; otherwise index into _CODES
     # Order matters: the first failing check names the row's reason.
@@ -347,17 +367,15 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     # Labels: vectorised parse of plain decimals; the rest row by row.
     labels = np.full(n, np.nan, dtype=np.float64)
     has_label = (reason == 0) & (label_len > 0)
-    label_cum = np.concatenate([[0], np.cumsum(~_LABEL_CHARS[arr], dtype=np.int64)])
-    plain = has_label & (label_len <= _MAX_FAST_LABEL) & ((label_cum[ends] - label_cum[label_start]) == 0)
-    slow = np.flatnonzero(has_label & ~plain)
-    idx = np.flatnonzero(plain)
+    short = np.flatnonzero(has_label & (label_len <= _MAX_FAST_LABEL))
+    text = windows[label_start[short], :_MAX_FAST_LABEL]
+    text = np.where(np.arange(_MAX_FAST_LABEL) < label_len[short, None], text, 0).astype(np.uint8)
+    plain_rows = _LABEL_CHARS[text].sum(axis=1) == label_len[short]
+    idx, text = short[plain_rows], text[plain_rows]
+    slow = np.setdiff1d(np.flatnonzero(has_label), idx)
     if len(idx):
-        width = int(label_len[idx].max())
-        cols = np.arange(width)
-        gather = label_start[idx, None] + cols
-        text = np.where(cols < label_len[idx, None], arr[np.minimum(gather, size - 1)], 0).astype(np.uint8)
         try:
-            labels[idx] = np.ascontiguousarray(text).view(f"S{width}").ravel().astype(np.float64)
+            labels[idx] = np.ascontiguousarray(text).view(f"S{_MAX_FAST_LABEL}").ravel().astype(np.float64)
         except ValueError:  # e.g. "1.2.3" or "--4": decide those row by row
             slow = np.union1d(slow, idx)
     label_problem: dict[int, tuple[str, str]] = {}
@@ -367,6 +385,13 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
             label_problem[int(i)] = (why, detail)
         else:
             labels[i] = value
+    # Labels are stored as float32: "1e999" (inf on the vectorised path) or "1e39" would be inf.
+    with np.errstate(over="ignore"):
+        overflow = np.flatnonzero(has_label & ~np.isfinite(labels.astype(np.float32)))
+    for i in overflow:
+        if int(i) not in label_problem:
+            shown = chunk.data[label_start[i] : ends[i]][:40].decode("utf-8", "replace")
+            label_problem[int(i)] = ("nonfinite_label", f"expression {shown!r} is not finite as a 32-bit float")
 
     rejected: list[Rejected] = []
     bad_rows = sorted(set(np.flatnonzero(reason > 0).tolist()) | set(label_problem))
@@ -389,9 +414,8 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
         ok[list(label_problem)] = False
     good = np.flatnonzero(ok)
     width = int(seq_len[good].max()) if len(good) else 1
-    cols = np.arange(width)
-    gather = np.minimum(starts[good, None] + cols, max(size - 1, 0))
-    codes = np.where(cols < seq_len[good, None], codes_all[gather] if size else PAD, PAD).astype(np.uint8)
+    codes = ENCODE_LUT[windows[starts[good], :width]]
+    codes[np.arange(width) >= seq_len[good, None]] = PAD
     good_labels = labels[good]
     rows = Rows(
         codes=codes,
@@ -399,6 +423,8 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
         labels=good_labels.astype(np.float32),
         integer_label=np.isfinite(good_labels) & (good_labels == np.round(good_labels)),
         lines=line_numbers[good],
+        has_n=(codes == N).any(axis=1),
+        hash=sequence_hash(codes, seq_len[good]),
     )
     return rows, rejected, n + len(chunk.too_long)
 
@@ -444,7 +470,19 @@ def iter_rows(path: str | os.PathLike, options: ReadOptions = ReadOptions(), rep
     path = Path(path)
     report = report if report is not None else ReadReport(str(path))
     workers = (os.cpu_count() or 1) if options.workers is None else options.workers
-    tasks = ((chunk, options) for chunk in _raw_chunks(path, options, report))
+    raw_error: list[Exception] = []
+
+    def guarded_tasks() -> Iterator[tuple[_Chunk, ReadOptions]]:
+        # A file-level error (truncated gzip, missing file) is re-raised below, in this
+        # process: escaping the task generator it would be shipped to a pool worker,
+        # which cannot unpickle an InputError, and the read would hang.
+        try:
+            for chunk in _raw_chunks(path, options, report):
+                yield chunk, options
+        except Exception as exc:  # noqa: BLE001 - re-raised after the chunks before it
+            raw_error.append(exc)
+
+    tasks = guarded_tasks()
     if workers > 1:
         pool = mp.get_context("fork").Pool(workers)
         results = pool.imap(_parse_task, tasks)
@@ -461,6 +499,8 @@ def iter_rows(path: str | os.PathLike, options: ReadOptions = ReadOptions(), rep
             report.rejected.update(r.reason for r in rejected)
             report.rejected_rows.extend(rejected)
             yield rows
+        if raw_error:
+            raise raw_error[0]
     finally:
         if pool is not None:
             pool.terminate()
@@ -479,7 +519,8 @@ def read_dream(path: str | os.PathLike, options: ReadOptions = ReadOptions(), pr
     if progress:
         from tqdm import tqdm
 
-        total = os.path.getsize(path) if not str(path).endswith(".gz") else None
+        # isfile: a missing path or a folder is reported by the read below, as a UserError
+        total = os.path.getsize(path) if os.path.isfile(path) and not str(path).endswith(".gz") else None
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"read {Path(path).name}", leave=False)
     last = 0
     for rows in iter_rows(path, options, report):

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
-from .alphabet import PAD
+from .alphabet import NOMINAL_LENGTH
 from .nad_words import words_from_codes
 from .shards import FLAG_NAD, FLAG_TOP, VIEWS, load_manifest, padded_codes, read_block_range
 
@@ -379,7 +379,8 @@ class ShardLoader:
         self.shard_dir = str(shard_dir)
         self.config = config
         self.manifest = load_manifest(shard_dir)
-        self.width = max(int(self.manifest["fingerprint"]["read"]["max_length"]), 1)
+        # Rows are laid out at the widest row the view can hold: 110 bp for NAD, else the data's longest.
+        self.width = NOMINAL_LENGTH if config.view == "nad" else max(int(self.manifest["max_row_length"]), 1)
         self.epoch = 0
         self.step = 0
         if self.steps_per_epoch() == 0:

@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .alphabet import BASES, N, NOMINAL_LENGTH, PAD, RANDOM_LENGTH, RANDOM_START
+from .alphabet import BASES, NOMINAL_LENGTH, RANDOM_LENGTH, RANDOM_START
 
 WORD_K = 5
 NUM_WORDS = 4**WORD_K  # 1024
 WORDS_PER_ROW = RANDOM_LENGTH  # 80
 
 
-def nad_eligible(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def nad_eligible(lengths: np.ndarray, has_n: np.ndarray) -> np.ndarray:
     """Boolean mask of rows NAD trains on: exactly 110 bp and no N."""
-    width = codes.shape[1]
-    if width < NOMINAL_LENGTH:
-        return np.zeros(len(codes), dtype=bool)
-    head = codes[:, :NOMINAL_LENGTH]
-    return (lengths == NOMINAL_LENGTH) & ~((head == N) | (head == PAD)).any(axis=1)
+    return (np.asarray(lengths) == NOMINAL_LENGTH) & ~np.asarray(has_n, dtype=bool)
 
 
 def words_from_codes(codes: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import webdataset as wds
 
 from promoter_dist.data.alphabet import decode
 from promoter_dist.data.dream import ReadOptions, read_dream
+from promoter_dist.data.hashing import sequence_hash
 from promoter_dist.data.shards import (
     FLAG_INTEGER,
     FLAG_NAD,
@@ -29,7 +30,6 @@ from promoter_dist.data.shards import (
     load_manifest,
     padded_codes,
     read_block_range,
-    sequence_hash,
     verify_shards,
 )
 from promoter_dist.errors import UserError
