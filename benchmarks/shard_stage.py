@@ -1,0 +1,132 @@
+"""Shard stage figures, measured side by side in one run.
+
+    python benchmarks/shard_stage.py                 # full size: 6,739,258 synthetic rows
+    python benchmarks/shard_stage.py --rows 500000   # quicker
+
+Prints: synthetic write rows/s; shard build rows/s end to end (read + validate +
+split + write + fsync) and bytes/row, against a naive one-sample-per-sequence
+``webdataset.ShardWriter`` on a subset; loader samples/s in one process for each
+kind of model input; GloVe count + fit time over the NAD words of the train split.
+Targets on a 2-core machine: build >= 500k rows/s and <= 150 B/row, loader
+>= 1M samples/s per process, GloVe <= 2 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from promoter_dist.cli import nad_word_batches
+from promoter_dist.data.dream import ReadOptions, read_dream
+from promoter_dist.data.glove import GloveConfig, train_glove
+from promoter_dist.data.loader import LoaderConfig, ShardLoader
+from promoter_dist.data.shards import build_shards, load_manifest, verify_shards
+from promoter_dist.data.synthetic import synthesize
+
+FULL_ROWS = 6_739_258  # rows of the real train_sequences.txt
+
+
+def naive_per_sequence(source: Path, out: Path, rows: int) -> tuple[float, float]:
+    """rows/s and bytes/row of one tar sample per sequence (the usual WebDataset layout)."""
+    import webdataset as wds
+
+    t0 = time.perf_counter()
+    data, _ = read_dream(source, ReadOptions(workers=0), progress=False) if rows else (None, None)
+    parsed = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with wds.ShardWriter(str(out / "naive-%06d.tar"), maxcount=100_000, verbose=0) as sink:
+        for i in range(min(rows, len(data))):
+            sink.write({
+                "__key__": f"{i:09d}",
+                "seq.npy": data.codes[i, : data.lengths[i]],
+                "y.npy": data.labels[i : i + 1],
+            })
+    seconds = time.perf_counter() - t0 + parsed * min(rows, len(data)) / len(data)
+    size = sum(p.stat().st_size for p in out.glob("*.tar"))
+    return min(rows, len(data)) / seconds, size / min(rows, len(data))
+
+
+def loader_rate(shards: Path, config: LoaderConfig, max_rows: int) -> float:
+    loader = ShardLoader(shards, config, rank=0, world_size=1)
+    n = 0
+    t0 = time.perf_counter()
+    for batch in loader:
+        n += len(batch["y"])
+        if n >= max_rows:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=FULL_ROWS, help="synthetic rows (default: the real file's 6,739,258)")
+    parser.add_argument("--naive-rows", type=int, default=100_000, help="subset for the per-sequence writer")
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed after)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = parser.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="promoter-dist-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count()
+    print(f"machine: {cores} cores; rows: {args.rows:,}; scratch: {work}")
+    try:
+        synth = synthesize(work / "train.txt", rows=args.rows, seed=0, progress=False)
+        print(f"synth           {synth.seconds:7.1f} s  {args.rows / synth.seconds:12,.0f} rows/s  "
+              f"oracle Pearson {synth.oracle_pearson:.4f}")
+
+        built = build_shards(synth.path, work / "shards", progress=False)
+        manifest = built.manifest
+        shard_bytes = sum(s["bytes"] for v in manifest["splits"].values() for s in v["shards"])
+        rows = manifest["rows"]
+        build_rate, build_bpr = rows / built.seconds, shard_bytes / rows
+        print(f"shards build    {built.seconds:7.1f} s  {build_rate:12,.0f} rows/s  {build_bpr:7.1f} B/row  "
+              f"(target >= 500,000 rows/s, <= 150 B/row)")
+
+        subset = work / "subset.txt"
+        with open(synth.path) as src, open(subset, "w") as dst:
+            for i, line in enumerate(src):
+                if i >= args.naive_rows:
+                    break
+                dst.write(line)
+        naive_rate, naive_bpr = naive_per_sequence(subset, work / "naive", args.naive_rows)
+        print(f"naive per-seq   {'':7}    {naive_rate:12,.0f} rows/s  {naive_bpr:7.1f} B/row  "
+              f"(on {args.naive_rows:,} rows)")
+        print(f"ratio           block shards are {build_rate / naive_rate:.1f}x faster and "
+              f"{naive_bpr / build_bpr:.1f}x smaller")
+
+        t0 = time.perf_counter()
+        check = verify_shards(work / "shards")
+        print(f"shards verify   {time.perf_counter() - t0:7.1f} s  ok={check.ok}  {check.rows_checked:,} rows decoded")
+
+        sample = min(2_000_000, manifest["splits"]["train"]["rows"])
+        for label, config in (
+            ("bases", LoaderConfig(batch_size=1024)),
+            ("nad words", LoaderConfig(view="nad", tokens="nad", batch_size=1024)),
+            ("kmer ids", LoaderConfig(tokens="kmer", batch_size=1024)),
+        ):
+            rate = loader_rate(work / "shards", config, sample)
+            print(f"loader {label:9}        {rate:12,.0f} samples/s per process (target >= 1,000,000)")
+
+        t0 = time.perf_counter()
+        info = train_glove(nad_word_batches(str(work / "shards")), work / "glove", GloveConfig(), progress=False)
+        glove_seconds = time.perf_counter() - t0
+        sentences = load_manifest(work / "shards")["splits"]["train"]["rows_nad"]
+        print(f"glove           {glove_seconds:7.1f} s  ({sentences:,} sentences, count + fit + save; target <= 120 s)")
+        detail = {k: v for k, v in info.items() if "second" in k or k.endswith("_s")}
+        if detail:
+            print(f"                {detail}")
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
