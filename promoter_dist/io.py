@@ -49,19 +49,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_paths(paths: "list[str | os.PathLike]") -> None:
     """Flush files (and their folders) to disk, e.g. before writing a manifest that vouches for them."""
-    folders = set()
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        folders.add(os.path.dirname(os.path.abspath(path)))
-    for folder in folders:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
+    for folder in {os.path.dirname(os.path.abspath(path)) for path in paths}:
+        _fsync(folder)

@@ -399,7 +399,7 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
         raw = chunk.data[starts[i] : ends[i]][:_RAW_KEEP]
         if reason[i] > 0:
             why = names[reason[i] - 1]
-            detail = _detail(why, raw, int(seq_len[i]), int(n_tabs[i]), chunk.data[starts[i] : seq_end[i]], options)
+            detail = _detail(why, int(seq_len[i]), int(n_tabs[i]), chunk.data[starts[i] : seq_end[i]], options)
         else:
             why, detail = label_problem[i]
         rejected.append(Rejected(int(line_numbers[i]), why, REASONS[why], detail, raw))
@@ -429,7 +429,7 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     return rows, rejected, n + len(chunk.too_long)
 
 
-def _detail(why: str, raw: bytes, seq_len: int, n_tabs: int, sequence: bytes, options: ReadOptions) -> str:
+def _detail(why: str, seq_len: int, n_tabs: int, sequence: bytes, options: ReadOptions) -> str:
     if why == "line_too_long":
         return f"line longer than {options.max_line_bytes} bytes"
     if why == "empty_line":

@@ -5,7 +5,7 @@ The pipeline is a chain of small generator stages (composed with
 it over its own share of the data:
 
     units of `chunk_blocks` consecutive blocks, permuted per epoch (same on every rank)
-    -> split_by_rank -> split_by_worker      (explicit, balanced by row count)
+    -> split over ranks, then over workers  (explicit: balanced_split by row count)
     -> read_units     (one seek + read per unit; tar parsed by webdataset)
     -> select_view    (all rows / NAD-eligible / top-expression subset)
     -> shuffle_rows   (a vectorised shuffle buffer of `shuffle_buffer` rows)
@@ -141,17 +141,8 @@ def balanced_split(units: list[Unit], parts: int) -> list[list[Unit]]:
     return out
 
 
-def split_by_rank(units: list[Unit], rank: int, world_size: int) -> list[Unit]:
-    return balanced_split(units, world_size)[rank]
-
-
-def split_by_worker(units: list[Unit], worker: int, workers: int) -> list[Unit]:
-    return balanced_split(units, workers)[worker]
-
-
-def worker_quotas(rows_per_worker: list[int], batch_size: int, total: int) -> list[int]:
+def worker_quotas(workers: int, total: int) -> list[int]:
     """Batches per worker when the rank yields ``total``: batch j comes from worker j % W."""
-    workers = len(rows_per_worker)
     return [total // workers + (1 if w < total % workers else 0) for w in range(workers)]
 
 
@@ -178,11 +169,12 @@ class EpochPlan:
 def plan_epoch(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int, world_size: int) -> EpochPlan:
     workers = max(config.num_workers, 1)
     units = epoch_units(manifest, shard_dir, config, epoch)
-    per_rank = [balanced_split(split_by_rank(units, r, world_size), workers) for r in range(world_size)]
+    # Node split, then worker split: each balanced once, identically on every rank.
+    per_rank = [balanced_split(rank_units, workers) for rank_units in balanced_split(units, world_size)]
     rows = [[sum(u.rows for u in w) for w in r] for r in per_rank]
     if config.drop_last:
         steps = min(_rank_capacity(r, config.batch_size) for r in rows)
-        quotas = [worker_quotas(r, config.batch_size, steps) for r in rows]
+        quotas = [worker_quotas(workers, steps) for _ in rows]
         return EpochPlan(per_rank, steps, [steps] * world_size, quotas)
     # Evaluation: every row once; each worker's last batch may be partial.
     quotas = [[-(-n // config.batch_size) for n in r] for r in rows]

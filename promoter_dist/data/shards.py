@@ -40,7 +40,7 @@ import os
 import re
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -350,7 +350,7 @@ def build_shards(
         state = {"fingerprint": fingerprint, "shards": {}}
         _start_state(state_path, fingerprint)
 
-    rows, report = read_dream(source, read_options.__class__(**{**asdict(read_options), "workers": workers}), progress)
+    rows, report = read_dream(source, replace(read_options, workers=workers), progress)
     threshold = top_threshold(rows.labels, options.top_fraction)
     flags = row_flags(rows, threshold)
     split_of_row = assign_splits(rows.hash, options)
