@@ -167,6 +167,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Official DREAM 2022 score of a submission: per-subset table and the two weighted scores."""
+    from .io import write_json_atomic
+    from .scoring import load_predictions, load_truth, score
+
+    truth = load_truth(args.truth_dir, test_file=args.test_file, subsets_dir=args.subsets_dir, final=args.final)
+    predictions = load_predictions(args.predictions)
+    report = score(predictions, truth, source=args.predictions)
+    print(report.table())
+    if args.json:
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(args.json, report.to_dict())
+        except OSError as exc:
+            raise UserError(f"{args.json}: cannot write the report ({exc.strerror or exc})") from None
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import plot_subsets
+
+        plot_subsets(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -237,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--glove-iterations", type=int, default=50, help="GloVe passes (default: 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = add("score", cmd_score,
+            "official DREAM 2022 score of a submission JSON: per-subset table, weighted Pearson and Spearman scores")
+    p.add_argument("--predictions", required=True, help='submission JSON {"<row index>": prediction}')
+    p.add_argument("--truth-dir", help="public-leaderboard folder (ground.json + *_exp_indices.json), "
+                                       "e.g. data/dream2022/public_leaderboard")
+    p.add_argument("--test-file", help="labelled test file (sequence<TAB>expression, row i = test index i): "
+                                       "score the whole test set instead")
+    p.add_argument("--subsets-dir", help="test-subset CSVs for --test-file, e.g. data/dream2022/test_subsets")
+    p.add_argument("--final", action="store_true",
+                   help="final leaderboard: with --test-file, drop the public-leaderboard items read from --truth-dir")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--plot", help="also write a PNG with predicted vs measured per subset here")
     return parser
 
 

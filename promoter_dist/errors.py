@@ -21,3 +21,15 @@ class InputError(UserError):
         where = path if line is None else f"{path}:{line}"
         what = f" [{field}]" if field else ""
         super().__init__(f"{where}{what}: {message}")
+
+
+class NonFiniteLossError(UserError):
+    """A loss that is NaN or infinite on some rank; the step was not applied."""
+
+    def __init__(self, step: int, loss: float):
+        self.step = step
+        self.loss = loss
+        super().__init__(
+            f"non-finite loss ({loss}) at step {step}: the step was not applied and nothing was saved; lower "
+            "optim.lr, set engine.gradient_clipping, or use engine.nonfinite=skip to drop such batches"
+        )

@@ -1,0 +1,503 @@
+"""One typed configuration tree for a training run.
+
+Defaults live here, in code, with a docstring under every field. A YAML file holds only
+the differences from these defaults; dotted overrides (``optim.lr=1e-4``) come last.
+Unknown keys and bad values raise :class:`~promoter_dist.errors.UserError` naming the
+key. The DeepSpeed config is built from this tree by :func:`to_deepspeed`; there is no
+second hand-kept JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .models.bert import BertSettings
+from .models.nad import NADConfig
+from .optim.gsam import GSAMConfig
+
+MODELS = ("nad", "bert")
+TASKS = ("regression", "mlm")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how long it trains, how often it logs and saves."""
+
+    out_dir: str = "runs/nad-debug"
+    """Run folder: resolved config, logs, metrics, plots and checkpoints."""
+    seed: int = 1
+    """Seed of model initialisation, data order and label noise (NAD used 1)."""
+    epochs: int = 50
+    """Training epochs (NAD: 50)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0: run all epochs)."""
+    log_every: int = 50
+    """Optimizer steps between training-loss log lines."""
+    eval_every: int = 0
+    """Optimizer steps between validation runs within an epoch (0: only at each epoch end)."""
+    checkpoint_every: int = 500
+    """Optimizer steps between periodic checkpoints (0: only at epoch ends); what a requeued job resumes from."""
+    keep_checkpoints: int = 2
+    """Periodic checkpoints kept on disk, newest first; the best one is kept apart."""
+    resume: str = "auto"
+    """'auto': continue from <out_dir>/checkpoints when one exists; 'never': refuse to reuse a folder that has one."""
+    best_metric: str = "pearson"
+    """Validation metric that selects the best checkpoint (higher is better, or 'loss' for lower)."""
+    plots: bool = True
+    """Write PNG curves and a predicted-vs-measured plot into the run folder."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "max_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise UserError(f"run.{key} must be >= 0, not {getattr(self, key)}")
+        if self.log_every == 0:
+            raise UserError("run.log_every must be >= 1")
+        if self.keep_checkpoints < 1:
+            raise UserError("run.keep_checkpoints must be >= 1 (a resume needs the latest checkpoint)")
+        if self.resume not in ("auto", "never"):
+            raise UserError(f"run.resume must be 'auto' or 'never', not {self.resume!r}")
+
+
+@dataclass
+class DataConfig:
+    """Which shards feed the run and how they are streamed."""
+
+    shards: str = "out/demo/shards"
+    """Shard folder written by `promoter-dist shards build` (holds manifest.json)."""
+    glove: str = "out/demo/glove/vectors.kv"
+    """GloVe vectors for NAD's embedding: gensim .kv, word2vec text or GloVe text (NAD's published file)."""
+    train_split: str = "train"
+    """Split trained on."""
+    val_split: str = "val"
+    """Split evaluated each epoch ('' for none)."""
+    view: str = ""
+    """Row subset: 'all', 'nad' (110 bp, no N) or 'top'; '' picks the model's own (NAD: nad, MLM: top, else all)."""
+    batch_size: int = 64
+    """Micro batch per rank; the global batch is batch_size x world size x engine.grad_accum."""
+    eval_batch_size: int = 0
+    """Micro batch per rank for validation (0: same as batch_size)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: read in the training process)."""
+    shuffle_buffer: int = 16384
+    """Rows in each worker's shuffle buffer."""
+    kmer_frame: int = 0
+    """Reading frame (0, 1 or 2) of the 3-mer tokens for the BERT models."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "shuffle_buffer"):
+            if getattr(self, key) < 1:
+                raise UserError(f"data.{key} must be >= 1, not {getattr(self, key)}")
+        for key in ("eval_batch_size", "num_workers"):
+            if getattr(self, key) < 0:
+                raise UserError(f"data.{key} must be >= 0, not {getattr(self, key)}")
+        if self.view not in ("", "all", "nad", "top"):
+            raise UserError(f"data.view must be one of '', 'all', 'nad', 'top', not {self.view!r}")
+        if self.kmer_frame not in (0, 1, 2):
+            raise UserError(f"data.kmer_frame must be 0, 1 or 2, not {self.kmer_frame}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model, and the settings of each."""
+
+    name: str = "nad"
+    """'nad' (GloVe + CNN/FPN + transformers) or 'bert' (SYSU-SAIL's 3-mer BERT)."""
+    nad: NADConfig = field(default_factory=NADConfig)
+    """Team NAD's model (read when name is 'nad')."""
+    bert: BertSettings = field(default_factory=BertSettings)
+    """Team SYSU-SAIL's BERT (read when name is 'bert')."""
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise UserError(f"model.name must be one of {list(MODELS)}, not {self.name!r}")
+
+
+@dataclass
+class TaskConfig:
+    """What the model is trained to do: its objective and targets."""
+
+    name: str = "regression"
+    """'regression' (expression from sequence) or 'mlm' (masked-token pretraining, BERT only)."""
+    loss: str = "smooth_l1"
+    """Regression loss: 'smooth_l1' or 'mse'."""
+    smooth_l1_beta: float = 0.1
+    """SmoothL1 transition point on the target scale (NAD: 0.1 on [0,1])."""
+    label_map: str = "nad"
+    """Target transform: 'nad' (y<=8 -> 5+3y/8, then (y-5)/12, giving [0,1]) or 'none'."""
+    label_noise: float = 0.05
+    """Std of Gaussian noise added to training targets, clipped to [0,1] under the 'nad' map (NAD: 0.05; 0: off)."""
+    mask_prob: float = 0.15
+    """MLM: fraction of tokens chosen for prediction (80% [MASK], 10% random, 10% kept)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in TASKS:
+            raise UserError(f"task.name must be one of {list(TASKS)}, not {self.name!r}")
+        if self.loss not in ("smooth_l1", "mse"):
+            raise UserError(f"task.loss must be 'smooth_l1' or 'mse', not {self.loss!r}")
+        if self.label_map not in ("nad", "none"):
+            raise UserError(f"task.label_map must be 'nad' or 'none', not {self.label_map!r}")
+        if self.smooth_l1_beta <= 0:
+            raise UserError(f"task.smooth_l1_beta must be > 0, not {self.smooth_l1_beta}")
+        if self.label_noise < 0:
+            raise UserError(f"task.label_noise must be >= 0, not {self.label_noise}")
+        if not 0 < self.mask_prob < 1:
+            raise UserError(f"task.mask_prob must be in (0, 1), not {self.mask_prob}")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (a torch optimizer handed to DeepSpeed) and its GSAM wrapper."""
+
+    name: str = "adamw"
+    """'adamw' (NAD; BERT pretraining) or 'adam' (BERT fine-tuning)."""
+    lr: float = 2e-4
+    """Peak learning rate (NAD: 2e-4)."""
+    weight_decay: float = 5e-2
+    """Decoupled weight decay for AdamW, L2 for Adam (NAD: 5e-2)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam moment decay rates."""
+    eps: float = 1e-8
+    """Adam denominator epsilon."""
+    gsam: GSAMConfig = field(default_factory=GSAMConfig)
+    """Surrogate-gap guided sharpness-aware minimisation around the optimizer."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "adam"):
+            raise UserError(f"optim.name must be 'adamw' or 'adam', not {self.name!r}")
+        if self.lr <= 0:
+            raise UserError(f"optim.lr must be > 0, not {self.lr}")
+        if self.weight_decay < 0:
+            raise UserError(f"optim.weight_decay must be >= 0, not {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"optim.betas must be two numbers in [0, 1), not {self.betas}")
+
+
+@dataclass
+class ScheduleConfig:
+    """How the learning rate moves; see promoter_dist.schedules."""
+
+    name: str = "linear"
+    """'linear' (decay to final_factor x lr), 'cosine', 'constant' or 'plateau' (ReduceLROnPlateau on a metric)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 (linear, cosine, constant)."""
+    decay_epochs: float = 50.0
+    """Epochs over which linear/cosine reach final_factor (NAD: 50, the whole run)."""
+    final_factor: float = 0.01
+    """Learning rate at the end of the decay, as a fraction of optim.lr (NAD: 0.01)."""
+    per_epoch: bool = True
+    """Change the rate once per epoch as NAD did (False: every optimizer step)."""
+    plateau_metric: str = "loss"
+    """Validation metric watched by 'plateau': 'loss' (lower is better) or e.g. 'pearson' (higher is better)."""
+    plateau_factor: float = 0.5
+    """'plateau': factor applied to the rate when the metric stalls (SYSU: 0.5)."""
+    plateau_patience: int = 2
+    """'plateau': evaluations without improvement before the rate is cut (SYSU: 2)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("linear", "cosine", "constant", "plateau"):
+            raise UserError(f"schedule.name must be linear, cosine, constant or plateau, not {self.name!r}")
+        if self.warmup_steps < 0:
+            raise UserError(f"schedule.warmup_steps must be >= 0, not {self.warmup_steps}")
+        if self.decay_epochs <= 0:
+            raise UserError(f"schedule.decay_epochs must be > 0, not {self.decay_epochs}")
+        if not 0 <= self.final_factor <= 1:
+            raise UserError(f"schedule.final_factor must be in [0, 1], not {self.final_factor}")
+        if not 0 < self.plateau_factor < 1:
+            raise UserError(f"schedule.plateau_factor must be in (0, 1), not {self.plateau_factor}")
+        if self.plateau_patience < 0:
+            raise UserError(f"schedule.plateau_patience must be >= 0, not {self.plateau_patience}")
+
+
+@dataclass
+class EngineConfig:
+    """The DeepSpeed engine: ZeRO stage, precision, accumulation, clipping, monitors."""
+
+    zero_stage: int = 2
+    """ZeRO stage 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'fp16' (bf16 for GPUs that have it; fp16 uses dynamic loss scaling)."""
+    grad_accum: int = 1
+    """Micro batches accumulated per optimizer step."""
+    gradient_clipping: float = 0.0
+    """Clip the global gradient norm to this value (0: off). Always written to DeepSpeed, whose default is 1.0."""
+    nonfinite: str = "stop"
+    """On a NaN/inf loss: 'stop' with a clear message, or 'skip' the batch (never written into a checkpoint)."""
+    tensorboard: bool = True
+    """Write TensorBoard events through DeepSpeed's monitor into <out_dir>/monitor."""
+    csv: bool = True
+    """Write CSV metrics through DeepSpeed's monitor into <out_dir>/monitor."""
+    offload_optimizer: str = "none"
+    """ZeRO offload of optimizer states: 'none' or 'cpu' (stages 1-3)."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient reduction bucket (ZeRO 1-2) / reduction bucket (ZeRO-3)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"engine.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"engine.precision must be fp32, bf16 or fp16, not {self.precision!r}")
+        if self.grad_accum < 1:
+            raise UserError(f"engine.grad_accum must be >= 1, not {self.grad_accum}")
+        if self.gradient_clipping < 0:
+            raise UserError(f"engine.gradient_clipping must be >= 0, not {self.gradient_clipping}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise UserError(f"engine.nonfinite must be 'stop' or 'skip', not {self.nonfinite!r}")
+        if self.offload_optimizer not in ("none", "cpu"):
+            raise UserError(f"engine.offload_optimizer must be 'none' or 'cpu', not {self.offload_optimizer!r}")
+        if self.offload_optimizer == "cpu" and self.zero_stage == 0:
+            raise UserError("engine.offload_optimizer=cpu needs engine.zero_stage >= 1")
+        if self.reduce_bucket_size < 1:
+            raise UserError(f"engine.reduce_bucket_size must be >= 1, not {self.reduce_bucket_size}")
+
+
+@dataclass
+class TrainConfig:
+    """The whole run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Output folder, length, logging and checkpoints."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards and streaming."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model and its size."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Objective and targets."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and GSAM."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """DeepSpeed engine settings."""
+
+    def __post_init__(self) -> None:
+        if self.task.name == "mlm" and self.model.name != "bert":
+            raise UserError("task.name=mlm needs model.name=bert")
+        if self.model.name == "nad" and self.data.view not in ("", "nad"):
+            raise UserError("model.name=nad reads NAD words, which exist only in data.view=nad (110 bp, no N)")
+        if self.optim.gsam.enabled and self.engine.precision == "fp16":
+            raise UserError("optim.gsam with engine.precision=fp16 is not supported: use bf16 or fp32")
+
+    @property
+    def view(self) -> str:
+        """The row subset actually streamed."""
+        if self.data.view:
+            return self.data.view
+        if self.model.name == "nad":
+            return "nad"
+        return "top" if self.task.name == "mlm" else "all"
+
+    @property
+    def tokens(self) -> str:
+        """The loader's token kind for this model."""
+        return "nad" if self.model.name == "nad" else "kmer"
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm, key)
+            except UserError as error:
+                errors.append(str(error))
+        raise UserError(f"{key}: {value!r} fits none of {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise UserError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads '1e-4' (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    """A ``cls`` instance from defaults updated by ``values``; unknown keys name themselves."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise UserError(f"unknown config key {where}{unknown[0]} (known under {prefix or 'the root'}: {', '.join(names)})")
+    kwargs = {}
+    defaults = cls()
+    for name in names:
+        key = f"{prefix}.{name}" if prefix else name
+        if name in values:
+            tp = hints[name]
+            if dataclasses.is_dataclass(tp):
+                kwargs[name] = _build(tp, values[name] if values[name] is not None else {}, key) if isinstance(
+                    values[name], dict) or values[name] is None else _coerce(values[name], tp, key)
+            else:
+                kwargs[name] = _coerce(values[name], tp, key)
+        else:
+            kwargs[name] = getattr(defaults, name)
+    try:
+        return cls(**kwargs)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as error:  # a section's own checks (model, GSAM) raise ValueError
+        message = str(error)
+        raise UserError(message if prefix and prefix in message else f"{prefix or 'config'}: {message}") from None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``'optim.gsam.rho_max=0.05'`` -> ``{'optim': {'gsam': {'rho_max': 0.05}}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form key.sub=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise UserError(f"override {text!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise UserError(f"override {text!r}: value is not valid YAML ({error})") from None
+    out: dict = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file (an empty file is an empty mapping)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read config ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({error})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- YAML file <- dotted overrides, checked."""
+    values: dict = read_yaml(path) if path else {}
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    if path:
+        try:
+            return _build(TrainConfig, values)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
+    return _build(TrainConfig, values)
+
+
+def config_dict(config: Any) -> dict:
+    """Plain nested dict (tuples as lists) of a config tree, for YAML and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML, in field order."""
+    return yaml.safe_dump(config_dict(config), sort_keys=False)
+
+
+def to_deepspeed(config: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config dict for this run; everything in it comes from ``config``."""
+    engine = config.engine
+    zero: dict[str, Any] = {"stage": engine.zero_stage}
+    if engine.zero_stage in (1, 2):
+        zero.update(reduce_bucket_size=engine.reduce_bucket_size, allgather_bucket_size=engine.reduce_bucket_size,
+                    overlap_comm=False, contiguous_gradients=True)
+    if engine.zero_stage == 3:
+        zero.update(reduce_bucket_size=engine.reduce_bucket_size, stage3_param_persistence_threshold=0)
+    if engine.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    out_dir = str(Path(config.run.out_dir).resolve())
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": engine.grad_accum,
+        "train_batch_size": config.data.batch_size * engine.grad_accum * world_size,
+        # DeepSpeed >= 0.19.3 clips at 1.0 unless told otherwise; 0 turns clipping off.
+        "gradient_clipping": engine.gradient_clipping,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # the trainer logs; DeepSpeed's own step prints would duplicate it
+        "wall_clock_breakdown": False,
+        "seed": config.run.seed,
+        "tensorboard": {"enabled": engine.tensorboard, "output_path": f"{out_dir}/monitor", "job_name": "tensorboard"},
+        "csv_monitor": {"enabled": engine.csv, "output_path": f"{out_dir}/monitor", "job_name": "csv"},
+    }
+    # GSAM needs fp32 weights (bf16 weights swallow a small perturbation): the trainer autocasts instead.
+    if engine.precision == "bf16" and not config.optim.gsam.enabled:
+        ds["bf16"] = {"enabled": True}
+    elif engine.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return ds

@@ -1,0 +1,448 @@
+"""Team NAD's model: frozen GloVe words -> 1-D CNN + FPN -> one transformer per level.
+
+Sources: ``../shared/reference/models.md`` (section "NAD"), NAD's team report
+(``../shared/reference/seeds/nad_team_report.txt``) and its model figure
+(``../shared/reference/nad_model_figure.png``). Plain single-device torch: no
+distributed-training code, no global state; runs under ``torch.autocast`` (bf16 on
+CPU is tested) and traces as one graph under ``torch.compile`` (checked with
+``fullgraph=True`` on the ``aot_eager`` backend).
+
+Data flow for a batch of word ids ``(B, 80)`` (:mod:`promoter_dist.data.nad_words`):
+
+1. Frozen GloVe lookup, ``(1024, 128)`` table -> ``(B, 128, 80)``. The table is a
+   persistent buffer, not a parameter, so no optimizer (or optimizer-state
+   partitioning) ever sees it, yet it is saved with the weights.
+2. Five conv stages, each ``Conv1d k3`` (no bias) + BatchNorm + ELU followed by two
+   residual blocks (conv3-BN-ELU-conv3-BN, add the input, ELU). Channels / strides /
+   lengths 128/1/80, 160/1/80, 192/2/40, 224/2/20, 256/2/10.
+3. FPN top-down over the last four stages (lengths 80, 40, 20, 10): a 1x1 lateral
+   conv (with bias) maps each stage to 256 channels; starting from the shortest
+   level, each longer level is its lateral plus the level below it upsampled by a
+   ``ConvTranspose1d(256, 256, k3, stride 2, padding 1, output_padding 1)``, whose
+   output length is (L - 1) * 2 - 2 + 3 + 1 = 2L exactly. No 3x3 smoothing convs:
+   models.md lists none, and they would add 0.79M parameters past the published size.
+4. The original's quirk, kept (models.md): the three longer levels pass a depthwise
+   ``Conv1d k3`` + BatchNorm + ELU applied to the ``(B, L, 256)`` layout, so the L
+   positions are the conv's channels and the kernel slides along the 256 features.
+   Its sizes therefore depend on the level's length (80, 40, 20).
+5. One transformer encoder per level, width 256, 8 heads; depths 3, 3, 2, 2 for
+   levels 10, 20, 40, 80. Each layer has sandwich norm: LayerNorm before *and* after
+   each sublayer, the residual added after the second one:
+   ``x = x + LN(attn(LN(x)))``; ``x = x + LN(ff(LN(x)))``. Feed-forward is
+   Linear(256, 1024) - GELU - Linear(1024, 256). Attention adds a relative position
+   bias to the logits: one learned scalar per head per offset ``j - i`` in
+   ``-(L-1) .. L-1`` (a ``(heads, 2L - 1)`` table per layer, initialised N(0, 0.02^2)
+   so that it breaks permutation symmetry from the start).
+6. Per level: final LayerNorm, mean over positions, Linear(256, 1). ``forward``
+   returns the four level predictions ``(B, 4)`` ordered like ``depths`` (shortest
+   level first); the prediction is their mean (:meth:`NADModel.combine`). All four
+   are trained on the same label (models.md).
+
+Parameter count (published configuration, measured by ``tests/models/test_nad.py``):
+14,183,312 trainable parameters, 0.1% below the "about 14.2M" of models.md. The
+frozen embedding (1024 x 128 = 131,072 values) is a buffer and is *not* counted
+(with it: 14,314,384); BatchNorm running statistics are buffers too. Breakdown:
+backbone 2,848,128; FPN 804,608; depthwise quirk 700; transformers and heads 10,529,876, i.e.
+1,052,160 per layer plus its bias table (8 x (2L - 1): 152 to 1,272), plus 769 per
+level for the final LayerNorm and head.
+
+The one inference needed to reach that size is the attention width. models.md gives
+dim 256 and 8 heads but not the head width; with 256 / 8 = 32 per head the model has
+11,561,872 parameters, 19% short. With 64 per head (inner width 512, the default
+head width of common transformer libraries, e.g. x-transformers, which also offers
+the "sandwich norm" and "relative position bias" options by those names) the count
+lands within 0.2% of 14.2M, so ``head_dim = 64`` is the default. The remaining
+unknowns change the count by a few thousand at most: biases (none on the q/k/v
+projections and on convs followed by BatchNorm; biases on the attention output,
+feed-forward, FPN and heads) and whether the bias table is shared across layers
+(here: one per layer). That library's relative position bias is T5-style, with
+offsets grouped into log-spaced buckets; with at most 80 positions a table with one
+entry per exact offset is simpler and at least as expressive, at a similar size.
+
+Dropout: neither the report nor models.md mentions any, so the default is 0.
+
+A small debug configuration (602,784 parameters) for fast tests::
+
+    NADConfig(channels=(32, 48, 64, 80, 96), fpn_dim=64, heads=4, head_dim=16,
+              depths=(1, 1, 1, 1))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.glove import embedding_matrix, load_vectors
+from ..data.nad_words import NUM_WORDS, WORDS_PER_ROW
+from ..errors import UserError
+
+_FIELD = "model.nad."  # prefix of every config field named in an error message
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; a stray True in a config file is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{_FIELD}{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise UserError(f"{_FIELD}{name} must be >= {minimum}, got {value}")
+
+
+@dataclass
+class NADConfig:
+    """NAD's architecture; defaults are the published configuration (models.md)."""
+
+    embed_dim: int = 128
+    """Width of the GloVe word vectors; the embedding table is (1024, embed_dim)."""
+    length: int = WORDS_PER_ROW
+    """Words per row; must be divisible by the product of ``strides``."""
+    channels: tuple[int, ...] = (128, 160, 192, 224, 256)
+    """Output channels of each conv stage, in order."""
+    strides: tuple[int, ...] = (1, 1, 2, 2, 2)
+    """Stride of each conv stage's first conv (one entry per stage)."""
+    residual_blocks: int = 2
+    """Residual blocks (conv3-BN-ELU-conv3-BN + skip, ELU) per conv stage."""
+    fpn_dim: int = 256
+    """Channels of every FPN level, which is also the width of the transformers."""
+    positional_depthwise: bool = True
+    """Depthwise conv + BN + ELU with positions as channels on all but the shortest level (NAD's quirk)."""
+    heads: int = 8
+    """Attention heads per transformer layer."""
+    head_dim: int | None = 64
+    """Width of one attention head; None means fpn_dim // heads. 64 matches the published size (module docstring)."""
+    depths: tuple[int, ...] = (3, 3, 2, 2)
+    """Transformer layers per FPN level, shortest (10 positions) first; levels come from the last stages."""
+    ff_mult: int = 4
+    """Feed-forward hidden width as a multiple of fpn_dim."""
+    dropout: float = 0.0
+    """Dropout on attention weights and feed-forward hidden units; 0 as published (none is reported)."""
+
+    def __post_init__(self) -> None:
+        # Config files give lists; store tuples so configs compare and hash-print alike.
+        for name in ("channels", "strides", "depths"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)):
+                raise UserError(f"{_FIELD}{name} must be a list of integers, got {value!r}")
+            if not value:
+                raise UserError(f"{_FIELD}{name} must not be empty")
+            for index, item in enumerate(value):
+                _check_int(f"{name}[{index}]", item, 1)
+            setattr(self, name, tuple(value))
+        for name, minimum in (
+            ("embed_dim", 1),
+            ("length", 1),
+            ("residual_blocks", 0),
+            ("fpn_dim", 1),
+            ("heads", 1),
+            ("ff_mult", 1),
+        ):
+            _check_int(name, getattr(self, name), minimum)
+        if self.head_dim is None:
+            if self.fpn_dim % self.heads:
+                raise UserError(
+                    f"{_FIELD}heads must divide fpn_dim when head_dim is null "
+                    f"(heads {self.heads}, fpn_dim {self.fpn_dim}); or set head_dim"
+                )
+        else:
+            _check_int("head_dim", self.head_dim, 1)
+        if not isinstance(self.positional_depthwise, bool):
+            raise UserError(f"{_FIELD}positional_depthwise must be true or false, got {self.positional_depthwise!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise UserError(f"{_FIELD}dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if len(self.strides) != len(self.channels):
+            raise UserError(
+                f"{_FIELD}strides must have one entry per conv stage: "
+                f"{len(self.strides)} strides for {len(self.channels)} channels"
+            )
+        levels = len(self.depths)
+        if levels > len(self.channels):
+            raise UserError(
+                f"{_FIELD}depths has {levels} FPN levels but there are only {len(self.channels)} conv stages"
+            )
+        # Each level is upsampled x2 into the next longer one by a stride-2 transposed conv.
+        level_strides = self.strides[len(self.strides) - levels + 1 :]
+        if any(s != 2 for s in level_strides):
+            raise UserError(
+                f"{_FIELD}strides: the last {levels - 1} stages feed FPN levels and must have stride 2, "
+                f"got {list(level_strides)}"
+            )
+        total = math.prod(self.strides)
+        if self.length % total:
+            raise UserError(f"{_FIELD}length ({self.length}) must be divisible by the product of strides ({total})")
+
+    @property
+    def stage_lengths(self) -> tuple[int, ...]:
+        """Positions after each conv stage (published: 80, 80, 40, 20, 10)."""
+        lengths, length = [], self.length
+        for stride in self.strides:
+            length //= stride
+            lengths.append(length)
+        return tuple(lengths)
+
+    @property
+    def level_lengths(self) -> tuple[int, ...]:
+        """Positions of each FPN level, shortest first (published: 10, 20, 40, 80)."""
+        return tuple(reversed(self.stage_lengths[len(self.stage_lengths) - len(self.depths) :]))
+
+    @property
+    def attention_head_dim(self) -> int:
+        """The width of one attention head as used."""
+        return self.head_dim if self.head_dim is not None else self.fpn_dim // self.heads
+
+
+# ---------------------------------------------------------------- backbone
+
+
+def _conv3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv1d:
+    # No bias: every such conv is followed by BatchNorm, whose shift makes a bias redundant.
+    return nn.Conv1d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+class ResidualBlock(nn.Module):
+    """conv3-BN-ELU-conv3-BN, add the input, ELU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = _conv3(channels, channels)
+        self.bn1 = nn.BatchNorm1d(channels)
+        self.conv2 = _conv3(channels, channels)
+        self.bn2 = nn.BatchNorm1d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.elu(self.bn1(self.conv1(x)))
+        return F.elu(x + self.bn2(self.conv2(y)))
+
+
+class ConvStage(nn.Module):
+    """Conv1d k3 (strided) + BN + ELU, then residual blocks; (B, C_in, L) -> (B, C_out, L / stride)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, blocks: int):
+        super().__init__()
+        self.conv = _conv3(in_channels, out_channels, stride)
+        self.bn = nn.BatchNorm1d(out_channels)
+        self.blocks = nn.Sequential(*(ResidualBlock(out_channels) for _ in range(blocks)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(F.elu(self.bn(self.conv(x))))
+
+
+class FeaturePyramid(nn.Module):
+    """Top-down FPN: 1x1 laterals plus x2 transposed-conv upsampling, shortest level first."""
+
+    def __init__(self, in_channels: tuple[int, ...], dim: int):
+        """``in_channels``: channels of the stages feeding the levels, shortest level first."""
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv1d(c, dim, 1) for c in in_channels)
+        # (L - 1) * 2 - 2 * padding + kernel + output_padding = 2L: lengths come out exact.
+        self.upsample = nn.ModuleList(
+            nn.ConvTranspose1d(dim, dim, 3, stride=2, padding=1, output_padding=1) for _ in in_channels[1:]
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``features``: stage outputs (B, C_i, L_i), shortest first -> levels (B, dim, L_i)."""
+        levels = [self.lateral[0](features[0])]
+        for lateral, upsample, feature in zip(self.lateral[1:], self.upsample, features[1:]):
+            levels.append(lateral(feature) + upsample(levels[-1]))
+        return levels
+
+
+class PositionDepthwise(nn.Module):
+    """Depthwise Conv1d k3 + BN + ELU with the positions as channels (NAD's quirk).
+
+    Takes and returns the transformer layout (B, L, D): each of the L positions is a
+    conv channel whose kernel slides along the D features, and BatchNorm normalises
+    per position. The module is therefore tied to one length L.
+    """
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.conv = nn.Conv1d(length, length, 3, padding=1, groups=length, bias=False)
+        self.bn = nn.BatchNorm1d(length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.elu(self.bn(self.conv(x)))
+
+
+# ---------------------------------------------------------------- transformers
+
+
+class RelativePositionBias(nn.Module):
+    """A learned scalar per head per relative offset j - i, added to attention logits."""
+
+    def __init__(self, heads: int, length: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.empty(heads, 2 * length - 1))
+        # Small but non-zero: a zero table would leave attention permutation-equivariant.
+        nn.init.normal_(self.table, std=0.02)
+        positions = torch.arange(length)
+        # offsets[i, j] = j - i, shifted to index the table from 0.
+        offsets = positions[None, :] - positions[:, None] + (length - 1)
+        self.register_buffer("offsets", offsets, persistent=False)  # derived, not state
+
+    def forward(self) -> torch.Tensor:
+        """The bias (heads, L, L) for queries i (rows) and keys j (columns)."""
+        return self.table[:, self.offsets]
+
+
+class RelativeSelfAttention(nn.Module):
+    """Multi-head self-attention with a relative position bias; (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, length: int, dropout: float):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)
+        self.out = nn.Linear(heads * head_dim, dim)
+        self.position_bias = RelativePositionBias(heads, length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # Under autocast q is bf16 while the table is float32; the mask must match q.
+        bias = self.position_bias().to(q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
+
+
+class SandwichLayer(nn.Module):
+    """Transformer layer with sandwich norm: x += LN(attn(LN(x))); x += LN(ff(LN(x)))."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, length: int, ff_mult: int, dropout: float):
+        super().__init__()
+        self.attn_norm_in = nn.LayerNorm(dim)
+        self.attn = RelativeSelfAttention(dim, heads, head_dim, length, dropout)
+        self.attn_norm_out = nn.LayerNorm(dim)
+        self.ff_norm_in = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(
+            nn.Linear(dim, ff_mult * dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(ff_mult * dim, dim),
+        )
+        self.ff_norm_out = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn_norm_out(self.attn(self.attn_norm_in(x)))
+        return x + self.ff_norm_out(self.ff(self.ff_norm_in(x)))
+
+
+class LevelEncoder(nn.Module):
+    """One FPN level's transformer and head: (B, L, D) -> (B,) prediction."""
+
+    def __init__(self, config: NADConfig, length: int, depth: int):
+        super().__init__()
+        dim = config.fpn_dim
+        self.layers = nn.ModuleList(
+            SandwichLayer(dim, config.heads, config.attention_head_dim, length, config.ff_mult, config.dropout)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer layers and the final LayerNorm, (B, L, D) -> (B, L, D)."""
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode(x).mean(dim=1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------- model
+
+
+def random_embedding(dim: int, seed: int = 0) -> torch.Tensor:
+    """A deterministic (1024, dim) stand-in for GloVe vectors (tests, smoke runs)."""
+    generator = torch.Generator().manual_seed(seed)
+    # Scale 0.3: about the standard deviation of NAD's published vectors (0.32).
+    return 0.3 * torch.randn(NUM_WORDS, dim, generator=generator)
+
+
+class NADModel(nn.Module):
+    """NAD's model: word ids (B, length) -> per-level predictions (B, levels).
+
+    ``embedding`` is the (1024, embed_dim) GloVe table in word-id order (see
+    :func:`load_glove_embedding`); None gives :func:`random_embedding`. It is kept
+    frozen as the persistent buffer ``embedding``.
+    """
+
+    def __init__(self, config: NADConfig, embedding: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        if embedding is None:
+            embedding = random_embedding(config.embed_dim)
+        if not isinstance(embedding, torch.Tensor) or tuple(embedding.shape) != (NUM_WORDS, config.embed_dim):
+            shape = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+            raise UserError(
+                f"NAD embedding must be a ({NUM_WORDS}, {config.embed_dim}) tensor "
+                f"(model.nad.embed_dim), got {shape}"
+            )
+        if not embedding.is_floating_point():
+            raise UserError(f"NAD embedding must be a float tensor, got {embedding.dtype}")
+        self.register_buffer("embedding", embedding.detach().to(torch.float32).clone(), persistent=True)
+
+        stages, in_channels = [], config.embed_dim
+        for out_channels, stride in zip(config.channels, config.strides):
+            stages.append(ConvStage(in_channels, out_channels, stride, config.residual_blocks))
+            in_channels = out_channels
+        self.stages = nn.ModuleList(stages)
+
+        levels = len(config.depths)
+        self.fpn = FeaturePyramid(tuple(reversed(config.channels[len(config.channels) - levels :])), config.fpn_dim)
+        lengths = config.level_lengths
+        self.position_depthwise = nn.ModuleList(
+            PositionDepthwise(length) if index > 0 and config.positional_depthwise else nn.Identity()
+            for index, length in enumerate(lengths)
+        )
+        self.encoders = nn.ModuleList(
+            LevelEncoder(config, length, depth) for length, depth in zip(lengths, config.depths)
+        )
+
+    def forward(self, words: torch.Tensor) -> torch.Tensor:
+        """Word ids (B, length), any integer dtype -> predictions (B, levels), float32.
+
+        Columns follow ``config.depths`` (shortest level first). The output is
+        float32 even under autocast so that the loss is computed in full precision.
+        """
+        if words.dim() != 2 or words.shape[1] != self.config.length:
+            raise ValueError(
+                f"NAD model expects word ids of shape (batch, {self.config.length}), got {tuple(words.shape)}"
+            )
+        x = F.embedding(words.long(), self.embedding).transpose(1, 2)  # (B, embed_dim, L)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        levels = len(self.encoders)
+        pyramid = self.fpn(features[::-1][:levels])
+        predictions = [
+            encoder(mix(level.transpose(1, 2)))  # transformer layout (B, L, D)
+            for level, mix, encoder in zip(pyramid, self.position_depthwise, self.encoders)
+        ]
+        return torch.stack(predictions, dim=1).float()
+
+    @staticmethod
+    def combine(heads: torch.Tensor) -> torch.Tensor:
+        """The prediction: the mean of the level predictions, (B, levels) -> (B,)."""
+        return heads.mean(dim=-1)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of parameter values (buffers such as the frozen embedding are never counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_glove_embedding(path: str | Path) -> torch.Tensor:
+    """The (1024, dim) float32 embedding table from a vector file, in word-id order.
+
+    Reads any format :func:`promoter_dist.data.glove.load_vectors` reads (NAD's
+    ``vectors.txt`` included); every 5-mer must have a vector (else UserError).
+    """
+    return torch.from_numpy(embedding_matrix(load_vectors(path)))

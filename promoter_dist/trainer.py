@@ -1,0 +1,451 @@
+"""The trainer: one training step readable top to bottom, in small named pieces.
+
+``Trainer.train()`` runs epochs of ``train_step`` (micro batches -> forward/backward ->
+optimizer step), validates, keeps the best checkpoint and saves periodic ones that a
+killed or requeued run resumes from exactly (model, optimizer, schedule, loader
+position and RNG state). Models and tasks know nothing of DeepSpeed; everything
+distributed is in :mod:`promoter_dist.distributed` and :mod:`promoter_dist.engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from . import distributed as dist
+from .config import TrainConfig, config_dict, dump_yaml
+from .data.loader import LoaderConfig, ShardLoader
+from .engine import build_engine, parameters_finite, set_learning_rate
+from .errors import NonFiniteLossError, UserError
+from .io import atomic_open, write_json_atomic
+from .schedules import Plateau, lr_at
+from .tasks import build_task
+
+log = logging.getLogger("promoter_dist")
+
+Batch = dict[str, torch.Tensor]
+
+
+def setup_logging(out_dir: Path, rank: int) -> None:
+    """Rank 0 logs to the console; every rank logs to <out_dir>/logs/rank<r>.log."""
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
+    file_handler = logging.FileHandler(out_dir / "logs" / f"rank{rank}.log")
+    file_handler.setFormatter(fmt)
+    log.addHandler(file_handler)
+    if rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(fmt)
+        log.addHandler(console)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    """Builds model, engine and loaders from one config and trains them."""
+
+    def __init__(self, config: TrainConfig, env: dist.DistEnv):
+        self.config, self.env = config, env
+        self.out_dir = Path(config.run.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        setup_logging(self.out_dir, env.rank)
+        self.write_config()
+
+        torch.manual_seed(config.run.seed)  # identical initial weights on every rank
+        self.task = build_task(config)
+        model = self.task.build_model()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model %s for task %s: %s trainable parameters", config.model.name, config.task.name, f"{trainable:,}")
+        self.parameter_count = trainable
+        self.engine = build_engine(model, config, env.world_size)
+        self.device = dist.device()
+        # Label noise and dropout differ by rank, as independent workers' would.
+        torch.manual_seed(config.run.seed * 1_000_003 + env.rank)
+
+        self.train_loader = ShardLoader(config.data.shards, self.loader_config(config.data.train_split, True),
+                                        env.rank, env.world_size)
+        self.val_loader = None
+        if config.data.val_split:
+            self.val_loader = ShardLoader(config.data.shards, self.loader_config(config.data.val_split, False),
+                                          env.rank, env.world_size)
+        self.grad_accum = config.engine.grad_accum
+        self.steps_per_epoch = len(self.train_loader) // self.grad_accum
+        if self.steps_per_epoch < 1:
+            raise UserError(f"data.shards: {len(self.train_loader)} batches per rank is less than one optimizer step "
+                            f"of engine.grad_accum={self.grad_accum} micro batches; lower data.batch_size")
+
+        self.gsam = None
+        if config.optim.gsam.enabled:
+            from .optim.gsam import DeepSpeedGSAM
+
+            lr_max = config.optim.lr
+            lr_min = config.optim.lr * config.schedule.final_factor if config.schedule.name in ("linear", "cosine") else lr_max
+            self.gsam = DeepSpeedGSAM(self.engine, config.optim.gsam, lr_max=lr_max, lr_min=lr_min)
+        self.plateau = None
+        if config.schedule.name == "plateau":
+            mode = "min" if config.schedule.plateau_metric == "loss" else "max"
+            self.plateau = Plateau(config.schedule.plateau_factor, config.schedule.plateau_patience, mode)
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.best: dict[str, Any] | None = None
+        self.history: list[dict[str, Any]] = []
+        self._fallback_batch: Batch | None = None
+        self.resume()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def loader_config(self, split: str, training: bool) -> LoaderConfig:
+        """Stream settings for one split: shuffled equal batches for training, every row once for evaluation."""
+        data = self.config.data
+        return LoaderConfig(
+            split=split, view=self.config.view, tokens=self.config.tokens,
+            batch_size=data.batch_size if training else (data.eval_batch_size or data.batch_size),
+            shuffle=training, shuffle_buffer=data.shuffle_buffer, drop_last=training,
+            seed=self.config.run.seed, num_workers=data.num_workers if training else 0, kmer_frame=data.kmer_frame,
+        )
+
+    def write_config(self) -> None:
+        """The resolved config beside the run (rank 0), so a run is reproducible from its folder."""
+        if self.env.is_main:
+            with atomic_open(self.out_dir / "config.yaml", "w") as f:
+                f.write(dump_yaml(self.config))
+
+    # -- one step -------------------------------------------------------------------------
+
+    def autocast(self):
+        """bf16 compute with fp32 weights when GSAM is on (DeepSpeed's bf16 mode would hold bf16 weights)."""
+        if self.config.engine.precision == "bf16" and self.gsam is not None:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def forward_loss(self, batch: Batch) -> torch.Tensor:
+        """Scalar training loss of one micro batch on this rank."""
+        with self.autocast():
+            return self.task.training_loss(self.engine, _to_device(batch, self.device))
+
+    def forward_backward(self, batch: Batch) -> float:
+        """Forward, a global finiteness check, backward and the engine's micro step."""
+        from .optim.engine_grads import all_ranks_finite
+
+        loss = self.forward_loss(batch)
+        if not all_ranks_finite(loss.detach()):
+            raise NonFiniteLossError(self.step, float(loss.detach()))
+        self.engine.backward(loss)
+        self.engine.step()  # applies the optimizer only at the accumulation boundary
+        return float(loss.detach())
+
+    def train_step(self, micro_batches: list[Batch]) -> float:
+        """One optimizer step over ``grad_accum`` micro batches; returns the mean loss."""
+        set_learning_rate(self.engine, self.learning_rate())
+        if self.gsam is not None:
+            return float(self.gsam.step(micro_batches, self.forward_loss))
+        return sum(self.forward_backward(b) for b in micro_batches) / len(micro_batches)
+
+    def learning_rate(self) -> float:
+        """The rate for the current step: a pure function of the step, or the plateau scale."""
+        s, base = self.config.schedule, self.config.optim.lr
+        rate = lr_at(self.step, base_lr=base, steps_per_epoch=self.steps_per_epoch, name=s.name,
+                     warmup_steps=s.warmup_steps, decay_epochs=s.decay_epochs, final_factor=s.final_factor,
+                     per_epoch=s.per_epoch)
+        return rate * (self.plateau.scale if self.plateau is not None else 1.0)
+
+    def discard_step(self, micro_steps_before: int) -> None:
+        """Drop a half-done step: clear accumulated gradients and the engine's micro-step count."""
+        from .optim.engine_grads import zero_engine_gradients
+
+        zero_engine_gradients(self.engine)
+        self.engine.micro_steps = micro_steps_before
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def micro_batch_groups(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
+        """The rest of this epoch's steps as lists of ``grad_accum`` micro batches."""
+        done = self.train_loader.step // self.grad_accum
+        for _ in range(done, self.steps_per_epoch):
+            group = [next(batches) for _ in range(self.grad_accum)]
+            if self._fallback_batch is None:
+                self._fallback_batch = group[0]
+            yield group
+
+    def train(self) -> dict[str, Any]:
+        """Run to the configured end; returns the best validation record and the last one."""
+        run = self.config.run
+        self.engine.train()
+        finished = self.max_steps_reached()
+        while not finished and self.train_loader.epoch < run.epochs:
+            finished = self.train_epoch()
+        if self.env.is_main:
+            log.info("done: %d steps, %d skipped; best %s", self.step, self.skipped_steps, self.best)
+        dist.barrier()
+        return {"best": self.best, "last": next((r for r in reversed(self.history) if r["kind"] == "val"), None),
+                "steps": self.step, "skipped_steps": self.skipped_steps, "parameters": self.parameter_count}
+
+    def max_steps_reached(self) -> bool:
+        return bool(self.config.run.max_steps) and self.step >= self.config.run.max_steps
+
+    def train_epoch(self) -> bool:
+        """Steps to the end of the current epoch (or max_steps); True when the run should stop."""
+        run = self.config.run
+        epoch = self.train_loader.epoch
+        batches = iter(self.train_loader)
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        for group in self.micro_batch_groups(batches):
+            micro_steps_before = self.engine.micro_steps
+            try:
+                loss = self.train_step(group)
+            except NonFiniteLossError as error:
+                if self.config.engine.nonfinite == "stop":
+                    log.error("%s", error)
+                    raise
+                self.discard_step(micro_steps_before)
+                self.skipped_steps += 1
+                log.warning("step %d skipped: non-finite loss (%s); %d skipped so far", self.step, error.loss,
+                            self.skipped_steps)
+                loss = float("nan")
+            self.step += 1
+            if math.isfinite(loss):
+                window_loss, window_steps = window_loss + loss, window_steps + 1
+            if self.step % run.log_every == 0:
+                elapsed = time.perf_counter() - window_start
+                samples = run.log_every * self.config.data.batch_size * self.grad_accum * self.env.world_size
+                self.record({"kind": "train", "step": self.step, "epoch": epoch,
+                             "loss": window_loss / max(window_steps, 1), "lr": self.learning_rate(),
+                             "samples_per_s": samples / elapsed})
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            if run.eval_every and self.step % run.eval_every == 0:
+                self.validate(epoch)
+            if run.checkpoint_every and self.step % run.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.max_steps_reached():
+                return True
+        for _ in batches:  # micro batches that do not fill a step: consumed so the epoch advances
+            pass
+        self.validate(epoch)
+        self.save_checkpoint()
+        if self.env.is_main and self.config.run.plots:
+            self.plot()
+        return False
+
+    # -- validation -----------------------------------------------------------------------
+
+    def evaluate(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Metrics over the whole validation split (all ranks), and the gathered outputs."""
+        assert self.val_loader is not None
+        rng = _rng_state()
+        self.engine.eval()
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        count = 0
+        with torch.no_grad(), self.autocast():
+            for batch in self.val_loader:
+                for key, value in self.task.evaluate_batch(self.engine, _to_device(batch, self.device)).items():
+                    parts[key].append(value.detach().cpu().reshape(-1))
+                count += 1
+                if self._fallback_batch is None:
+                    self._fallback_batch = batch
+            # ZeRO-3 gathers weights inside forward: every rank must run as many forwards as the busiest.
+            extra = int(dist.all_reduce_max(count)) - count
+            for _ in range(extra):
+                if self._fallback_batch is None:
+                    raise UserError(f"{self.config.data.shards}: a rank got no validation or training rows")
+                self.task.evaluate_batch(self.engine, _to_device(self._fallback_batch, self.device))
+        self.engine.train()
+        _set_rng_state(rng)
+        gathered = dist.gather_arrays({k: torch.cat(v).numpy() for k, v in parts.items()})
+        return self.task.summarize(gathered), gathered
+
+    def validate(self, epoch: int) -> None:
+        """Evaluate, log, step the plateau schedule and keep the best checkpoint."""
+        if self.val_loader is None:
+            return
+        metrics, outputs = self.evaluate()
+        record = {"kind": "val", "step": self.step, "epoch": epoch, **metrics}
+        if self.plateau is not None:
+            self.plateau.update(metrics.get(self.config.schedule.plateau_metric, float("nan")))
+            record["lr_scale"] = self.plateau.scale
+        self.record(record)
+        key = self.config.run.best_metric
+        value = metrics.get(key, float("nan"))
+        better = self.best is None or (value < self.best[key] if key == "loss" else value > self.best[key])
+        if math.isfinite(value) and better:
+            self.best = record
+            self.save_checkpoint(best=True)
+            if self.env.is_main:
+                self.write_best_outputs(outputs)
+
+    def write_best_outputs(self, outputs: dict[str, np.ndarray]) -> None:
+        """Validation predictions of the best checkpoint, and their plot."""
+        if "pred" not in outputs:
+            return
+        path = self.out_dir / "best_val_predictions.npz"
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **outputs)
+        if self.config.run.plots:
+            from .plots import plot_predicted_vs_measured
+
+            plot_predicted_vs_measured(outputs["pred"], outputs["y"], self.out_dir / "val_predicted_vs_measured.png",
+                                       title=f"validation, step {self.step}")
+
+    # -- records and plots ----------------------------------------------------------------
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Log a record: console/file, metrics.jsonl and DeepSpeed's monitor (TensorBoard, CSV)."""
+        self.history.append(record)
+        text = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        log.info("%s", text)
+        if not self.env.is_main:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and monitor.enabled:
+            events = [(f"{record['kind']}/{k}", float(v), record["step"]) for k, v in record.items()
+                      if k not in ("kind", "step", "epoch") and isinstance(v, (int, float))]
+            monitor.write_events(events)
+
+    def plot(self) -> None:
+        from .plots import plot_curves
+
+        plot_curves(self.history, self.out_dir / "curves.png", keys=None)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trainer state shared by all ranks (the engine saves model and optimizer)."""
+        return {
+            "step": self.step, "skipped_steps": self.skipped_steps, "best": self.best,
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+            "gsam": self.gsam.state_dict() if self.gsam else None,
+            "config": config_dict(self.config), "world_size": self.env.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.skipped_steps, self.best = int(state["step"]), int(state["skipped_steps"]), state["best"]
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+        if self.gsam is not None and state.get("gsam"):
+            self.gsam.load_state_dict(state["gsam"])
+
+    def rank_state(self) -> dict[str, Any]:
+        """What differs by rank: loader position and RNG state."""
+        return {"loader": self.train_loader.state_dict(), "rng": _rng_state(), "rank": self.env.rank}
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        """A DeepSpeed checkpoint plus trainer state; the pointer file moves only once all ranks wrote."""
+        if dist.all_reduce_max(0.0 if parameters_finite(self.engine) else 1.0) > 0:
+            raise UserError(f"step {self.step}: the weights hold NaN/inf; refusing to write a checkpoint "
+                            f"(the last good one in {self.ckpt_dir} is kept)")
+        tag = f"{'best-' if best else ''}step{self.step:08d}"
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"trainer": self.state_dict()},
+                                    save_latest=False)
+        with atomic_open(self.ckpt_dir / tag / f"trainer-rank{self.env.rank}.pt", "wb") as f:
+            torch.save(self.rank_state(), f)
+        dist.barrier()
+        if self.env.is_main:
+            pointer = "best" if best else "latest"
+            with atomic_open(self.ckpt_dir / pointer, "w") as f:
+                f.write(tag)
+            self.prune_checkpoints()
+        dist.barrier()
+
+    def prune_checkpoints(self) -> None:
+        """Keep the newest ``keep_checkpoints`` periodic tags and the current best one."""
+        keep = {self.read_pointer("latest"), self.read_pointer("best")}
+        periodic = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
+        keep.update(periodic[-self.config.run.keep_checkpoints:])
+        for path in self.ckpt_dir.iterdir():
+            if path.is_dir() and (path.name.startswith("step") or path.name.startswith("best-")) and path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def read_pointer(self, name: str) -> str | None:
+        path = self.ckpt_dir / name
+        return path.read_text().strip() if path.exists() else None
+
+    def resume(self) -> None:
+        """Continue from <out_dir>/checkpoints/latest when it exists (run.resume=auto)."""
+        tag = self.read_pointer("latest")
+        if tag is None:
+            if self.env.is_main:
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return
+        if self.config.run.resume == "never":
+            raise UserError(f"{self.ckpt_dir}: holds checkpoint {tag}; use a new run.out_dir or run.resume=auto")
+        rank_file = self.ckpt_dir / tag / f"trainer-rank{self.env.rank}.pt"
+        if not rank_file.exists():
+            raise UserError(f"{rank_file}: missing; checkpoint {tag} was written by a run of another world size "
+                            "(exact resume needs the same number of ranks)")
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        state = client["trainer"]
+        if state["world_size"] != self.env.world_size:
+            raise UserError(f"{self.ckpt_dir / tag}: saved with {state['world_size']} ranks, now {self.env.world_size}")
+        self.warn_config_changes(state["config"])
+        self.load_state_dict(state)
+        rank_state = torch.load(rank_file, weights_only=False)
+        self.train_loader.load_state_dict(rank_state["loader"])
+        _set_rng_state(rank_state["rng"])
+        self.history = self.read_history()
+        log.info("resumed from %s: step %d, epoch %d, batch %d", tag, self.step, self.train_loader.epoch,
+                 self.train_loader.step)
+
+    def warn_config_changes(self, saved: dict[str, Any]) -> None:
+        now = config_dict(self.config)
+
+        def diff(a: Any, b: Any, prefix: str) -> Iterator[str]:
+            if isinstance(a, dict) and isinstance(b, dict):
+                for key in a.keys() | b.keys():
+                    yield from diff(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+            elif a != b:
+                yield prefix
+
+        changed = sorted(diff(saved, now, ""))
+        if changed:
+            log.warning("config differs from the checkpoint's in: %s", ", ".join(changed))
+
+    def read_history(self) -> list[dict[str, Any]]:
+        """metrics.jsonl up to the resumed step (records written after the checkpoint are dropped)."""
+        path = self.out_dir / "metrics.jsonl"
+        records = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    continue
+                if record["step"] <= self.step:
+                    records.append(record)
+        dist.barrier()
+        if self.env.is_main:
+            with atomic_open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        return records
