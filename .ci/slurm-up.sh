@@ -104,7 +104,7 @@ chown munge:munge /etc/munge/munge.key
 chmod 0400 /etc/munge/munge.key
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     rm -f /run/munge/munged.pid
-    runuser -u munge -- /usr/sbin/munged
+    runuser -u munge -- /usr/sbin/munged 9>&-  # daemons must not inherit the lock
     touch "/run/munge/.started-by-promoter-dist"
     for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
     munge -n | unmunge >/dev/null || die "munged does not answer (see /var/log/munge/munged.log)"
@@ -113,10 +113,9 @@ fi
 # ----------------------------------------------------------------------------- slurm.conf
 cpus=$(nproc)
 mem_total_mb=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 }' /proc/meminfo)
-mem_avail_mb=$(awk '/^MemAvailable:/ { printf "%d", $2 / 1024 }' /proc/meminfo)
-# Below what slurmd detects (MemTotal) so the node registers; 80% of what is free now.
-real_mb=$(( mem_avail_mb * 8 / 10 ))
-[ "$real_mb" -lt "$mem_total_mb" ] || real_mb=$(( mem_total_mb - 512 ))
+# Below what slurmd detects (MemTotal) so the node registers, and derived from MemTotal only
+# so that the file (and hence the idempotency check) is the same on every run.
+real_mb=$(( mem_total_mb * 3 / 4 / 1024 * 1024 ))
 mkdir -p "$DIR/state" "$DIR/log" /etc/slurm
 if [ "$NODES" = 2 ]; then
     # Two slurmd daemons on this machine, told apart by port; both resolve to this host.
@@ -181,12 +180,19 @@ fi
 # ----------------------------------------------------------------------------- daemons
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-if pid_alive "$DIR/slurmctld.pid" && [ "$conf_changed" = 1 ]; then
-    scontrol reconfigure >/dev/null 2>&1 || true
+if [ "$conf_changed" = 1 ]; then
+    # Node definitions changed: `scontrol reconfigure` does not re-create node records
+    # reliably, so restart the daemons on the new file.
+    for pidfile in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do
+        if pid_alive "$pidfile"; then
+            pid=$(cat "$pidfile"); kill "$pid"
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        fi
+    done
 fi
 if ! pid_alive "$DIR/slurmctld.pid"; then
     say "starting slurmctld"
-    slurmctld || die "slurmctld did not start (see $DIR/log/slurmctld.log)"
+    slurmctld 9>&- || die "slurmctld did not start (see $DIR/log/slurmctld.log)"
 fi
 for _ in $(seq 100); do timeout 5 scontrol ping 2>/dev/null | grep -q "is UP" && break; sleep 0.2; done
 timeout 5 scontrol ping 2>/dev/null | grep -q "is UP" || { tail -20 "$DIR/log/slurmctld.log" >&2 || true; die "slurmctld does not answer"; }
@@ -195,7 +201,7 @@ for n in $(node_names); do
     mkdir -p "$DIR/spool-$n"
     if ! pid_alive "$DIR/slurmd-$n.pid"; then
         say "starting slurmd ($n)"
-        if [ "$NODES" = 2 ]; then slurmd -N "$n"; else slurmd; fi \
+        if [ "$NODES" = 2 ]; then slurmd -N "$n" 9>&-; else slurmd 9>&-; fi \
             || die "slurmd $n did not start (see $DIR/log/slurmd-$n.log)"
     fi
 done

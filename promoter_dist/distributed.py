@@ -114,8 +114,35 @@ def all_reduce_max(value: float) -> float:
     return float(tensor.item())
 
 
+def all_reduce_mean(value: float) -> float:
+    """The mean of ``value`` over ranks."""
+    if not _initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item()) / torch.distributed.get_world_size()
+
+
 def _collective_device() -> torch.device:
     return torch.device("cpu") if torch.distributed.get_backend() == "gloo" else device()
+
+
+def average_norm_statistics(module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks, in place.
+
+    DeepSpeed does not synchronise buffers, so each rank's running statistics follow its own
+    batches; evaluation and checkpoints use the average, identical on every rank.
+    """
+    if not _initialized() or torch.distributed.get_world_size() == 1:
+        return
+    world = torch.distributed.get_world_size()
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._NormBase) and layer.track_running_stats:
+            for buffer in (layer.running_mean, layer.running_var):
+                if buffer is not None:
+                    moved = buffer.to(_collective_device())
+                    torch.distributed.all_reduce(moved)
+                    buffer.copy_(moved / world)
 
 
 def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -207,6 +207,8 @@ class Trainer:
             finished = self.train_epoch()
         if self.env.is_main:
             log.info("done: %d steps, %d skipped; best %s", self.step, self.skipped_steps, self.best)
+            if self.config.run.plots:
+                self.plot()
         dist.barrier()
         return {"best": self.best, "last": next((r for r in reversed(self.history) if r["kind"] == "val"), None),
                 "steps": self.step, "skipped_steps": self.skipped_steps, "parameters": self.parameter_count}
@@ -239,8 +241,9 @@ class Trainer:
             if self.step % run.log_every == 0:
                 elapsed = time.perf_counter() - window_start
                 samples = run.log_every * self.config.data.batch_size * self.grad_accum * self.env.world_size
+                mean_loss = dist.all_reduce_mean(window_loss / window_steps if window_steps else float("nan"))
                 self.record({"kind": "train", "step": self.step, "epoch": epoch,
-                             "loss": window_loss / max(window_steps, 1), "lr": self.learning_rate(),
+                             "loss": mean_loss, "lr": self.learning_rate(),
                              "samples_per_s": samples / elapsed})
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             if run.eval_every and self.step % run.eval_every == 0:
@@ -263,6 +266,7 @@ class Trainer:
         """Metrics over the whole validation split (all ranks), and the gathered outputs."""
         assert self.val_loader is not None
         rng = _rng_state()
+        dist.average_norm_statistics(self.engine.module)
         self.engine.eval()
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         count = 0
@@ -336,7 +340,12 @@ class Trainer:
     def plot(self) -> None:
         from .plots import plot_curves
 
-        plot_curves(self.history, self.out_dir / "curves.png", keys=None)
+        flat = [{"step": r["step"], **{f"{r['kind']}_{k}": v for k, v in r.items() if k not in ("kind", "step", "epoch")}}
+                for r in self.history]
+        keys = [k for k in ("train_loss", "val_loss", "val_pearson", "val_spearman", "val_accuracy", "train_lr")
+                if any(k in r for r in flat)]
+        if keys:
+            plot_curves(flat, self.out_dir / "curves.png", keys, title=self.config.run.out_dir)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -365,6 +374,7 @@ class Trainer:
         if dist.all_reduce_max(0.0 if parameters_finite(self.engine) else 1.0) > 0:
             raise UserError(f"step {self.step}: the weights hold NaN/inf; refusing to write a checkpoint "
                             f"(the last good one in {self.ckpt_dir} is kept)")
+        dist.average_norm_statistics(self.engine.module)  # rank 0's buffers are what the checkpoint holds
         tag = f"{'best-' if best else ''}step{self.step:08d}"
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"trainer": self.state_dict()},
                                     save_latest=False)

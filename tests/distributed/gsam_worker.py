@@ -155,6 +155,13 @@ def run_case(case: Case, steps: int) -> dict:
         ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lr_lambda)
         reference = ReferenceGSAM(ref_model, ref_opt, config, LR, lr_min, gradient_clipping=CLIP)
         ref_loss = make_loss_fn(ref_model, case.bf16)
+        # The same run without the perturbation, to show how far apart "wrong" results would be.
+        base_model = copy.deepcopy(ref_model)
+        base_opt = torch.optim.AdamW(base_model.parameters(), lr=LR, weight_decay=0.05)
+        base_sched = torch.optim.lr_scheduler.LambdaLR(base_opt, lr_lambda)
+        no_rho = GSAMConfig(enabled=True, rho_max=0.0, rho_min=0.0, alpha=case.alpha)
+        baseline = ReferenceGSAM(base_model, base_opt, no_rho, LR, lr_min, gradient_clipping=CLIP)
+        base_loss = make_loss_fn(base_model, case.bf16)
     gsam = DeepSpeedGSAM(engine, config, LR, lr_min)
 
     # The input BatchNorm's running statistics depend on the inputs only: predict this rank's.
@@ -180,6 +187,8 @@ def run_case(case: Case, steps: int) -> dict:
             ref_losses.append(float(reference.step(everything, ref_loss)))
             norms.append(reference.last_direction_norm)
             ref_sched.step()
+            baseline.step(everything, base_loss)
+            base_sched.step()
     step_seconds = (time.perf_counter() - started) / steps
 
     if case.against == "plain":
@@ -201,6 +210,10 @@ def run_case(case: Case, steps: int) -> dict:
     got = full_params(engine)
     param_diff = max(float((a - b).abs().max()) for a, b in zip(got, expected))
     scale = max(float(b.abs().max()) for b in expected)
+    if case.against == "reference":
+        unperturbed = max(float((a.detach() - b).abs().max()) for a, b in zip(base_model.parameters(), expected))
+    else:
+        unperturbed = float("nan")
     norm = engine.module.input_norm
     bn_diff = torch.tensor(
         max(float((norm.running_mean - input_norm.running_mean).abs().max()), float((norm.running_var - input_norm.running_var).abs().max()))
@@ -212,6 +225,7 @@ def run_case(case: Case, steps: int) -> dict:
     return {
         "param_max_abs_diff": param_diff,
         "param_max_abs": scale,
+        "reference_vs_unperturbed_max_abs_diff": unperturbed,
         "bn_running_stats_max_abs_diff": float(bn_diff),
         "num_batches_tracked_ok": bool(batches_tracked_ok),
         "loss_max_abs_diff": loss_diff,

@@ -1,0 +1,613 @@
+"""Submitting training and shard jobs with submitit: to SLURM, to this machine, or in-process.
+
+The job objects (:class:`TrainingJob`, :class:`ShardsJob`) are small picklable callables.
+submitit pickles one into the job folder, ``sbatch`` starts ``srun python -m
+submitit.core._submit`` on every task, and each task unpickles and calls it. Nothing of
+the trainer is imported on the login node: :class:`TrainingJob` imports its entry point
+(``promoter_dist.train:main`` by default) inside the task, after exporting the
+distributed environment (:mod:`promoter_dist.launch.environment`).
+
+Preemption and time limits: sbatch is given ``--signal=USR2@<signal_delay_s>``; on that
+signal submitit calls the job's ``checkpoint()`` on rank 0 only, pickles what it returns
+and requeues the job (same job id). ``checkpoint()`` therefore never touches the model or
+a process group (a collective on one rank would hang): the trainer saves checkpoints
+periodically on all ranks, and the requeued job reruns the same argv, which resumes from
+``<run.out_dir>/checkpoints/latest``. A job requeued from outside (``scontrol requeue``,
+preemption with ``PreemptMode=REQUEUE``) reruns its original pickle: the same argv again.
+
+Waiting (:func:`wait`) does not depend on ``sacct``: it polls the result files and
+``scontrol show job``, so it works on clusters without an accounting database too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import time as _time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
+from submitit.helpers import DelayedSubmission
+
+from ..errors import UserError
+
+DEFAULT_ENTRY = "promoter_dist.train:main"
+"""The trainer's entry point: ``main(argv: list[str]) -> int``, as called by ``train.py``."""
+
+CLUSTERS = ("slurm", "local", "debug")
+
+# SLURM job states after which nothing more will happen to the job (no requeue pending).
+TERMINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+    "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
+})
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_time(text: str | int) -> int:
+    """A SLURM time limit -> whole minutes (seconds round up).
+
+    Accepts every sbatch ``--time`` form: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``,
+    ``D-HH:MM``, ``D-HH:MM:SS``; an int is minutes.
+    """
+    if isinstance(text, int):
+        minutes = text
+    else:
+        s = str(text).strip()
+        match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", s)
+        if not match:
+            raise UserError(f"--time: '{text}' is not a SLURM time (MM, HH:MM:SS, D-HH:MM, ...)")
+        days, a, b, c = match.groups()
+        numbers = [int(x) for x in (a, b, c) if x is not None]
+        if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+            h, m, sec = (numbers + [0, 0])[:3]
+            seconds = ((int(days) * 24 + h) * 60 + m) * 60 + sec
+        elif len(numbers) == 1:  # MM
+            seconds = numbers[0] * 60
+        elif len(numbers) == 2:  # MM:SS
+            seconds = numbers[0] * 60 + numbers[1]
+        else:  # HH:MM:SS
+            seconds = (numbers[0] * 60 + numbers[1]) * 60 + numbers[2]
+        minutes = -(-seconds // 60)
+    if minutes < 1:
+        raise UserError(f"--time: '{text}' is shorter than one minute")
+    return minutes
+
+
+def parse_key_values(items: Sequence[str], what: str) -> dict[str, str]:
+    """``["mail-type=END", "gres=gpu:8"]`` -> ``{"mail-type": "END", "gres": "gpu:8"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{what}: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+@dataclass
+class ClusterOptions:
+    """Where and how big a job runs. Every field maps to one sbatch option (or a local setting)."""
+
+    cluster: str = "slurm"
+    """"slurm" (sbatch on a cluster), "local" (the tasks as processes on this machine, no SLURM)
+    or "debug" (one task inside the submitting process; for pdb)."""
+    nodes: int = 1
+    """Nodes (``--nodes``); "local" and "debug" run on one."""
+    gpus_per_node: int = 0
+    """GPUs per node (``--gpus-per-node``); 0 asks for none."""
+    tasks_per_node: int | None = None
+    """Processes per node (``--ntasks-per-node``); default: one per GPU, or 1 without GPUs."""
+    cpus_per_task: int | None = None
+    """CPU cores per process (``--cpus-per-task``): dataloader workers + 1 is a good start."""
+    mem_gb: float | None = None
+    """Memory per node in GB (``--mem``); None: the partition's default."""
+    partition: str | None = None
+    """Partition (``--partition``); None: the cluster's default partition."""
+    account: str | None = None
+    """Account to charge (``--account``)."""
+    qos: str | None = None
+    """Quality of service (``--qos``)."""
+    constraint: str | None = None
+    """Node features (``--constraint``), e.g. "a100|h100"."""
+    time: str = "24:00:00"
+    """Time limit of one run of the job (``--time``); a requeued job gets it again."""
+    job_name: str = "promoter-dist"
+    """Job name shown by squeue (``--job-name``)."""
+    signal_delay_s: int = 120
+    """USR2 this many seconds before the time limit (``--signal=USR2@N``): the job requeues itself."""
+    max_timeouts: int = 3
+    """Requeues after hitting the time limit before giving up (preemptions do not count)."""
+    exclusive: bool = False
+    """Whole nodes only (``--exclusive``)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the batch script before the tasks start (``module load ...``, ``source venv``)."""
+    additional: dict[str, str] = field(default_factory=dict)
+    """Any other sbatch option, name without dashes: {"mail-type": "END", "reservation": "x"}."""
+
+    def __post_init__(self) -> None:
+        if self.cluster not in CLUSTERS:
+            raise UserError(f"--cluster: '{self.cluster}' is not one of {', '.join(CLUSTERS)}")
+        for name in ("nodes", "tasks_per_node", "cpus_per_task"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+        if self.gpus_per_node < 0:
+            raise UserError(f"--gpus-per-node must be >= 0, not {self.gpus_per_node}")
+        if self.mem_gb is not None and self.mem_gb < 0:
+            raise UserError(f"--mem-gb must be >= 0, not {self.mem_gb}")
+        if self.cluster in ("local", "debug") and self.nodes != 1:
+            raise UserError(f"--cluster {self.cluster} runs on this machine only: use --nodes 1 (or --cluster slurm)")
+        if self.cluster == "debug" and self.tasks > 1:
+            raise UserError("--cluster debug runs one task in this process: use --tasks-per-node 1 "
+                            "(or --cluster local for several processes)")
+        parse_time(self.time)  # fail at once on a bad time
+
+    @property
+    def tasks(self) -> int:
+        """Processes per node actually requested."""
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    @property
+    def timeout_min(self) -> int:
+        return parse_time(self.time)
+
+
+def executor_parameters(options: ClusterOptions) -> dict[str, Any]:
+    """The ``AutoExecutor.update_parameters`` keywords for ``options`` (pure; no SLURM needed).
+
+    Shared keywords apply to every executor; ``slurm_*`` ones only to SLURM, ``local_*`` only
+    to the local executor (submitit ignores the others).
+    """
+    params: dict[str, Any] = {
+        "name": options.job_name,
+        "timeout_min": options.timeout_min,  # LocalExecutor's default is 2 minutes: always set
+        "nodes": options.nodes,
+        "tasks_per_node": options.tasks,
+    }
+    if options.gpus_per_node > 0:
+        params["gpus_per_node"] = options.gpus_per_node
+    if options.cpus_per_task is not None:
+        params["cpus_per_task"] = options.cpus_per_task
+    if options.mem_gb is not None:
+        params["mem_gb"] = options.mem_gb
+    for name in ("partition", "account", "qos", "constraint"):
+        value = getattr(options, name)
+        if value:
+            params[f"slurm_{name}"] = value
+    params["slurm_signal_delay_s"] = options.signal_delay_s
+    if options.exclusive:
+        params["slurm_exclusive"] = True
+    if options.setup:
+        params["slurm_setup"] = list(options.setup)
+        params["local_setup"] = list(options.setup)
+    if options.additional:
+        params["slurm_additional_parameters"] = dict(options.additional)
+    return params
+
+
+def check_cluster(cluster: str) -> None:
+    """Refuse early, with what to do instead, when the requested executor cannot run here."""
+    if cluster == "slurm":
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise UserError(
+                f"--cluster slurm: {' and '.join(missing)} not found on PATH, so this machine cannot submit to "
+                "SLURM; run on a login node of the cluster, or use --cluster local (all tasks on this machine) "
+                "or --cluster debug (one task in this process)"
+            )
+
+
+def make_executor(options: ClusterOptions, folder: str | os.PathLike) -> submitit.AutoExecutor:
+    """A configured submitit executor writing job files under ``folder`` (may contain ``%j``)."""
+    check_cluster(options.cluster)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster,
+                                     slurm_max_num_timeout=options.max_timeouts)
+    executor.update_parameters(**executor_parameters(options))
+    return executor
+
+
+def partition_cpus(partition: str | None = None) -> int | None:
+    """CPU cores of one node of ``partition`` (the default partition when None), from sinfo.
+
+    The smallest node of the partition counts (sinfo prints "32+" for mixed sizes).
+    None when sinfo is missing or says nothing useful.
+    """
+    sinfo = shutil.which("sinfo")
+    if sinfo is None:
+        return None
+    cmd = [sinfo, "-h", "-o", "%P %c"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        name, _, cpus = line.strip().partition(" ")
+        if partition is None and not name.endswith("*"):
+            continue  # the default partition is marked with '*'
+        match = re.match(r"(\d+)", cpus.strip())
+        if match:
+            return int(match.group(1))
+    return None
+
+
+# --------------------------------------------------------------------------- job callables
+
+
+def resolve_entry(spec: str) -> Callable[[list[str]], int | None]:
+    """``"package.module:function"`` -> the function (imported now, i.e. inside the job)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"entry point must look like 'package.module:function', not {spec!r}")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"{module_name} has no attribute {attr!r}") from None
+
+
+def _log(message: str) -> None:
+    print(f"[promoter-dist] {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One task of a training job: export the distributed environment, then run the trainer.
+
+    Every task calls ``entry(argv)`` exactly as ``deepspeed train.py <argv>`` would; the
+    trainer reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the environment.
+    """
+
+    argv: tuple[str, ...]
+    """Trainer arguments: ``("--config", path, "key.sub=value", ...)``."""
+    entry: str = DEFAULT_ENTRY
+    """``module:function`` called with ``list(argv)``; imported inside the task only."""
+    prefer_scontrol: bool = True
+    """Expand the node list with ``scontrol show hostnames`` when available (else our parser)."""
+
+    def __call__(self) -> dict[str, Any]:
+        from . import environment
+
+        dist = environment.setup(prefer_scontrol=self.prefer_scontrol)
+        _log(f"task rank {dist.rank}/{dist.world_size} (local {dist.local_rank}/{dist.local_world_size}, "
+             f"node {dist.node_rank}/{dist.num_nodes}) master {dist.master_addr}:{dist.master_port} "
+             f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')}; {self.entry} {' '.join(self.argv)}")
+        main = resolve_entry(self.entry)
+        try:
+            status = main(list(self.argv))
+        except SystemExit as exc:  # a trainer calling sys.exit() still leaves a result file
+            status = exc.code
+        if status not in (None, 0):
+            raise RuntimeError(f"{self.entry} returned status {status} on rank {dist.rank}")
+        return {"rank": dist.rank, "world_size": dist.world_size, "status": 0}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """Called by submitit on rank 0 only, at preemption or time limit: requeue the same task.
+
+        Runs inside a signal handler while the trainer may be in the middle of a collective,
+        so it must not save anything itself (DeepSpeed's save is collective): the rerun
+        resumes from the trainer's last periodic checkpoint, written by all ranks.
+        """
+        _log("preempted or at the time limit: requeueing; the rerun resumes from the latest checkpoint")
+        return DelayedSubmission(dataclasses.replace(self))
+
+
+def available_cpus() -> int:
+    """Cores this task may use: SLURM's allocation, else the process's CPU affinity."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ShardsJob:
+    """Build shards with every core of the task, then verify them (a CPU job).
+
+    ``build_shards`` is resumable: finished shards are logged in ``build-state.jsonl`` of the
+    output folder and reused (checked by sha256) when the same build runs again, so a
+    requeued job continues where it stopped and ends byte-identical.
+    """
+
+    source: str
+    """DREAM text file (plain or .gz), absolute path."""
+    out_dir: str
+    """Shard folder, absolute path."""
+    options: Any = None
+    """:class:`promoter_dist.data.shards.ShardOptions` (None: defaults)."""
+    read_options: Any = None
+    """:class:`promoter_dist.data.dream.ReadOptions` (None: defaults)."""
+    workers: int | None = None
+    """Build processes; None: every core allocated to the task."""
+    overwrite: bool = False
+    """Replace shards built from another source or with other options."""
+
+    def __call__(self) -> dict[str, Any]:
+        from ..data.dream import ReadOptions
+        from ..data.shards import ShardOptions, build_shards, verify_shards
+
+        workers = self.workers or available_cpus()
+        _log(f"shards: {self.source} -> {self.out_dir} with {workers} workers")
+        result = build_shards(self.source, self.out_dir, self.options or ShardOptions(),
+                              self.read_options or ReadOptions(), workers=workers, overwrite=self.overwrite,
+                              progress=False, log=_log)
+        check = verify_shards(self.out_dir)
+        for problem in check.problems:
+            _log(f"BAD {problem}")
+        if not check.ok:
+            raise RuntimeError(f"shards verify failed for {self.out_dir}: {'; '.join(check.problems[:5])}")
+        summary = {
+            "out_dir": result.out_dir, "rows": result.manifest["rows"], "shards_written": result.shards_written,
+            "shards_reused": result.shards_reused, "seconds": round(result.seconds, 2), "workers": workers,
+            "verified_shards": check.shards_checked, "verified_rows": check.rows_checked,
+        }
+        _log(f"shards done: {summary}")
+        return summary
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """Requeue the same build; it resumes from ``build-state.jsonl``.
+
+        ``overwrite`` is dropped for the rerun: the first run already cleared the old shards,
+        and clearing again would throw away the shards this run finished.
+        """
+        _log("shards: preempted or at the time limit: requeueing; the rerun reuses finished shards")
+        return DelayedSubmission(dataclasses.replace(self, overwrite=False))
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def submit(executor: submitit.AutoExecutor, job: Callable[[], Any]) -> submitit.Job:
+    """Submit ``job``; a refusal by sbatch becomes a :class:`UserError` carrying sbatch's message."""
+    root = Path(submitit.core.utils.JobPaths.get_first_id_independent_folder(executor.folder))
+    before = set(root.iterdir()) if root.is_dir() else set()
+    try:
+        return executor.submit(job)
+    except FailedJobError as exc:  # sbatch exited non-zero; its stderr is the message
+        for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
+            if leftover.is_file() and (leftover.suffix == ".pkl" or leftover.name.startswith(".submission_file")):
+                leftover.unlink(missing_ok=True)  # the pickle and script of the refused job
+        message = " / ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise UserError(f"sbatch refused the job: {message}") from None
+
+
+def job_folder(log_dir: str | os.PathLike) -> str:
+    """Job files go to ``<log_dir>/<job id>/`` (submitit replaces ``%j``)."""
+    return str(Path(log_dir).absolute() / "%j")
+
+
+def training_out_dir(config: str | os.PathLike, overrides: Sequence[str]) -> str | None:
+    """``run.out_dir`` of a run: the last ``run.out_dir=`` override, else the config file's value.
+
+    Read without the trainer's config module (the login node imports no training code);
+    None when neither names one.
+    """
+    for item in reversed(list(overrides)):
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "run.out_dir":
+            return value
+    try:
+        import yaml
+
+        with open(config) as handle:
+            data = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise UserError(f"{config}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{config}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    run = data.get("run") if isinstance(data, dict) else None
+    out = run.get("out_dir") if isinstance(run, dict) else None
+    return str(out) if out else None
+
+
+def submit_training(config: str | os.PathLike, overrides: Sequence[str], options: ClusterOptions,
+                    log_dir: str | os.PathLike | None = None, entry: str = DEFAULT_ENTRY) -> submitit.Job:
+    """Submit the training of ``config`` (+ ``key=value`` overrides) as one job of N nodes x G tasks.
+
+    Job files (script, pickles, per-task logs) go to ``<log_dir>/<job id>/``; ``log_dir``
+    defaults to ``<run.out_dir>/slurm``.
+    """
+    config = Path(config)
+    if not config.is_file():
+        raise UserError(f"{config}: no such config file")
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override {item!r}: expected key.sub=value")
+    if log_dir is None:
+        out_dir = training_out_dir(config, overrides)
+        if out_dir is None:
+            raise UserError(f"{config}: no run.out_dir in the config; add run.out_dir=DIR or pass --log-dir")
+        log_dir = Path(out_dir) / "slurm"
+    # The job starts in the submitting directory; an absolute config path survives a `cd` in setup.
+    argv = ("--config", str(config.absolute()), *overrides)
+    executor = make_executor(options, job_folder(log_dir))
+    return submit(executor, TrainingJob(argv, entry=entry))
+
+
+def submit_shards(source: str | os.PathLike, out_dir: str | os.PathLike, options: ClusterOptions,
+                  shard_options: Any = None, read_options: Any = None, workers: int | None = None,
+                  overwrite: bool = False, log_dir: str | os.PathLike | None = None) -> submitit.Job:
+    """Submit the shard build (+ verify) of ``source`` as one single-task CPU job using a whole node.
+
+    ``options.cpus_per_task`` defaults to the cores of one node of the partition (sinfo; this
+    machine's cores for local/debug); memory defaults to all of the node's (``--mem=0``).
+    Job files go to ``<log_dir>/<job id>/``, ``log_dir`` defaulting to ``<out_dir>/slurm``.
+    """
+    source, out = Path(source).absolute(), Path(out_dir).absolute()
+    if not source.is_file():
+        raise UserError(f"{source}: no such file")
+    if options.nodes != 1 or options.tasks != 1 or options.gpus_per_node:
+        raise UserError("the shard build is one process on one node: use --nodes 1 --tasks-per-node 1, no GPUs")
+    options = dataclasses.replace(options)
+    if options.cpus_per_task is None:
+        if options.cluster == "slurm":
+            check_cluster("slurm")
+            options.cpus_per_task = partition_cpus(options.partition)
+            if options.cpus_per_task is None:
+                raise UserError("could not read the node size of the partition from sinfo; pass --cpus-per-task N")
+        else:
+            options.cpus_per_task = os.cpu_count() or 1
+    if options.mem_gb is None and options.cluster == "slurm" and "mem" not in options.additional:
+        options.additional = {**options.additional, "mem": "0"}  # all memory of the node
+    job = ShardsJob(str(source), str(out), shard_options, read_options, workers, overwrite)
+    executor = make_executor(options, job_folder(log_dir if log_dir is not None else out / "slurm"))
+    return submit(executor, job)
+
+
+# --------------------------------------------------------------------------- wait and report
+
+
+def slurm_job_info(job_id: str) -> dict[str, str] | None:
+    """``scontrol show job -o ID`` as a dict (JobState, Reason, Restarts, ExitCode, ...).
+
+    None when scontrol is missing or no longer knows the job (purged after ``MinJobAge``).
+    """
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return None
+    try:
+        result = subprocess.run([scontrol, "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                                timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0 or not result.stdout.strip():
+        return None
+    info: dict[str, str] = {}
+    for token in result.stdout.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in info:
+            info[key] = value
+    return info
+
+
+def slurm_state(job: submitit.Job) -> str:
+    """The job's state: scontrol first, then submitit's sacct watcher; "UNKNOWN" if neither knows."""
+    info = slurm_job_info(job.job_id)
+    if info and info.get("JobState"):
+        return info["JobState"]
+    return job.watcher.get_state(job.job_id, mode="force")
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def log_tail(job: submitit.Job, task: int = 0, lines: int = 30) -> str:
+    """The end of a task's stderr (else stdout), with the file it comes from."""
+    paths = submitit.core.utils.JobPaths(job.paths.folder, job_id=job.job_id, task_id=task)
+    for path in (paths.stderr, paths.stdout):
+        text = _tail(path, lines)
+        if text.strip():
+            return f"--- last lines of {path} ---\n{text}"
+    return f"(no output in {paths.stderr} or {paths.stdout})"
+
+
+class JobFailed(UserError):
+    """A submitted job ended without a result for every task; the message holds the log tail."""
+
+    def __init__(self, message: str, job_id: str, state: str):
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+
+
+def _result_paths(job: submitit.Job) -> list[Path]:
+    return [submitit.core.utils.JobPaths(job.paths.folder, job_id=job.job_id, task_id=t).result_pickle
+            for t in range(job.num_tasks)]
+
+
+def wait(job: submitit.Job, poll_s: float = 2.0, timeout_s: float | None = None,
+         on_poll: Callable[[str], None] | None = None) -> list[Any]:
+    """Wait for ``job`` to end; return each task's result, or raise :class:`JobFailed`.
+
+    A SLURM job is done when its state is terminal (COMPLETED, FAILED, ...) as seen by
+    ``scontrol`` (falling back to ``sacct``), and its tasks' results are read then. A task
+    that raised, or left no result (killed, out of memory, failed before Python started),
+    becomes a :class:`JobFailed` naming the job, its state and the log tail of that task.
+    ``on_poll`` is called with the state on each poll (progress display, tests).
+    """
+    start = _time.monotonic()
+    if isinstance(job, submitit.DebugJob):
+        try:
+            return job.results()
+        except Exception as exc:  # noqa: BLE001 - the job's own error, in this process
+            tail = "".join(traceback.format_exception(exc)[-12:]).rstrip()
+            raise JobFailed(f"job {job.job_id} (debug) failed: {exc}\n{tail}", job.job_id, "FAILED") from None
+    state = "UNKNOWN"
+    if isinstance(job, submitit.SlurmJob):
+        while True:
+            state = slurm_state(job)
+            if on_poll is not None:
+                on_poll(state)
+            if state.split()[0] in TERMINAL_STATES:
+                break
+            if state == "UNKNOWN" and all(p.exists() for p in _result_paths(job)):
+                break  # forgotten by SLURM (purged, no accounting) after writing every result
+            if timeout_s is not None and _time.monotonic() - start > timeout_s:
+                raise JobFailed(f"job {job.job_id} still {state} after {timeout_s:.0f} s", job.job_id, state)
+            _time.sleep(poll_s)
+        # Results are written just before a task exits; give a slow shared filesystem a moment.
+        deadline = _time.monotonic() + 30
+        while not all(p.exists() for p in _result_paths(job)) and _time.monotonic() < deadline and state == "COMPLETED":
+            _time.sleep(0.5)
+    else:
+        while not job.done():
+            if timeout_s is not None and _time.monotonic() - start > timeout_s:
+                raise JobFailed(f"job {job.job_id} still running after {timeout_s:.0f} s", job.job_id, "RUNNING")
+            _time.sleep(poll_s)
+        state = job.state
+    results: list[Any] = []
+    for task, path in enumerate(_result_paths(job)):
+        if not path.exists():
+            raise JobFailed(f"job {job.job_id} ended {state} without a result from task {task}\n"
+                            f"{log_tail(job, task)}", job.job_id, state)
+        outcome, value = submitit.core.utils.pickle_load(path)
+        if outcome != "success":
+            last = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
+            raise JobFailed(f"job {job.job_id} failed on task {task}: {last}\n{log_tail(job, task)}",
+                            job.job_id, state if state in TERMINAL_STATES else "FAILED")
+        results.append(value)
+    return results
+
+
+def describe(job: submitit.Job, options: ClusterOptions) -> str:
+    """One line for the user: what was submitted and where its files are."""
+    shape = f"{options.nodes} node(s) x {options.tasks} task(s)"
+    if options.gpus_per_node:
+        shape += f", {options.gpus_per_node} GPU(s) per node"
+    return f"submitted job {job.job_id} ({options.cluster}, {shape}); logs: {job.paths.folder}"
+
+
+def cancel(job: submitit.Job) -> None:
+    """Cancel a job (ignore one that already ended)."""
+    try:
+        job.cancel(check=False)
+    except (OSError, UncompletedJobError):
+        pass
+
+
+__all__ = [
+    "CLUSTERS", "DEFAULT_ENTRY", "ClusterOptions", "JobFailed", "ShardsJob", "TrainingJob", "available_cpus",
+    "cancel", "check_cluster", "describe", "executor_parameters", "job_folder", "log_tail", "make_executor",
+    "parse_key_values", "parse_time", "partition_cpus", "resolve_entry", "slurm_job_info", "slurm_state",
+    "submit", "submit_shards", "submit_training", "training_out_dir", "wait",
+]
