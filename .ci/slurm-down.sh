@@ -41,6 +41,11 @@ fi
 if [ "$purge" = 1 ]; then
     rm -rf "$DIR"
     if [ -f "$CONF" ] && grep -qF "$MARKER" "$CONF"; then rm -f "$CONF"; fi
+    # The n1/n2 host names of the two-node mode (rewritten in place: /etc/hosts may be a mount).
+    if grep -qF "# promoter-dist CI cluster nodes" /etc/hosts; then
+        hosts=$(grep -vF "# promoter-dist CI cluster nodes" /etc/hosts)
+        printf '%s\n' "$hosts" > /etc/hosts
+    fi
     say "removed $DIR and $CONF"
 fi
 say "down"

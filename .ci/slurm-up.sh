@@ -25,6 +25,7 @@ NODES=${PROMOTER_DIST_SLURM_NODES:-1}
 WAIT_S=${PROMOTER_DIST_SLURM_WAIT:-60}
 CONF=/etc/slurm/slurm.conf
 MARKER="# promoter-dist CI cluster, written by .ci/slurm-up.sh"
+HOSTS_MARKER="# promoter-dist CI cluster nodes"
 LOCK=/tmp/promoter-dist-slurm.lock
 HOST=$(hostname -s)
 
@@ -118,6 +119,9 @@ mem_total_mb=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 }' /proc/meminfo)
 real_mb=$(( mem_total_mb * 3 / 4 / 1024 * 1024 ))
 mkdir -p "$DIR/state" "$DIR/log" /etc/slurm
 if [ "$NODES" = 2 ]; then
+    # Node names must resolve (jobs use the first one as MASTER_ADDR): both are this machine.
+    grep -qE "^127\.0\.0\.1[[:space:]]+n1 n2[[:space:]]+$HOSTS_MARKER" /etc/hosts \
+        || echo "127.0.0.1 n1 n2 $HOSTS_MARKER" >> /etc/hosts
     # Two slurmd daemons on this machine, told apart by port; both resolve to this host.
     node_lines="NodeName=n1 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001 CPUs=$cpus RealMemory=$(( real_mb / 2 )) State=UNKNOWN
 NodeName=n2 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17002 CPUs=$cpus RealMemory=$(( real_mb / 2 )) State=UNKNOWN"
@@ -224,4 +228,4 @@ done
 total_nodes=$(echo $(node_names) | wc -w)
 out=$(timeout 60 srun -N"$total_nodes" -n2 hostname 2>&1) || die "srun -N$total_nodes -n2 hostname failed: $out"
 [ "$(echo "$out" | wc -l)" = 2 ] || die "srun -n2 ran $(echo "$out" | wc -l) tasks, expected 2: $out"
-say "up in $(since "$t1") s ($(node_names): $cpus CPUs, ${real_mb} MB each; partition debug; state in $DIR)"
+say "up in $(since "$t1") s (nodes $(node_names): $cpus CPUs, $(( real_mb / total_nodes )) MB each; partition debug; state in $DIR)"

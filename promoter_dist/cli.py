@@ -7,6 +7,8 @@
     promoter-dist shards info DIR                              counts per split
     promoter-dist glove   DIR --out DIR                        GloVe vectors over NAD words of the shards
     promoter-dist demo    --out DIR                            the whole chain on synthetic data
+    promoter-dist submit train --config FILE [KEY=VALUE ...]   training as a SLURM job (submitit; or --cluster local)
+    promoter-dist submit shards FILE --out DIR                 the shard build as a SLURM CPU job
 
 Errors the user can fix are printed as one line (``file:line [field]: why``) with
 exit status 2; no traceback reaches the user for bad input.
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from .errors import UserError
 
@@ -135,8 +140,46 @@ def cmd_glove(args: argparse.Namespace) -> int:
     return 0
 
 
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def launch_training(config: Path, overrides: list[str], procs: int) -> int:
+    """``deepspeed --num_gpus procs -m promoter_dist.train --config ...`` (CPU: procs gloo ranks)."""
+    import subprocess
+
+    from .distributed import free_port
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        raise UserError(f"no deepspeed launcher next to {sys.executable}; install the package with its dependencies")
+    command = [str(launcher), "--num_gpus", str(procs), "--master_port", str(free_port()), "--module",
+               "promoter_dist.train", "--config", str(config), *overrides]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return subprocess.run(command, env=env).returncode
+
+
+def best_validation(run_dir: Path) -> dict:
+    """The best validation record of a finished run (from metrics.jsonl)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val"]
+    if not val:
+        raise UserError(f"{run_dir}: the run recorded no validation metrics")
+    return max(val, key=lambda r: r.get("pearson", float("-inf")))
+
+
+def oracle_on_rows(synth_path: Path, noise_free_path: Path, lines: np.ndarray) -> float:
+    """Pearson of the noise-free values with the labels on the given 1-based source lines."""
+    from .data.dream import ReadOptions, read_dream
+    from .metrics import pearson
+
+    rows, _ = read_dream(synth_path, ReadOptions(), progress=False)
+    truth = np.loadtxt(noise_free_path, dtype=np.float64)
+    index = lines.astype(np.int64) - 1
+    return pearson(truth[index], rows.labels[index].astype(np.float64))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> shards -> verify -> GloVe, with the figures a user checks."""
+    """Synthetic data -> shards -> verify -> GloVe -> NAD training, with the figures a user checks."""
     from .data.glove import GloveConfig, train_glove
     from .data.shards import ShardOptions, build_shards, verify_shards
     from .data.synthetic import synthesize
@@ -144,26 +187,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"[1/4] synthetic data: {args.rows} rows, seed {args.seed}")
+    print(f"[1/5] synthetic data: {args.rows} rows, seed {args.seed}")
     synth = synthesize(out / "train.txt", rows=args.rows, seed=args.seed, kind="train", progress=not args.no_progress)
     test = synthesize(out / "test.txt", rows=max(args.rows // 20, 1000), seed=args.seed + 1, kind="test",
                       progress=False)
     print(f"      {synth.path} ({synth.seconds:.1f} s), test set {test.path}; oracle Pearson {synth.oracle_pearson:.4f}")
-    print("[2/4] shards")
+    print("[2/5] shards")
     build = build_shards(synth.path, out / "shards", ShardOptions(), progress=not args.no_progress)
     _print_build(build)
-    print("[3/4] verify")
+    print("[3/5] verify")
     check = verify_shards(out / "shards")
     print(f"      {'OK' if check.ok else 'FAILED'}: {check.shards_checked} shards, {check.rows_checked} rows")
     if not check.ok:
         for problem in check.problems:
             print(f"BAD {problem}")
         return 1
-    print("[4/4] GloVe")
+    print("[4/5] GloVe")
     info = train_glove(nad_word_batches(str(out / "shards")), out / "glove",
                        GloveConfig(iterations=args.glove_iterations), progress=not args.no_progress)
     print(f"      {json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict))})}")
-    print(f"done in {time.perf_counter() - t0:.1f} s; oracle Pearson of the synthetic labels: {synth.oracle_pearson:.4f}")
+    if args.procs == 0:
+        print(f"done in {time.perf_counter() - t0:.1f} s (training skipped: --procs 0)")
+        return 0
+    config = REPO_CONFIGS / "nad" / "debug.yaml"
+    if not config.exists():
+        raise UserError(f"{config}: missing; run the demo from a source checkout (pip install -e .)")
+    run_dir = out / "runs" / "nad"
+    print(f"[5/5] NAD training (debug size) with DeepSpeed on {args.procs} processes -> {run_dir}")
+    t_train = time.perf_counter()
+    status = launch_training(config, [f"data.shards={out / 'shards'}", f"data.glove={out / 'glove' / 'vectors.kv'}",
+                                      f"run.out_dir={run_dir}", *args.overrides], args.procs)
+    if status != 0:
+        raise UserError(f"training failed (exit status {status}); logs in {run_dir / 'logs'}")
+    best = best_validation(run_dir)
+    lines = np.load(run_dir / "best_val_predictions.npz")["line"]
+    oracle = oracle_on_rows(synth.path, synth.noise_free_path, lines)
+    print(f"      trained in {time.perf_counter() - t_train:.0f} s")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    print(f"NAD validation Pearson {best['pearson']:.4f} (Spearman {best['spearman']:.4f}) on {len(lines)} rows; "
+          f"oracle Pearson on the same rows {oracle:.4f}; ratio {best['pearson'] / oracle:.3f}")
     return 0
 
 
@@ -188,6 +250,48 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         plot_subsets(report, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_submit_train(args: argparse.Namespace) -> int:
+    from .launch import slurm
+
+    options = slurm.cluster_options_from_args(args)
+    job = slurm.submit_training(args.config, args.overrides, options, log_dir=args.log_dir, entry=args.entry)
+    return _follow_job(job, options, args.wait)
+
+
+def cmd_submit_shards(args: argparse.Namespace) -> int:
+    from .data.shards import ShardOptions
+    from .launch import slurm
+
+    options = slurm.cluster_options_from_args(args)
+    shard_options = ShardOptions(splits=ShardOptions.parse_splits(args.splits), split_seed=args.split_seed,
+                                 rows_per_block=args.rows_per_block, blocks_per_shard=args.blocks_per_shard,
+                                 top_fraction=args.top_fraction)
+    job = slurm.submit_shards(args.source, args.out, options, shard_options, _read_options(args), workers=args.workers,
+                              overwrite=args.overwrite, log_dir=args.log_dir)
+    return _follow_job(job, options, args.wait)
+
+
+def _follow_job(job, options, wait: bool) -> int:
+    """Print where the job is; with --wait (always for local/debug) wait and print each task's result."""
+    from .launch import slurm
+
+    print(slurm.describe(job, options), flush=True)
+    if options.cluster == "slurm" and not wait:
+        print(f"follow it with: squeue -j {job.job_id}; tail -f {job.paths.folder}/{job.job_id}_0_log.out")
+        return 0
+    try:
+        results = slurm.wait(job)
+    except KeyboardInterrupt:
+        if options.cluster == "slurm":
+            print(f"promoter-dist: stopped waiting; job {job.job_id} keeps running (scancel {job.job_id} stops it)",
+                  file=sys.stderr)
+        return 130
+    for result in results:
+        print(json.dumps(result, default=str))
+    print(f"job {job.job_id} completed ({len(results)} task(s))")
     return 0
 
 
@@ -255,9 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="counting processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = add("demo", cmd_demo, "run synthetic data -> shards -> verify -> GloVe end to end")
+    p = add("demo", cmd_demo, "run synthetic data -> shards -> verify -> GloVe -> NAD training end to end")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--rows", type=int, default=200_000, help="synthetic training rows (default: 200000)")
+    p.add_argument("--rows", type=int, default=100_000, help="synthetic training rows (default: 100000)")
+    p.add_argument("--procs", type=int, default=2,
+                   help="DeepSpeed processes for training (CPU: gloo ranks; GPU: GPUs); 0 skips training (default: 2)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for the training run, e.g. run.epochs=2")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--glove-iterations", type=int, default=50, help="GloVe passes (default: 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -274,6 +381,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final leaderboard: with --test-file, drop the public-leaderboard items read from --truth-dir")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--plot", help="also write a PNG with predicted vs measured per subset here")
+
+    submit = sub.add_parser("submit", help="run training or the shard build as a SLURM job (or locally) with submitit",
+                            description="run training or the shard build as a SLURM job (or locally) with submitit")
+    submit_sub = submit.add_subparsers(dest="submit_command", required=True, metavar="SUBCOMMAND")
+    from .launch.slurm import DEFAULT_ENTRY, add_cluster_arguments
+
+    p = add("train", cmd_submit_train, "one job of N nodes x G GPUs running the trainer on a config; requeued and "
+            "resumed from the latest checkpoint on preemption or time limit", submit_sub)
+    p.add_argument("--config", required=True, help="run configuration (YAML), as for `deepspeed train.py --config`")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. run.out_dir=runs/x")
+    p.add_argument("--entry", default=DEFAULT_ENTRY,
+                   help=f"trainer entry point module:function, called with the argv (default: {DEFAULT_ENTRY})")
+    add_cluster_arguments(p, time="24:00:00", job_name="promoter-dist-train")
+    p = add("shards", cmd_submit_shards, "build and verify shards as one CPU job using every core of a node; "
+            "a requeued or rerun build resumes", submit_sub)
+    p.add_argument("source", help="train_sequences.txt-style file, plain or .gz")
+    p.add_argument("--out", default="out/shards", help="output folder (default: out/shards, git-ignored)")
+    p.add_argument("--splits", default="train=0.9,val=0.1", help="name=fraction,... by sequence hash (default: 90/10)")
+    p.add_argument("--split-seed", type=int, default=1, help="salt of the split hash (default: 1)")
+    p.add_argument("--rows-per-block", type=int, default=1024, help="rows per WebDataset sample (default: 1024)")
+    p.add_argument("--blocks-per-shard", type=int, default=32, help="blocks per tar file (default: 32)")
+    p.add_argument("--top-fraction", type=float, default=0.2, help="top-expression subset for BERT pretraining (default: 0.2)")
+    p.add_argument("--workers", type=int, default=None, help="build processes (default: every core of the job)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards built from another source/options")
+    _add_read_options(p)
+    add_cluster_arguments(p, time="4:00:00", job_name="promoter-dist-shards", training=False)
     return parser
 
 

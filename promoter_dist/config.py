@@ -10,6 +10,7 @@ second hand-kept JSON.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -284,6 +285,15 @@ class TrainConfig:
             raise UserError("model.name=nad reads NAD words, which exist only in data.view=nad (110 bp, no N)")
         if self.optim.gsam.enabled and self.engine.precision == "fp16":
             raise UserError("optim.gsam with engine.precision=fp16 is not supported: use bf16 or fp32")
+        # A misspelt metric is never found in the validation record: no best checkpoint would ever be
+        # kept, and the plateau schedule would cut the rate after every `patience + 1` evaluations.
+        metrics = {"regression": ("loss", "pearson", "spearman"), "mlm": ("loss", "accuracy")}[self.task.name]
+        checked = [("schedule.plateau_metric", self.schedule.plateau_metric)]
+        if self.task.name == "regression":  # not MLM yet: its runs inherit run.best_metric's default 'pearson'
+            checked.append(("run.best_metric", self.run.best_metric))
+        for key, value in checked:
+            if value not in metrics:
+                raise UserError(f"{key} must be one of {list(metrics)} for task.name={self.task.name}, not {value!r}")
 
     @property
     def view(self) -> str:
@@ -350,11 +360,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):
             try:  # YAML 1.1 reads '1e-4' (no dot) as a string
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # nan / inf slip past every range check of the sections
+            raise UserError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -367,7 +379,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     """A ``cls`` instance from defaults updated by ``values``; unknown keys name themselves."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(set(values) - set(names), key=str)  # YAML keys may be ints or bools too
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise UserError(f"unknown config key {where}{unknown[0]} (known under {prefix or 'the root'}: {', '.join(names)})")
@@ -414,11 +426,21 @@ def parse_override(text: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
-        raise UserError(f"override {text!r}: value is not valid YAML ({error})") from None
+        raise UserError(f"override {text!r}: value is not valid YAML ({_yaml_reason(error)})") from None
     out: dict = value
     for part in reversed(parts):
         out = {part: out}
     return out
+
+
+def _yaml_reason(error: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where (PyYAML's own text spans several lines)."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -428,10 +450,12 @@ def read_yaml(path: str | Path) -> dict:
         text = path.read_text()
     except OSError as error:
         raise UserError(f"{path}: cannot read config ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UserError(f"{path}: not valid YAML ({error})") from None
+        raise UserError(f"{path}: not valid YAML ({_yaml_reason(error)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -72,6 +72,14 @@ def resolve_environment(local_rank_arg: int | None = None) -> DistEnv:
     return env
 
 
+def local_world_size() -> int:
+    """Processes of this job on this node (deepspeed: LOCAL_SIZE, torchrun/SLURM job: LOCAL_WORLD_SIZE)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return max(int(os.environ[key]), 1)
+    return 1
+
+
 def init_distributed(env: DistEnv) -> None:
     """Start the process group DeepSpeed uses (NCCL on GPUs, gloo on CPUs)."""
     import deepspeed
@@ -82,6 +90,9 @@ def init_distributed(env: DistEnv) -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(env.local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one node would otherwise each start a thread per core and oversubscribe it.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
 
 

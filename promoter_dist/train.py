@@ -48,3 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+
+
+if __name__ == "__main__":  # `deepspeed --module promoter_dist.train ...`
+    sys.exit(main())

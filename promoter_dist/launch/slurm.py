@@ -21,23 +21,28 @@ Waiting (:func:`wait`) does not depend on ``sacct``: it polls the result files a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time as _time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import submitit
-from submitit.core.utils import FailedJobError, UncompletedJobError
-from submitit.helpers import DelayedSubmission
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # submitit is imported where used: `promoter-dist --help` should not pay for it
+    import argparse
+
+    import submitit
+    from submitit.helpers import DelayedSubmission
 
 DEFAULT_ENTRY = "promoter_dist.train:main"
 """The trainer's entry point: ``main(argv: list[str]) -> int``, as called by ``train.py``."""
@@ -165,6 +170,59 @@ class ClusterOptions:
         return parse_time(self.time)
 
 
+def add_cluster_arguments(parser: "argparse.ArgumentParser", time: str, job_name: str, training: bool = True) -> None:
+    """The :class:`ClusterOptions` as command-line options (``promoter-dist submit ...``).
+
+    ``training=False`` leaves out the job-shape options of a training job (nodes, GPUs,
+    tasks): the shard build is always one task on one node.
+    """
+    g = parser.add_argument_group("where and how the job runs (each maps to an sbatch option)")
+    g.add_argument("--cluster", choices=CLUSTERS, default="slurm",
+                   help="slurm: sbatch on this cluster; local: the tasks as processes on this machine; "
+                        "debug: one task inside this process (default: slurm)")
+    if training:
+        g.add_argument("--nodes", type=int, default=1, help="nodes (--nodes; default: 1)")
+        g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (--gpus-per-node; default: 0)")
+        g.add_argument("--tasks-per-node", type=int, default=None,
+                       help="processes per node (--ntasks-per-node; default: one per GPU, 1 without GPUs)")
+    g.add_argument("--cpus-per-task", type=int, default=None,
+                   help="cores per process (--cpus-per-task; default: " +
+                        ("the cluster's default)" if training else "all cores of a node of the partition)"))
+    g.add_argument("--mem-gb", type=float, default=None,
+                   help="memory per node in GB (--mem; default: " +
+                        ("the partition's default)" if training else "all of the node's memory)"))
+    g.add_argument("--partition", default=None, help="partition (--partition; default: the cluster's default)")
+    g.add_argument("--account", default=None, help="account to charge (--account)")
+    g.add_argument("--qos", default=None, help="quality of service (--qos)")
+    g.add_argument("--constraint", default=None, help="node features (--constraint), e.g. 'a100|h100'")
+    g.add_argument("--time", default=time, help=f"time limit of one run, requeues get it again (--time; default: {time})")
+    g.add_argument("--job-name", default=job_name, help=f"job name (--job-name; default: {job_name})")
+    g.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
+                   help="USR2 this long before the time limit, to requeue (--signal=USR2@N; default: 120)")
+    g.add_argument("--max-timeouts", type=int, default=3,
+                   help="requeues after hitting the time limit before giving up; preemptions do not count (default: 3)")
+    g.add_argument("--exclusive", action="store_true", help="whole nodes only (--exclusive)")
+    g.add_argument("--setup", action="append", default=[], metavar="SHELL_LINE",
+                   help="line run before the tasks start, e.g. 'module load cuda' (repeatable)")
+    g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option without dashes, e.g. mail-type=END (repeatable)")
+    g.add_argument("--log-dir", default=None,
+                   help="job files go to LOG_DIR/<job id>/ (default: <out dir>/slurm)")
+    g.add_argument("--wait", action="store_true",
+                   help="wait for the job to end and report its result (always on for local and debug)")
+
+
+def cluster_options_from_args(args: "argparse.Namespace") -> ClusterOptions:
+    """:class:`ClusterOptions` from the options of :func:`add_cluster_arguments`."""
+    return ClusterOptions(
+        cluster=args.cluster, nodes=getattr(args, "nodes", 1), gpus_per_node=getattr(args, "gpus_per_node", 0),
+        tasks_per_node=getattr(args, "tasks_per_node", None), cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+        partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint, time=args.time,
+        job_name=args.job_name, signal_delay_s=args.signal_delay, max_timeouts=args.max_timeouts,
+        exclusive=args.exclusive, setup=list(args.setup), additional=parse_key_values(args.slurm_param, "--slurm-param"),
+    )
+
+
 def executor_parameters(options: ClusterOptions) -> dict[str, Any]:
     """The ``AutoExecutor.update_parameters`` keywords for ``options`` (pure; no SLURM needed).
 
@@ -212,6 +270,8 @@ def check_cluster(cluster: str) -> None:
 
 def make_executor(options: ClusterOptions, folder: str | os.PathLike) -> submitit.AutoExecutor:
     """A configured submitit executor writing job files under ``folder`` (may contain ``%j``)."""
+    import submitit
+
     check_cluster(options.cluster)
     executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster,
                                      slurm_max_num_timeout=options.max_timeouts)
@@ -258,6 +318,37 @@ def resolve_entry(spec: str) -> Callable[[list[str]], int | None]:
         raise ValueError(f"{module_name} has no attribute {attr!r}") from None
 
 
+_FORK_HOOK_INSTALLED = False
+
+
+def _reset_signals_in_child() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCONT, signal.SIG_DFL)
+    preempt = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+    signal.signal(preempt, signal.SIG_IGN)
+
+
+def protect_forked_children() -> None:
+    """Give processes forked from this task (Pool, DataLoader workers) sane signal handling.
+
+    submitit installs handlers in the task: SIGTERM and SIGCONT are only logged, USR2 runs
+    checkpoint-and-requeue. A forked child inherits them, so ``Pool.terminate()`` (SIGTERM)
+    could never stop a worker (the parent then waits forever in ``join``), and at preemption
+    every worker would run the requeue logic as if it were rank 0. Children get SIGTERM and
+    SIGCONT back to their defaults and ignore USR2 (the task itself handles it; SLURM's
+    SIGTERM/SIGKILL after the requeue ends them). Installed once per process.
+    """
+    global _FORK_HOOK_INSTALLED
+    if not _FORK_HOOK_INSTALLED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_reset_signals_in_child)
+        _FORK_HOOK_INSTALLED = True
+
+
+def _in_job_process() -> bool:
+    """True inside a task process started by submitit (not the in-process debug executor)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local")
+
+
 def _log(message: str) -> None:
     print(f"[promoter-dist] {message}", flush=True)
 
@@ -280,15 +371,15 @@ class TrainingJob:
     def __call__(self) -> dict[str, Any]:
         from . import environment
 
+        if _in_job_process():
+            protect_forked_children()
         dist = environment.setup(prefer_scontrol=self.prefer_scontrol)
         _log(f"task rank {dist.rank}/{dist.world_size} (local {dist.local_rank}/{dist.local_world_size}, "
              f"node {dist.node_rank}/{dist.num_nodes}) master {dist.master_addr}:{dist.master_port} "
              f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')}; {self.entry} {' '.join(self.argv)}")
         main = resolve_entry(self.entry)
-        try:
-            status = main(list(self.argv))
-        except SystemExit as exc:  # a trainer calling sys.exit() still leaves a result file
-            status = exc.code
+        # SystemExit is not caught: submitit's requeue (in a signal handler) exits through it.
+        status = main(list(self.argv))
         if status not in (None, 0):
             raise RuntimeError(f"{self.entry} returned status {status} on rank {dist.rank}")
         return {"rank": dist.rank, "world_size": dist.world_size, "status": 0}
@@ -300,6 +391,8 @@ class TrainingJob:
         so it must not save anything itself (DeepSpeed's save is collective): the rerun
         resumes from the trainer's last periodic checkpoint, written by all ranks.
         """
+        from submitit.helpers import DelayedSubmission
+
         _log("preempted or at the time limit: requeueing; the rerun resumes from the latest checkpoint")
         return DelayedSubmission(dataclasses.replace(self))
 
@@ -341,6 +434,8 @@ class ShardsJob:
         from ..data.dream import ReadOptions
         from ..data.shards import ShardOptions, build_shards, verify_shards
 
+        if _in_job_process():
+            protect_forked_children()  # build_shards and read_dream fork worker pools
         workers = self.workers or available_cpus()
         _log(f"shards: {self.source} -> {self.out_dir} with {workers} workers")
         result = build_shards(self.source, self.out_dir, self.options or ShardOptions(),
@@ -365,6 +460,8 @@ class ShardsJob:
         ``overwrite`` is dropped for the rerun: the first run already cleared the old shards,
         and clearing again would throw away the shards this run finished.
         """
+        from submitit.helpers import DelayedSubmission
+
         _log("shards: preempted or at the time limit: requeueing; the rerun reuses finished shards")
         return DelayedSubmission(dataclasses.replace(self, overwrite=False))
 
@@ -374,10 +471,14 @@ class ShardsJob:
 
 def submit(executor: submitit.AutoExecutor, job: Callable[[], Any]) -> submitit.Job:
     """Submit ``job``; a refusal by sbatch becomes a :class:`UserError` carrying sbatch's message."""
-    root = Path(submitit.core.utils.JobPaths.get_first_id_independent_folder(executor.folder))
+    from submitit.core.utils import FailedJobError, JobPaths
+
+    root = Path(JobPaths.get_first_id_independent_folder(executor.folder))
     before = set(root.iterdir()) if root.is_dir() else set()
     try:
-        return executor.submit(job)
+        # submitit also prints sbatch's stderr on failure; it is in the error raised below instead.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return executor.submit(job)
     except FailedJobError as exc:  # sbatch exited non-zero; its stderr is the message
         for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
             if leftover.is_file() and (leftover.suffix == ".pkl" or leftover.name.startswith(".submission_file")):
@@ -513,7 +614,9 @@ def _tail(path: Path, lines: int) -> str:
 
 def log_tail(job: submitit.Job, task: int = 0, lines: int = 30) -> str:
     """The end of a task's stderr (else stdout), with the file it comes from."""
-    paths = submitit.core.utils.JobPaths(job.paths.folder, job_id=job.job_id, task_id=task)
+    from submitit.core.utils import JobPaths
+
+    paths = JobPaths(job.paths.folder, job_id=job.job_id, task_id=task)
     for path in (paths.stderr, paths.stdout):
         text = _tail(path, lines)
         if text.strip():
@@ -531,7 +634,9 @@ class JobFailed(UserError):
 
 
 def _result_paths(job: submitit.Job) -> list[Path]:
-    return [submitit.core.utils.JobPaths(job.paths.folder, job_id=job.job_id, task_id=t).result_pickle
+    from submitit.core.utils import JobPaths
+
+    return [JobPaths(job.paths.folder, job_id=job.job_id, task_id=t).result_pickle
             for t in range(job.num_tasks)]
 
 
@@ -545,6 +650,9 @@ def wait(job: submitit.Job, poll_s: float = 2.0, timeout_s: float | None = None,
     becomes a :class:`JobFailed` naming the job, its state and the log tail of that task.
     ``on_poll`` is called with the state on each poll (progress display, tests).
     """
+    import submitit
+    from submitit.core.utils import pickle_load
+
     start = _time.monotonic()
     if isinstance(job, submitit.DebugJob):
         try:
@@ -580,7 +688,7 @@ def wait(job: submitit.Job, poll_s: float = 2.0, timeout_s: float | None = None,
         if not path.exists():
             raise JobFailed(f"job {job.job_id} ended {state} without a result from task {task}\n"
                             f"{log_tail(job, task)}", job.job_id, state)
-        outcome, value = submitit.core.utils.pickle_load(path)
+        outcome, value = pickle_load(path)
         if outcome != "success":
             last = str(value).strip().splitlines()[-1] if str(value).strip() else "error"
             raise JobFailed(f"job {job.job_id} failed on task {task}: {last}\n{log_tail(job, task)}",
@@ -599,6 +707,8 @@ def describe(job: submitit.Job, options: ClusterOptions) -> str:
 
 def cancel(job: submitit.Job) -> None:
     """Cancel a job (ignore one that already ended)."""
+    from submitit.core.utils import UncompletedJobError
+
     try:
         job.cancel(check=False)
     except (OSError, UncompletedJobError):
@@ -606,8 +716,9 @@ def cancel(job: submitit.Job) -> None:
 
 
 __all__ = [
-    "CLUSTERS", "DEFAULT_ENTRY", "ClusterOptions", "JobFailed", "ShardsJob", "TrainingJob", "available_cpus",
-    "cancel", "check_cluster", "describe", "executor_parameters", "job_folder", "log_tail", "make_executor",
-    "parse_key_values", "parse_time", "partition_cpus", "resolve_entry", "slurm_job_info", "slurm_state",
-    "submit", "submit_shards", "submit_training", "training_out_dir", "wait",
+    "CLUSTERS", "DEFAULT_ENTRY", "ClusterOptions", "JobFailed", "ShardsJob", "TrainingJob", "add_cluster_arguments",
+    "available_cpus", "cancel", "check_cluster", "cluster_options_from_args", "describe", "executor_parameters",
+    "job_folder", "log_tail", "make_executor", "parse_key_values", "parse_time", "partition_cpus",
+    "protect_forked_children", "resolve_entry", "slurm_job_info", "slurm_state", "submit", "submit_shards",
+    "submit_training", "training_out_dir", "wait",
 ]

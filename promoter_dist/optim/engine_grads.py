@@ -38,11 +38,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def rank() -> int:
-    """This process's rank (0 without ``torch.distributed``)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:
     """Sum ``values`` over all ranks in place and return it; a no-op in a single process."""
     if _distributed():
@@ -56,8 +51,8 @@ def finite_global_sum(value: torch.Tensor) -> tuple[bool, float]:
     The sum is NaN when some rank's value is not finite.
     """
     local = value.detach().reshape(()).float()
-    finite = bool(torch.isfinite(local))
-    packed = torch.stack([torch.tensor(0.0 if finite else 1.0, device=local.device), local])
+    # The flag travels with the value, so one collective and one device sync answer both questions.
+    packed = torch.stack([(~torch.isfinite(local)).float(), local])
     all_reduce_sum_(packed)
     nonfinite_ranks, total = packed.tolist()
     if nonfinite_ranks > 0:
@@ -73,10 +68,11 @@ def all_ranks_finite(value: torch.Tensor) -> bool:
 def zero_engine_gradients(engine) -> None:
     """Forget the gradient accumulated so far, so the next backward starts from zero.
 
-    Call it between backward passes that must not add up (e.g. the two GSAM passes). Stage 0 keeps
-    gradients in ``param.grad``; stage 3 keeps a partitioned fp32 gradient that only the ZeRO
-    optimizer's ``zero_grad`` resets; stages 1-2 already start afresh after a boundary, and the
-    optimizer's ``zero_grad`` also drops any half-accumulated low-precision gradients.
+    Call it between backward passes that must not add up (e.g. the two GSAM passes) and after
+    abandoning a step part-way (e.g. on a non-finite loss). Stage 0 keeps gradients in ``param.grad``;
+    stage 3 keeps a partitioned fp32 gradient that only the ZeRO optimizer's ``zero_grad`` resets;
+    stages 1-2 start afresh after a boundary but keep the sum of an unfinished window. Every rank must
+    call it (no communication happens, but the states must agree).
     """
     stage = engine.zero_optimization_stage()
     if stage == 0:
@@ -123,6 +119,16 @@ class LocalGradient:
         return [p.numel() for p in self.pieces]
 
 
+def managed_params(engine) -> list[torch.nn.Parameter]:
+    """The trainable parameters whose gradients the engine reduces, in module order (same on every rank)."""
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        return _stage0_params(engine)
+    if stage in (1, 2):
+        return _stage12_params(engine)
+    return _stage3_params(engine)
+
+
 def _stage0_params(engine) -> list[torch.nn.Parameter]:
     return [p for p in engine.module.parameters() if p.requires_grad]
 
@@ -157,14 +163,19 @@ def stage3_owned_numel(param: torch.nn.Parameter) -> int:
     return max(0, min(param.ds_numel - partition_rank * partition_numel, partition_numel))
 
 
-def local_gradient(engine) -> LocalGradient:
-    """This rank's share of the averaged gradient; valid between the boundary backward and step."""
+def local_gradient(engine, params: list[torch.nn.Parameter] | None = None) -> LocalGradient:
+    """This rank's share of the averaged gradient; valid between the boundary backward and step.
+
+    ``params`` is ``managed_params(engine)``, passed to save recomputing it on every call.
+    """
     from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
     stage = engine.zero_optimization_stage()
+    if params is None:
+        params = managed_params(engine)
     if stage == 0:
         pieces = []
-        for p in _stage0_params(engine):
+        for p in params:
             if p.grad is None:
                 # An unused parameter: give it an explicit zero gradient so both passes line up.
                 p.grad = torch.zeros_like(p)
@@ -174,13 +185,12 @@ def local_gradient(engine) -> LocalGradient:
         return LocalGradient(pieces, partitioned=False)
     if stage in (1, 2):
         pieces = []
-        for p in _stage12_params(engine):
+        for p in params:
             owned = stage12_fragment(p)
             if owned is not None:
                 pieces.append(owned[1])
         return LocalGradient(pieces, partitioned=_distributed())
     if stage == 3:
-        params = _stage3_params(engine)
         partitions = [safe_get_local_grad(p) for p in params]
         # Without offload the API hands out the stored partition itself; otherwise write back.
         is_view = not params or partitions[0].data_ptr() == safe_get_local_grad(params[0]).data_ptr()

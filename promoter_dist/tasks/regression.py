@@ -68,13 +68,14 @@ class RegressionTask:
     def target(self, y: torch.Tensor, training: bool) -> torch.Tensor:
         """Labels on the target scale; in training with N(0, label_noise) added (global RNG)."""
         task = self.config.task
+        # Noise is drawn on the CPU generator whatever y's device (the same noise on a GPU), then moved.
         if task.label_map == "nad":
             t = nad_label_map(y)
             if training and task.label_noise > 0:
-                t = (t + torch.randn(t.shape, dtype=t.dtype) * task.label_noise).clamp_(0.0, 1.0)
+                t = (t + torch.randn(t.shape, dtype=t.dtype).to(t.device) * task.label_noise).clamp_(0.0, 1.0)
             return t
         if training and task.label_noise > 0:
-            return y + torch.randn(y.shape, dtype=y.dtype) * task.label_noise
+            return y + torch.randn(y.shape, dtype=y.dtype).to(y.device) * task.label_noise
         return y
 
     def to_expression(self, t: torch.Tensor) -> torch.Tensor:

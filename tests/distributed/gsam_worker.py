@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ class TinyNet(nn.Module):
         self.input_norm = nn.BatchNorm1d(FEATURES)
         self.hidden = nn.Linear(FEATURES, 7)  # 42 + 7 elements: odd bias, not divisible by 2 ranks
         self.dropout = nn.Dropout(0.25)
-        self.middle = nn.Linear(7, 5, bias=False)  # 35; a bias before BatchNorm would get pure rounding noise as gradient, which Adam blows up
+        # 35 elements; no bias: before BatchNorm its gradient is rounding noise, which Adam blows up.
+        self.middle = nn.Linear(7, 5, bias=False)
         self.norm = nn.BatchNorm1d(5)
         self.out = nn.Linear(5, 1)  # bias of size 1
 
@@ -138,7 +140,9 @@ def run_case(case: Case, steps: int) -> dict:
     from promoter_dist.optim import DeepSpeedGSAM, GSAMConfig, ReferenceGSAM
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    config = GSAMConfig(enabled=True, rho_max=case.rho_max, rho_min=case.rho_min, alpha=case.alpha, adaptive=case.adaptive)
+    config = GSAMConfig(
+        enabled=True, rho_max=case.rho_max, rho_min=case.rho_min, alpha=case.alpha, adaptive=case.adaptive
+    )
     lr_min = LR * LR_END
 
     model = make_model()
@@ -146,7 +150,9 @@ def run_case(case: Case, steps: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     started = time.perf_counter()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(case, world))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(case, world)
+    )
     init_seconds = time.perf_counter() - started
     ds_loss = make_loss_fn(engine, False)  # the engine applies torch_autocast itself
 
@@ -195,7 +201,9 @@ def run_case(case: Case, steps: int) -> dict:
         plain_model = copy.deepcopy(ref_model)
         plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=LR, weight_decay=0.05)
         plain_sched = torch.optim.lr_scheduler.LambdaLR(plain_opt, lr_lambda)
-        plain, *_ = deepspeed.initialize(model=plain_model, optimizer=plain_opt, lr_scheduler=plain_sched, config=ds_config(case, world))
+        plain, *_ = deepspeed.initialize(
+            model=plain_model, optimizer=plain_opt, lr_scheduler=plain_sched, config=ds_config(case, world)
+        )
         plain_loss = make_loss_fn(plain, False)
         for step in range(steps):
             torch.manual_seed(dropout_seed(step, rank))
@@ -216,7 +224,10 @@ def run_case(case: Case, steps: int) -> dict:
         unperturbed = float("nan")
     norm = engine.module.input_norm
     bn_diff = torch.tensor(
-        max(float((norm.running_mean - input_norm.running_mean).abs().max()), float((norm.running_var - input_norm.running_var).abs().max()))
+        max(
+            float((norm.running_mean - input_norm.running_mean).abs().max()),
+            float((norm.running_var - input_norm.running_var).abs().max()),
+        )
     )
     batches_tracked_ok = torch.tensor(float(int(norm.num_batches_tracked) == steps * ACCUMULATION))
     dist.all_reduce(bn_diff, op=dist.ReduceOp.MAX)
@@ -262,18 +273,24 @@ def run_checks() -> dict:
     for stage in range(4):
         # Non-finite loss on the last rank only: in pass 1 after one backward (an abandoned
         # accumulation window), or at the first micro-batch of the perturbed pass.
-        for bad_call in (1, ACCUMULATION):
+        for bad_call in (1, ACCUMULATION, "grad"):
             model = make_model()
             ref_model = copy.deepcopy(model)
             optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(Case("nan", stage), world))
+            engine, *_ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=ds_config(Case("nan", stage), world)
+            )
             gsam = DeepSpeedGSAM(engine, config, LR, LR)
             before = full_params(engine)
             calls = []
 
             def bad_loss(batch, engine=engine, bad_call=bad_call):
-                loss = torch.nn.functional.mse_loss(engine(batch[0]), batch[1])
+                prediction = engine(batch[0])
+                loss = torch.nn.functional.mse_loss(prediction, batch[1])
                 calls.append(1)
+                if rank == world - 1 and bad_call == "grad" and len(calls) == 1:
+                    # A finite loss (+0) whose gradient is NaN: d sqrt(|x|)/dx at 0.
+                    return loss + torch.sqrt((prediction - prediction.detach()).abs().sum())
                 if rank == world - 1 and len(calls) - 1 == bad_call:
                     return loss * float("nan")
                 return loss
@@ -288,8 +305,10 @@ def run_checks() -> dict:
                 after = full_params(engine)
                 result = {
                     "raised": True,
+                    "error_type": type(error).__name__,
                     "step": error.step,
                     "loss_is_nan": error.loss != error.loss,
+                    "message": str(error),
                     "weights_unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
                     "engine_steps_unchanged": engine.global_steps == 0,
                 }
@@ -301,10 +320,14 @@ def run_checks() -> dict:
             gsam.step(mine, make_loss_fn(engine, False))
             ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=LR)
             reference = ReferenceGSAM(ref_model, ref_opt, config, LR, LR, gradient_clipping=CLIP)
-            everything = [(x, y, dropout_seed(0, r) if m == 0 else None) for r in range(world) for m, (x, y) in enumerate(batches[r])]
+            everything = [
+                (x, y, dropout_seed(0, r) if m == 0 else None) for r in range(world) for m, (x, y) in enumerate(batches[r])
+            ]
             reference.step(everything, make_loss_fn(ref_model, False))
             got = full_params(engine)
-            result["next_step_max_abs_diff"] = max(float((a - b.detach()).abs().max()) for a, b in zip(got, ref_model.parameters()))
+            result["next_step_max_abs_diff"] = max(
+                float((a - b.detach()).abs().max()) for a, b in zip(got, ref_model.parameters())
+            )
             out[key] = result
 
     gsam.load_state_dict({"steps": 41, "last_rho": 0.07})
@@ -336,6 +359,13 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"world_size": dist.get_world_size(), "cases": results, "checks": checks}, f, indent=1)
     dist.barrier()
+    dist.destroy_process_group()
+    # Interpreter teardown with many engines' worker threads alive occasionally aborted a rank
+    # ("terminate called without an active exception", 1 run in ~5) after all work was done and
+    # written; leave without that teardown so the exit status reflects the work.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

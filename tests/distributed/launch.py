@@ -50,6 +50,10 @@ def _tail(text: str) -> str:
     return text if len(text) <= TAIL_CHARS else "...\n" + text[-TAIL_CHARS:]
 
 
+def _report(what: str, command: list[str], stdout: str, stderr: str) -> str:
+    return f"{what}: {' '.join(command)}\n--- stdout ---\n{_tail(stdout)}\n--- stderr ---\n{_tail(stderr)}"
+
+
 def run_deepspeed(
     script: Path,
     args: list[str],
@@ -94,12 +98,8 @@ def run_deepspeed(
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        raise DeepSpeedRunError(
-            f"timed out after {timeout:.0f}s: {' '.join(command)}\n--- stdout ---\n{_tail(stdout)}\n--- stderr ---\n{_tail(stderr)}"
-        ) from None
+        raise DeepSpeedRunError(_report(f"timed out after {timeout:.0f}s", command, stdout, stderr)) from None
     done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if done.returncode != 0:
-        raise DeepSpeedRunError(
-            f"exit status {done.returncode}: {' '.join(command)}\n--- stdout ---\n{_tail(stdout)}\n--- stderr ---\n{_tail(stderr)}"
-        )
+        raise DeepSpeedRunError(_report(f"exit status {done.returncode}", command, stdout, stderr))
     return done

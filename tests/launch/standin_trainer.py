@@ -3,7 +3,7 @@
 It behaves like the trainer as far as launching is concerned: ``main(argv)`` with
 ``argv = ["--config", PATH, "key=value", ...]``, reads RANK/WORLD_SIZE/... from the
 environment, writes under ``run.out_dir``, saves a checkpoint every
-``run.checkpoint_every_steps`` steps on every rank and resumes from
+``run.checkpoint_every`` steps on every rank and resumes from
 ``<run.out_dir>/checkpoints/latest`` when it exists. Its "training" is a step counter and a
 deterministic running value, so an interrupted and resumed run can be compared with an
 uninterrupted one.
@@ -11,7 +11,7 @@ uninterrupted one.
 Overrides it understands (all optional but ``run.out_dir``):
 
     run.out_dir=DIR                  where everything goes
-    run.checkpoint_every_steps=N     checkpoint period (default 1)
+    run.checkpoint_every=N     checkpoint period (default 1)
     standin.steps=N                  total steps (default 20)
     standin.step_seconds=S           sleep per step (default 0)
     standin.collective=1             all_reduce the ranks over gloo (checks MASTER_ADDR/PORT)
@@ -73,7 +73,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def main(argv: list[str]) -> int:
     o = parse(argv)
     out = Path(o["run.out_dir"])
-    every = int(o.get("run.checkpoint_every_steps", 1))
+    every = int(o.get("run.checkpoint_every", 1))
     steps = int(o.get("standin.steps", 20))
     sleep = float(o.get("standin.step_seconds", 0))
     fail_at = int(o.get("standin.fail_at", -1))

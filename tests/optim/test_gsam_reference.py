@@ -11,7 +11,7 @@ from torch import nn
 
 from promoter_dist.errors import NonFiniteLossError
 from promoter_dist.optim import GSAMConfig, ReferenceGSAM, rho_at
-from promoter_dist.optim.gsam import frozen_running_stats, gsam_coefficients
+from promoter_dist.optim.gsam import NonFiniteGradientError, frozen_running_stats, gsam_coefficients
 
 # ------------------------------------------------------------------ a linear model in closed form
 # loss(w, b; X, y) = mean((X w + b - y)^2)  =>  dL/dw = 2/N X^T r,  dL/db = 2 mean(r),  r = X w + b - y
@@ -22,7 +22,8 @@ def linear_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     batches = []
     for _ in range(2):
         x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
-        y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 + 0.1 * torch.randn(5, generator=gen, dtype=torch.float64)
+        noise = 0.1 * torch.randn(5, generator=gen, dtype=torch.float64)
+        y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 + noise
         batches.append((x, y))
     return batches
 
@@ -48,6 +49,15 @@ def theta_of(model: nn.Linear) -> torch.Tensor:
     return torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
 
 
+def sgd_gsam(model, lr, lr_max=None, lr_min=None, gradient_clipping=0.0, **gsam):
+    """ReferenceGSAM around plain SGD (update = -lr * d), so the expected weights are easy to write."""
+    config = GSAMConfig(**gsam)
+    lr_max = lr if lr_max is None else lr_max
+    lr_min = lr if lr_min is None else lr_min
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return ReferenceGSAM(model, optimizer, config, lr_max, lr_min, gradient_clipping=gradient_clipping)
+
+
 def mse(model):
     return lambda batch: torch.mean((model(batch[0]).squeeze(-1) - batch[1]) ** 2)
 
@@ -71,7 +81,7 @@ def test_matches_hand_computed_gsam_with_sgd(adaptive):
     batches = linear_batches()
     lr = 0.1
     model = linear_model(THETA0)
-    gsam = ReferenceGSAM(model, torch.optim.SGD(model.parameters(), lr=lr), GSAMConfig(rho_max=0.2, rho_min=0.2, alpha=0.3, adaptive=adaptive), lr, lr)
+    gsam = sgd_gsam(model, lr, rho_max=0.2, rho_min=0.2, alpha=0.3, adaptive=adaptive)
 
     theta = THETA0.clone()
     for _ in range(3):
@@ -86,21 +96,22 @@ def test_clipping_applies_deepspeed_rule_to_the_final_direction():
     batches = linear_batches()
     lr, clip = 0.1, 0.05
     model = linear_model(THETA0)
-    gsam = ReferenceGSAM(model, torch.optim.SGD(model.parameters(), lr=lr), GSAMConfig(rho_max=0.2, rho_min=0.2, alpha=0.3), lr, lr, gradient_clipping=clip)
+    gsam = sgd_gsam(model, lr, gradient_clipping=clip, rho_max=0.2, rho_min=0.2, alpha=0.3)
     gsam.step(batches, mse(model))
 
     d = hand_gsam_direction(THETA0, batches, rho=0.2, alpha=0.3)
     assert torch.linalg.norm(d) > clip  # the clip binds
     d = d * clip / (torch.linalg.norm(d) + 1e-6)
     torch.testing.assert_close(theta_of(model), THETA0 - lr * d, rtol=0, atol=1e-12)
-    assert gsam.last_direction_norm == pytest.approx(float(torch.linalg.norm(hand_gsam_direction(THETA0, batches, 0.2, 0.3))))
+    unclipped = hand_gsam_direction(THETA0, batches, rho=0.2, alpha=0.3)
+    assert gsam.last_direction_norm == pytest.approx(float(torch.linalg.norm(unclipped)))
 
 
 def test_rho_follows_the_learning_rate():
     batches = linear_batches()
     lr_max, lr_min, lr_now = 0.2, 0.02, 0.05
     model = linear_model(THETA0)
-    gsam = ReferenceGSAM(model, torch.optim.SGD(model.parameters(), lr=lr_now), GSAMConfig(rho_max=0.3, rho_min=0.1, alpha=0.1), lr_max, lr_min)
+    gsam = sgd_gsam(model, lr_now, lr_max, lr_min, rho_max=0.3, rho_min=0.1, alpha=0.1)
     gsam.step(batches, mse(model))
     rho = 0.1 + 0.2 * (lr_now - lr_min) / (lr_max - lr_min)
     assert gsam.last_rho == pytest.approx(rho)
@@ -112,7 +123,7 @@ def test_alpha_zero_is_sam():
     batches = linear_batches()
     lr, rho = 0.1, 0.2
     model = linear_model(THETA0)
-    gsam = ReferenceGSAM(model, torch.optim.SGD(model.parameters(), lr=lr), GSAMConfig(rho_max=rho, rho_min=rho, alpha=0.0), lr, lr)
+    gsam = sgd_gsam(model, lr, rho_max=rho, rho_min=rho, alpha=0.0)
     gsam.step(batches, mse(model))
     g = closed_form_gradient(THETA0, batches)
     sam_direction = closed_form_gradient(THETA0 + rho * g / torch.linalg.norm(g), batches)  # SAM: gradient at w + e
@@ -145,7 +156,8 @@ def test_rho_zero_is_the_base_optimizer_with_same_dropout_draws():
     """rho = 0: the perturbed pass is the first pass replayed (same dropout masks), so d = g."""
     batches = net_batches()
     net, plain = Net(), Net()
-    gsam = ReferenceGSAM(net, torch.optim.AdamW(net.parameters(), lr=0.01), GSAMConfig(rho_max=0.0, rho_min=0.0, alpha=0.05), 0.01, 0.01)
+    no_rho = GSAMConfig(rho_max=0.0, rho_min=0.0, alpha=0.05)
+    gsam = ReferenceGSAM(net, torch.optim.AdamW(net.parameters(), lr=0.01), no_rho, 0.01, 0.01)
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=0.01)
     for step in range(3):
         torch.manual_seed(100 + step)
@@ -228,7 +240,8 @@ def test_rho_at_schedule():
 
 def test_config_defaults_are_nad():
     cfg = GSAMConfig()
-    assert (cfg.enabled, cfg.rho_max, cfg.rho_min, cfg.alpha, cfg.adaptive, cfg.eps) == (False, 0.1, 0.1, 0.05, False, 1e-12)
+    values = (cfg.enabled, cfg.rho_max, cfg.rho_min, cfg.alpha, cfg.adaptive, cfg.eps)
+    assert values == (False, 0.1, 0.1, 0.05, False, 1e-12)
 
 
 @pytest.mark.parametrize(
@@ -246,3 +259,31 @@ def test_config_defaults_are_nad():
 def test_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         GSAMConfig(**kwargs)
+
+
+def test_finiteness_helpers_work_without_torch_distributed():
+    from promoter_dist.optim import all_ranks_finite
+    from promoter_dist.optim.engine_grads import finite_global_sum
+
+    assert all_ranks_finite(torch.tensor(2.5))
+    assert not all_ranks_finite(torch.tensor(float("inf")))
+    assert not all_ranks_finite(torch.tensor(float("nan")))
+    assert finite_global_sum(torch.tensor(2.5)) == (True, 2.5)
+
+
+def test_non_finite_gradient_with_finite_loss_raises():
+    net = Net()
+    before = [p.detach().clone() for p in net.parameters()]
+    gsam = ReferenceGSAM(net, torch.optim.SGD(net.parameters(), lr=0.1), GSAMConfig(), 0.1, 0.1)
+
+    def loss_fn(batch):
+        prediction = net(batch[0])
+        # + sqrt(|0|): the loss stays finite, its gradient is NaN.
+        return nn.functional.mse_loss(prediction, batch[1]) + torch.sqrt((prediction - prediction.detach()).abs().sum())
+
+    with pytest.raises(NonFiniteLossError) as caught:
+        gsam.step(net_batches(), loss_fn)
+    assert isinstance(caught.value, NonFiniteGradientError) and "gradient norm" in str(caught.value)
+    assert math.isfinite(caught.value.loss)
+    for p, b in zip(net.parameters(), before):
+        assert torch.equal(p.detach(), b)

@@ -1,0 +1,209 @@
+"""Non-finite losses and weights in the real trainer (one in-process DeepSpeed rank on the CPU).
+
+A subclass of the Trainer returns a NaN loss at one chosen step (and micro batch): ``engine.nonfinite=stop``
+stops with a clear error and leaves only checkpoints from before; ``skip`` drops the step without touching
+the weights (even when the NaN comes after an accumulated micro batch) and trains on. Weights that hold
+NaN are never written into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from promoter_dist.config import load_config
+from promoter_dist.errors import NonFiniteLossError, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+NAN_STEP = 3
+LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def env():
+    """A single-process DeepSpeed group, as ``python train.py`` gets; the environment is restored after."""
+    import deepspeed.comm as ds_comm
+
+    from promoter_dist import distributed as dist
+
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    for key in LAUNCHER_KEYS:
+        os.environ.pop(key, None)
+    started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        resolved = dist.resolve_environment()
+        assert (resolved.rank, resolved.world_size) == (0, 1)
+        dist.init_distributed(resolved)
+        yield resolved
+    finally:
+        if started and torch.distributed.is_initialized():
+            ds_comm.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)  # init_distributed sizes the CPU thread pool per rank
+        logger = logging.getLogger("promoter_dist")
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)
+
+
+def tiny_config(shards: Path, out: Path, *extra: str):
+    return load_config(REPO / "configs" / "nad" / "debug.yaml", [
+        f"data.shards={shards}", f"run.out_dir={out}", "data.glove=", "data.batch_size=16",
+        "model.nad.channels=[8,8,16,16,16]", "model.nad.fpn_dim=16", "model.nad.heads=2", "model.nad.head_dim=8",
+        "run.max_steps=6", "run.log_every=1", "run.checkpoint_every=2", "run.plots=false",
+        "engine.tensorboard=false", "engine.csv=false", *extra])
+
+
+def make_trainer(env, config, nan_step: int | None = NAN_STEP, nan_micro: int = 0):
+    from promoter_dist.trainer import Trainer
+
+    class NaNTrainer(Trainer):
+        """Returns a NaN loss on micro batch ``nan_micro`` of step ``nan_step``; snapshots weights before each step."""
+
+        def __init__(self, *args, **kwargs):
+            self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+            self.calls: dict[int, int] = defaultdict(int)
+            super().__init__(*args, **kwargs)
+
+        def train_step(self, micro_batches):
+            self.snapshots[self.step] = weights(self)
+            return super().train_step(micro_batches)
+
+        def forward_loss(self, batch):
+            loss = super().forward_loss(batch)
+            index = self.calls[self.step]
+            self.calls[self.step] += 1
+            if self.step == nan_step and index == nan_micro:
+                return loss * float("nan")
+            return loss
+
+    return NaNTrainer(config, env)
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    assert a.keys() == b.keys()
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def tag_dirs(out: Path) -> set[str]:
+    return {p.name for p in (out / "checkpoints").iterdir() if p.is_dir()}
+
+
+# --------------------------------------------------------------------------- stop
+
+
+def test_stop_raises_naming_the_step_and_keeps_the_checkpoint_before(env, small_shards, tmp_path):
+    from promoter_dist.checkpoints import fp32_state_dict
+
+    out = tmp_path / "run"
+    trainer = make_trainer(env, tiny_config(small_shards, out, "engine.nonfinite=stop"))
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.train()
+    error = caught.value
+    assert error.step == NAN_STEP and math.isnan(error.loss)
+    assert f"at step {NAN_STEP}" in str(error) and "engine.nonfinite=skip" in str(error)
+    assert trainer.step == NAN_STEP  # the step was not counted
+
+    # The periodic checkpoint of step 2 is the latest; nothing was written at or after the NaN.
+    assert (out / "checkpoints" / "latest").read_text() == "step00000002"
+    assert tag_dirs(out) == {"step00000002"}
+    saved = fp32_state_dict(out, "latest")
+    assert all_finite(saved)
+    before_nan = trainer.snapshots[2]  # the weights after two steps: what the checkpoint holds
+    for name, value in before_nan.items():
+        assert torch.equal(saved[name], value), name
+    # The NaN step was not applied to the weights in memory either.
+    assert same(weights(trainer), trainer.snapshots[NAN_STEP])
+    assert all_finite(weights(trainer))
+
+
+# --------------------------------------------------------------------------- skip
+
+
+@pytest.fixture(scope="module")
+def skipped_run(env, small_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("skip") / "run"
+    trainer = make_trainer(env, tiny_config(small_shards, out, "engine.nonfinite=skip"))
+    result = trainer.train()
+    return trainer, result, out
+
+
+def test_skip_leaves_the_weights_of_the_skipped_step_and_trains_on(skipped_run):
+    from promoter_dist.checkpoints import fp32_state_dict
+
+    trainer, result, out = skipped_run
+    assert result["steps"] == 6 and result["skipped_steps"] == 1
+    assert trainer.skipped_steps == 1
+    snaps = trainer.snapshots
+    assert sorted(snaps) == list(range(6))
+    assert not same(snaps[NAN_STEP - 1], snaps[NAN_STEP])  # ordinary steps move the weights
+    assert same(snaps[NAN_STEP], snaps[NAN_STEP + 1])  # the skipped one does not
+    assert not same(snaps[NAN_STEP + 1], snaps[NAN_STEP + 2])  # and training goes on after it
+    assert not same(snaps[5], weights(trainer))
+    assert all_finite(weights(trainer))
+    assert (out / "checkpoints" / "latest").read_text() == "step00000006"
+    assert all_finite(fp32_state_dict(out, "latest"))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_skip_on_the_second_micro_batch_discards_the_first_ones_gradient(env, small_shards, tmp_path, stage):
+    """grad_accum=2, NaN on micro batch 2 of step 2 after micro batch 1 went backward.
+
+    Reference: the same run with the NaN on micro batch 1 (nothing accumulated). Both then train on
+    identical batches, so their weights must stay identical if the first run's half-accumulated
+    gradient was really dropped. Label noise is off so the two runs draw the same random numbers.
+    """
+    nan_step = 2
+    extra = ["engine.nonfinite=skip", "engine.grad_accum=2", f"engine.zero_stage={stage}", "task.label_noise=0",
+             "run.max_steps=4", "run.checkpoint_every=0"]
+    late = make_trainer(env, tiny_config(small_shards, tmp_path / "late", *extra), nan_step, nan_micro=1)
+    late.train()
+    assert late.calls[nan_step] == 2  # micro batch 1 did go forward (and backward) before the NaN
+    assert late.skipped_steps == 1
+    assert same(late.snapshots[nan_step], late.snapshots[nan_step + 1])
+    early = make_trainer(env, tiny_config(small_shards, tmp_path / "early", *extra), nan_step, nan_micro=0)
+    early.train()
+    assert early.calls[nan_step] == 1 and early.skipped_steps == 1
+    assert same(late.snapshots[nan_step], early.snapshots[nan_step])  # identical up to the NaN step
+    assert not same(late.snapshots[nan_step + 1], weights(late))  # step 3 did train
+    final_late, final_early = weights(late), weights(early)
+    for name in final_late:
+        assert torch.allclose(final_late[name], final_early[name], rtol=0, atol=1e-6), name
+
+
+# --------------------------------------------------------------------------- NaN weights
+
+
+def test_nan_weights_are_never_checkpointed(skipped_run):
+    trainer, _, out = skipped_run
+    ckpt = out / "checkpoints"
+    latest, best = ckpt / "latest", ckpt / "best"
+    latest_before = latest.read_text()
+    best_before = best.read_text() if best.exists() else None
+    dirs_before = tag_dirs(out)
+    with torch.no_grad():
+        next(trainer.engine.module.parameters()).view(-1)[0] = float("nan")
+    trainer.step = 8
+    for as_best in (False, True):
+        with pytest.raises(UserError) as caught:
+            trainer.save_checkpoint(best=as_best)
+        message = str(caught.value)
+        assert "NaN" in message and "step 8" in message and "\n" not in message, message
+    assert latest.read_text() == latest_before
+    assert (best.read_text() if best.exists() else None) == best_before
+    assert tag_dirs(out) == dirs_before
