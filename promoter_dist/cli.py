@@ -180,6 +180,7 @@ def oracle_on_rows(synth_path: Path, noise_free_path: Path, lines: np.ndarray) -
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> shards -> verify -> GloVe -> NAD training, with the figures a user checks."""
+    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the training processes' output
     from .data.glove import GloveConfig, train_glove
     from .data.shards import ShardOptions, build_shards, verify_shards
     from .data.synthetic import synthesize

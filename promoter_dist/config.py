@@ -50,8 +50,8 @@ class RunConfig:
     """Periodic checkpoints kept on disk, newest first; the best one is kept apart."""
     resume: str = "auto"
     """'auto': continue from <out_dir>/checkpoints when one exists; 'never': refuse to reuse a folder that has one."""
-    best_metric: str = "pearson"
-    """Validation metric that selects the best checkpoint (higher is better, or 'loss' for lower)."""
+    best_metric: str = ""
+    """Validation metric that selects the best checkpoint (higher is better, 'loss' lower); '' picks the task's: pearson for regression, loss for MLM."""
     plots: bool = True
     """Write PNG curves and a predicted-vs-measured plot into the run folder."""
 
@@ -288,9 +288,9 @@ class TrainConfig:
         # A misspelt metric is never found in the validation record: no best checkpoint would ever be
         # kept, and the plateau schedule would cut the rate after every `patience + 1` evaluations.
         metrics = {"regression": ("loss", "pearson", "spearman"), "mlm": ("loss", "accuracy")}[self.task.name]
-        checked = [("schedule.plateau_metric", self.schedule.plateau_metric)]
-        if self.task.name == "regression":  # not MLM yet: its runs inherit run.best_metric's default 'pearson'
-            checked.append(("run.best_metric", self.run.best_metric))
+        if not self.run.best_metric:
+            self.run.best_metric = "pearson" if self.task.name == "regression" else "loss"
+        checked = [("schedule.plateau_metric", self.schedule.plateau_metric), ("run.best_metric", self.run.best_metric)]
         for key, value in checked:
             if value not in metrics:
                 raise UserError(f"{key} must be one of {list(metrics)} for task.name={self.task.name}, not {value!r}")
@@ -384,7 +384,6 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         where = f"{prefix}." if prefix else ""
         raise UserError(f"unknown config key {where}{unknown[0]} (known under {prefix or 'the root'}: {', '.join(names)})")
     kwargs = {}
-    defaults = cls()
     for name in names:
         key = f"{prefix}.{name}" if prefix else name
         if name in values:
@@ -394,8 +393,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
                     values[name], dict) or values[name] is None else _coerce(values[name], tp, key)
             else:
                 kwargs[name] = _coerce(values[name], tp, key)
-        else:
-            kwargs[name] = getattr(defaults, name)
+        # Missing fields take their declared defaults (the dataclass fills them in).
     try:
         return cls(**kwargs)
     except UserError:

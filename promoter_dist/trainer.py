@@ -160,7 +160,7 @@ class Trainer:
 
         loss = self.forward_loss(batch)
         if not all_ranks_finite(loss.detach()):
-            raise NonFiniteLossError(self.step, float(loss.detach()))
+            raise NonFiniteLossError(self.step + 1, float(loss.detach()))
         self.engine.backward(loss)
         self.engine.step()  # applies the optimizer only at the accumulation boundary
         return float(loss.detach())
@@ -232,8 +232,7 @@ class Trainer:
                     raise
                 self.discard_step(micro_steps_before)
                 self.skipped_steps += 1
-                log.warning("step %d skipped: non-finite loss (%s); %d skipped so far", self.step, error.loss,
-                            self.skipped_steps)
+                log.warning("step %d skipped: %s; %d skipped so far", self.step + 1, error, self.skipped_steps)
                 loss = float("nan")
             self.step += 1
             if math.isfinite(loss):
@@ -329,12 +328,13 @@ class Trainer:
         log.info("%s", text)
         if not self.env.is_main:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.out_dir / "metrics.jsonl", "a") as f:  # non-finite values as null: strict JSON
+            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                for k, v in record.items()}) + "\n")
         monitor = getattr(self.engine, "monitor", None)
         if monitor is not None and monitor.enabled:
             events = [(f"{record['kind']}/{k}", float(v), record["step"]) for k, v in record.items()
-                      if k not in ("kind", "step", "epoch") and isinstance(v, (int, float))]
+                      if k not in ("kind", "step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v)]
             monitor.write_events(events)
 
     def plot(self) -> None:

@@ -115,8 +115,8 @@ def test_stop_raises_naming_the_step_and_keeps_the_checkpoint_before(env, small_
     with pytest.raises(NonFiniteLossError) as caught:
         trainer.train()
     error = caught.value
-    assert error.step == NAN_STEP and math.isnan(error.loss)
-    assert f"at step {NAN_STEP}" in str(error) and "engine.nonfinite=skip" in str(error)
+    assert error.step == NAN_STEP + 1 and math.isnan(error.loss)  # steps are numbered from 1 in logs and tags
+    assert f"at step {NAN_STEP + 1}" in str(error) and "engine.nonfinite=skip" in str(error)
     assert trainer.step == NAN_STEP  # the step was not counted
 
     # The periodic checkpoint of step 2 is the latest; nothing was written at or after the NaN.

@@ -62,8 +62,10 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the loader's numpy path needs neither library
+    from transformers import PreTrainedTokenizerFast
 
 from .alphabet import ADAPTER_3P, ADAPTER_5P, BASES, DOWNSTREAM_150, PAD, UPSTREAM_150, encode
 
@@ -132,6 +134,9 @@ def build_tokenizer(frame: int = 0, model_max_length: int = 512) -> PreTrainedTo
     same ids as :func:`encode_codes` on its codes, and the saved tokenizer needs no
     code from this package to reload.
     """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     _check_frame(frame)
     backend = Tokenizer(models.WordLevel(vocab=kmer_vocabulary(), unk_token="[UNK]"))
     backend.normalizer = normalizers.Sequence(

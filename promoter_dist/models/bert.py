@@ -68,22 +68,23 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForMaskedLM,
-    BertForSequenceClassification,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-from transformers.utils import logging as hf_logging
+if TYPE_CHECKING:  # transformers is imported where used: reading a config must not pay for it
+    from transformers import (
+        AutoConfig,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertForMaskedLM,
+        BertForSequenceClassification,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
+    from transformers.utils import logging as hf_logging
 
 from ..data.alphabet import NOMINAL_LENGTH
 from ..data.dream import ReadOptions
@@ -149,6 +150,8 @@ class BertSettings:
 
     def bert_config(self, **extra: object) -> BertConfig:
         """The Hugging Face config for these settings (``extra`` adds head options)."""
+        from transformers import BertConfig
+
         return BertConfig(
             vocab_size=VOCAB_SIZE,
             hidden_size=self.hidden,
@@ -172,6 +175,8 @@ def build_mlm_model(settings: BertSettings) -> BertForMaskedLM:
 
     Loading a pretrained MLM export here continues pretraining from it.
     """
+    from transformers import BertForMaskedLM
+
     if settings.pretrained:
         model = _load_pretrained(settings, BertForMaskedLM, allowed_missing=())
     else:
@@ -187,6 +192,8 @@ def build_regression_model(settings: BertSettings) -> BertForSequenceClassificat
     neither) and the MLM head is dropped. Dropout comes from ``settings``; the sizes
     must agree with the export (a clear error names the keys that differ).
     """
+    from transformers import BertForSequenceClassification
+
     head = {"num_labels": 1, "problem_type": "regression"}
     if settings.pretrained:
         model = _load_pretrained(
@@ -209,6 +216,8 @@ def _load_pretrained(
     settings: BertSettings, cls: type[PreTrainedModel], allowed_missing: tuple[str, ...], **head: object
 ) -> PreTrainedModel:
     """``cls.from_pretrained(settings.pretrained)`` after checking it is a matching BERT MLM export."""
+    from transformers import AutoConfig
+
     path = Path(settings.pretrained).expanduser()
     where = f"model.bert.pretrained={settings.pretrained!r}"
     if not path.is_dir():
@@ -257,6 +266,8 @@ def _load_pretrained(
 @contextlib.contextmanager
 def _quiet_hf() -> Iterator[None]:
     """Hide the loader's progress bars and its load report (the caller checks the report itself)."""
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -317,6 +328,8 @@ def load_exported(
     (``AutoModelForSequenceClassification``; the export must be a fine-tuned regressor:
     to start a regressor from a masked-LM export use :func:`build_regression_model`).
     """
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
     auto = {
         "mlm": (AutoModelForMaskedLM, "BertForMaskedLM"),
         "regression": (AutoModelForSequenceClassification, "BertForSequenceClassification"),
@@ -338,6 +351,8 @@ def load_exported(
 
 def _unwrap(model: nn.Module) -> PreTrainedModel:
     """The Hugging Face model inside generic wrappers that keep it as ``.module``."""
+    from transformers import BertForMaskedLM, BertForSequenceClassification, PreTrainedModel
+
     while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     if not isinstance(model, (BertForMaskedLM, BertForSequenceClassification)):
