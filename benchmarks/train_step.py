@@ -81,10 +81,12 @@ MODELS = ("nad", "bert-regression", "bert-mlm")
 STAGES = (0, 1, 2, 3)
 MB = 1024.0**2
 
-#: BERT at debug size: the published layout (models/bert.py) scaled down, 128 positions (a 110-bp row).
-BERT_DEBUG = {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 512, "max_tokens": 128}
-#: Default micro batch per model and size (NAD: its config files' data.batch_size).
-DEFAULT_BATCH = {("nad", "debug"): 128, ("nad", "full"): 256, ("bert", "debug"): 32, ("bert", "full"): 64}
+#: Config file of each model and size, under configs/ (the runs the toolkit ships).
+CONFIG_FILES = {
+    ("nad", "debug"): "nad/debug.yaml", ("nad", "full"): "nad/full.yaml",
+    ("bert-regression", "debug"): "bert/finetune_debug.yaml", ("bert-regression", "full"): "bert/finetune.yaml",
+    ("bert-mlm", "debug"): "bert/pretrain_debug.yaml", ("bert-mlm", "full"): "bert/pretrain.yaml",
+}
 NAD_WORDS, NAD_VOCAB = 80, 1024
 BERT_TOKENS = 128  # a nominal 110-bp row in its 380-bp context: 126 3-mers + [CLS] + [SEP]
 
@@ -93,11 +95,14 @@ BERT_TOKENS = 128  # a nominal 110-bp row in its 380-bp context: 126 3-mers + [C
 
 
 def bench_config(model: str, size: str, precision: str, stage: int, batch: int, bucket: int, out_dir: str) -> Any:
-    """The run config of one benchmark case, built like a training run's (defaults <- YAML <- overrides)."""
+    """The run config of one benchmark case: the shipped config file with the benchmark's overrides.
+
+    ``batch`` 0 keeps the file's ``data.batch_size``. Models start from random weights (no GloVe
+    file, no pretrained export), GSAM is off and the monitors write nothing.
+    """
     from promoter_dist.config import load_config
 
     overrides = [
-        f"data.batch_size={batch}",
         f"engine.zero_stage={stage}",
         f"engine.precision={precision}",
         "engine.gradient_clipping=0",  # explicit: DeepSpeed's own default would clip at 1.0
@@ -105,16 +110,15 @@ def bench_config(model: str, size: str, precision: str, stage: int, batch: int, 
         "engine.csv=false",
         "optim.gsam.enabled=false",  # full.yaml turns GSAM on; this measures the plain engine step
         f"run.out_dir={out_dir}",
-        "data.glove=",  # random stand-in embedding: no vector file needed
+        "data.glove=",
     ]
+    if batch:
+        overrides.append(f"data.batch_size={batch}")
     if bucket:
         overrides.append(f"engine.reduce_bucket_size={bucket}")
-    if model == "nad":
-        return load_config(REPO / "configs" / "nad" / f"{size}.yaml", overrides)
-    overrides += ["model.name=bert", f"task.name={'mlm' if model == 'bert-mlm' else 'regression'}"]
-    if size == "debug":
-        overrides += [f"model.bert.{key}={value}" for key, value in BERT_DEBUG.items()]
-    return load_config(None, overrides)
+    if model != "nad":
+        overrides.append("model.bert.pretrained=")
+    return load_config(REPO / "configs" / CONFIG_FILES[(model, size)], overrides)
 
 
 def build_task(config: Any) -> Any:
@@ -126,10 +130,6 @@ def build_task(config: Any) -> Any:
     from promoter_dist.tasks.regression import RegressionTask
 
     return RegressionTask(config)
-
-
-def default_batch(model: str, size: str) -> int:
-    return DEFAULT_BATCH[("nad" if model == "nad" else "bert", size)]
 
 
 def make_batches(model: str, batch: int, count: int, device: torch.device, seed: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -161,6 +161,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def set_threads(threads: int) -> None:
+    """Torch's intra-op thread count (0: leave it)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def quiet_deepspeed() -> None:
     """DeepSpeed logs every initialize at INFO; the tables are the output here."""
     from deepspeed.utils import logger
@@ -171,46 +177,56 @@ def quiet_deepspeed() -> None:
 # --------------------------------------------------------------------------- throughput
 
 
+CLOCKS = ("wall", "cpu")  # perf_counter; process_time (CPU seconds of every thread of this process)
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
 @dataclass
 class Runner:
-    """One way of taking a training step, with per-phase timings of the timed steps."""
+    """One way of taking a training step, with per-phase timings of the timed steps on both clocks."""
 
     name: str
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     backward: Callable[[torch.Tensor], None]
     step: Callable[[], None]
     set_lr: Callable[[float], None]
-    phases: dict[str, list[float]] = field(default_factory=lambda: {"forward": [], "backward": [], "step": []})
-    rates: list[float] = field(default_factory=list)
+    phases: dict[str, dict[str, list[float]]] = field(
+        default_factory=lambda: {c: {"forward": [], "backward": [], "step": []} for c in CLOCKS})
+    rates: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CLOCKS})
 
     def run(self, batches: list[dict[str, torch.Tensor]], steps: int, device: torch.device, lr: float,
-            record: bool) -> float:
-        """``steps`` training steps; returns samples/s and, when ``record``, keeps the phase times."""
+            record: bool) -> dict[str, float]:
+        """``steps`` training steps; samples/s by clock, kept (with the phase times) when ``record``."""
         samples = 0
         synchronize(device)
-        start = time.perf_counter()
+        start = _now()
         for i in range(steps):
             batch = batches[i % len(batches)]
             self.set_lr(lr)  # the trainer sets the rate every step; both sides pay for it
-            t0 = time.perf_counter()
+            marks = [_now()]
             loss = self.forward(batch)
             synchronize(device)
-            t1 = time.perf_counter()
+            marks.append(_now())
             self.backward(loss)
             synchronize(device)
-            t2 = time.perf_counter()
+            marks.append(_now())
             self.step()
             synchronize(device)
-            t3 = time.perf_counter()
+            marks.append(_now())
             if record:
-                self.phases["forward"].append(t1 - t0)
-                self.phases["backward"].append(t2 - t1)
-                self.phases["step"].append(t3 - t2)
+                for c, clock in enumerate(CLOCKS):
+                    for k, phase in enumerate(("forward", "backward", "step")):
+                        self.phases[clock][phase].append(marks[k + 1][c] - marks[k][c])
             samples += len(batch["y"])
-        rate = samples / (time.perf_counter() - start)
+        end = _now()
+        rates = {clock: samples / max(end[c] - start[c], 1e-9) for c, clock in enumerate(CLOCKS)}
         if record:
-            self.rates.append(rate)
-        return rate
+            for clock in CLOCKS:
+                self.rates[clock].append(rates[clock])
+        return rates
 
 
 def plain_runner(model: torch.nn.Module, task: Any, config: Any, precision: str, device: torch.device) -> Runner:
@@ -253,9 +269,9 @@ def measure_throughput(model_name: str, args: argparse.Namespace, device: torch.
     """Plain torch vs the DeepSpeed engine on one model, interleaved; medians and ratios."""
     from promoter_dist.engine import build_engine
 
-    batch = args.batch or default_batch(model_name, args.size)
     with tempfile.TemporaryDirectory(prefix="train-step-bench-") as out_dir:
-        config = bench_config(model_name, args.size, args.precision, args.stage, batch, args.bucket, out_dir)
+        config = bench_config(model_name, args.size, args.precision, args.stage, args.batch, args.bucket, out_dir)
+        batch = config.data.batch_size
         task = build_task(config)
         torch.manual_seed(config.run.seed)
         model = task.build_model()
@@ -267,21 +283,26 @@ def measure_throughput(model_name: str, args: argparse.Namespace, device: torch.
         lr = config.optim.lr
         for runner in runners:
             runner.run(batches, args.warmup, device, lr, record=False)
-        paired = []
+        paired: dict[str, list[float]] = {clock: [] for clock in CLOCKS}
         for round_index in range(args.repeats):
             order = runners if round_index % 2 == 0 else runners[::-1]
             rates = {runner.name: runner.run(batches, args.steps, device, lr, record=True) for runner in order}
-            paired.append(rates[runners[0].name] / rates[runners[1].name])
+            for clock in CLOCKS:
+                paired[clock].append(rates[runners[0].name][clock] / rates[runners[1].name][clock])
         plain, zero = runners
         result = {
             "model": model_name, "size": args.size, "precision": args.precision, "stage": args.stage, "batch": batch,
-            "params": params, "threads": torch.get_num_threads(), "steps_per_block": args.steps,
-            "blocks": args.repeats,
-            "plain_samples_per_s": median(plain.rates), "engine_samples_per_s": median(zero.rates),
-            "ratio_of_medians": median(plain.rates) / median(zero.rates), "median_paired_ratio": median(paired),
-            "plain_blocks": plain.rates, "engine_blocks": zero.rates,
-            "phases_ms": {runner.name: {k: 1e3 * median(v) for k, v in runner.phases.items()} for runner in runners},
+            "params": params, "threads": torch.get_num_threads(), "device": str(device),
+            "steps_per_block": args.steps, "blocks": args.repeats,
         }
+        for clock in CLOCKS:
+            result[clock] = {
+                "plain_samples_per_s": median(plain.rates[clock]), "engine_samples_per_s": median(zero.rates[clock]),
+                "ratio_of_medians": median(plain.rates[clock]) / median(zero.rates[clock]),
+                "median_paired_ratio": median(paired[clock]),
+                "plain_blocks": plain.rates[clock], "engine_blocks": zero.rates[clock],
+                "phases_ms": {r.name: {k: 1e3 * median(v) for k, v in r.phases[clock].items()} for r in runners},
+            }
         del engine, runners, model, plain_model
         gc.collect()
     return result
@@ -290,20 +311,29 @@ def measure_throughput(model_name: str, args: argparse.Namespace, device: torch.
 def print_throughput(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    stage = rows[0]["stage"]
-    print(f"\nTraining step, one process: plain torch loop vs DeepSpeed ZeRO-{stage} engine "
-          f"(median samples/s over {rows[0]['blocks']} interleaved blocks of {rows[0]['steps_per_block']} steps)")
-    print(f"{'model':<24}{'params':>10}{'batch':>7}{'prec':>6}{'plain':>10}{'ZeRO-' + str(stage):>10}"
-          f"{'plain/ZeRO':>12}{'paired':>9}  target <= 1.10")
+    stage, first = rows[0]["stage"], rows[0]
+    # CPU time only means something for CPU work; on a GPU the kernels run asynchronously.
+    clocks = CLOCKS if first["device"] == "cpu" else ("wall",)
+    print(f"\nTraining step, one process, {first['threads']} torch thread(s): plain torch loop vs DeepSpeed "
+          f"ZeRO-{stage} engine; medians over {first['blocks']} interleaved blocks of {first['steps_per_block']} "
+          f"steps each")
+    print(f"{'model':<24}{'params':>10}{'batch':>6}{'prec':>5}{'clock':>6}{'plain':>9}{'ZeRO-' + str(stage):>9}"
+          f"{'plain/ZeRO':>11}{'paired':>8}  (samples/s; target ratio <= 1.10)")
     for r in rows:
-        verdict = "ok" if r["median_paired_ratio"] <= 1.10 else "above"
-        print(f"{r['model'] + ' (' + r['size'] + ')':<24}{r['params']:>10,}{r['batch']:>7}{r['precision']:>6}"
-              f"{r['plain_samples_per_s']:>10.1f}{r['engine_samples_per_s']:>10.1f}"
-              f"{r['ratio_of_medians']:>11.3f}x{r['median_paired_ratio']:>8.3f}x  {verdict}")
-    print("\nMedian ms per step by phase (forward = forward + loss):")
+        for clock in clocks:
+            c = r[clock]
+            verdict = "ok" if c["median_paired_ratio"] <= 1.10 else "above"
+            print(f"{r['model'] + ' (' + r['size'] + ')':<24}{r['params']:>10,}{r['batch']:>6}{r['precision']:>5}"
+                  f"{clock:>6}{c['plain_samples_per_s']:>9.1f}{c['engine_samples_per_s']:>9.1f}"
+                  f"{c['ratio_of_medians']:>10.3f}x{c['median_paired_ratio']:>7.3f}x  {verdict}")
+    if len(clocks) > 1:
+        print("wall: elapsed time; cpu: CPU seconds of this process (on a shared machine the steadier of the two,\n"
+              "as time spent waiting for a core is left out); paired: median over rounds of plain/ZeRO in one round")
+    clock = clocks[-1]
+    print(f"\nMedian ms per step by phase, {clock} clock (forward = forward + loss):")
     print(f"{'model':<17}{'variant':<13}{'forward':>9}{'backward':>10}{'step':>8}{'total':>8}")
     for r in rows:
-        for name, phases in r["phases_ms"].items():
+        for name, phases in r[clock]["phases_ms"].items():
             total = sum(phases.values())
             print(f"{r['model']:<17}{name:<13}{phases['forward']:>9.1f}{phases['backward']:>10.1f}"
                   f"{phases['step']:>8.1f}{total:>8.1f}")
@@ -458,6 +488,7 @@ def memory_worker(args: argparse.Namespace) -> None:
 
     env = dist.resolve_environment(args.local_rank)
     dist.init_distributed(env)
+    set_threads(args.threads)
     quiet_deepspeed()
     device = compute_device()
     batch = args.memory_batch
@@ -546,6 +577,7 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
         out = Path(tmp) / "memory.json"
         worker_args = ["--worker-memory", "--worker-out", str(out), "--size", args.size, "--precision", args.precision,
                        "--memory-batch", str(args.memory_batch), "--memory-steps", str(args.memory_steps),
+                       "--threads", str(args.threads),
                        "--bucket", str(args.bucket), "--stages", *map(str, args.stages)]
         started = time.perf_counter()
         # A fixed mmap threshold stops glibc from raising it after each large free, so large tensors
@@ -605,11 +637,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", choices=[*MODELS, "all"], default="nad", help="model(s) timed (default: nad)")
     parser.add_argument("--size", choices=["debug", "full"], default="debug",
-                        help="debug (configs/nad/debug.yaml; BERT hidden 128, 2 layers) or full (published sizes)")
-    parser.add_argument("--batch", type=int, default=0,
-                        help="micro batch (0: NAD 128 debug / 256 full, BERT 32 debug / 64 full)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=8, help="timed blocks of each variant, interleaved")
+                        help="debug or full (published sizes): the model's config file under configs/")
+    parser.add_argument("--batch", type=int, default=0, help="micro batch (0: the config file's data.batch_size)")
+    parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=20, help="timed blocks of each variant, interleaved")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first")
     parser.add_argument("--stage", type=int, choices=STAGES, default=2, help="ZeRO stage of the timed engine")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
@@ -646,8 +677,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.worker_memory:
         memory_worker(args)
         return
@@ -657,16 +686,17 @@ def main(argv: list[str] | None = None) -> None:
     import deepspeed
 
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                     "deepspeed": deepspeed.__version__, "python": platform.python_version(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "args": {k: v for k, v in vars(args).items() if not k.startswith("worker") and k != "local_rank"},
     }
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"deepspeed {deepspeed.__version__}, GPU: {report['machine']['gpu'] or 'none'}")
     if not args.no_speed:
         # One process, no launcher: resolve_environment sets the single-rank variables DeepSpeed needs.
         dist.init_distributed(dist.resolve_environment())
+        set_threads(args.threads)  # after init_distributed, which picks a count of its own on a CPU
         quiet_deepspeed()
         device = compute_device()
         models = MODELS if args.model == "all" else (args.model,)

@@ -7,6 +7,8 @@
     promoter-dist shards info DIR                              counts per split
     promoter-dist glove   DIR --out DIR                        GloVe vectors over NAD words of the shards
     promoter-dist demo    --out DIR                            the whole chain on synthetic data
+    promoter-dist predict --checkpoint RUN --input FILE --out submission.json   DREAM submission of a trained run
+    promoter-dist export  --checkpoint RUN --out model.pt       a checkpoint's consolidated fp32 weights
     promoter-dist submit train --config FILE [KEY=VALUE ...]   training as a SLURM job (submitit; or --cluster local)
     promoter-dist submit shards FILE --out DIR                 the shard build as a SLURM CPU job
 
@@ -254,6 +256,49 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predictions of a trained run for every line of a DREAM file, written as a submission JSON."""
+    from .checkpoints import checkpoint_tag
+    from .predict import load_trained, predict_with_model, resolve_device
+    from .scoring import write_submission
+
+    t0 = time.perf_counter()
+    device = resolve_device(args.device)
+    task, model, config = load_trained(args.checkpoint, args.which, device)
+    tag = checkpoint_tag(args.checkpoint, args.which)
+    print(f"checkpoint {tag} of {args.checkpoint} ({config.model.name}) on {device}, {args.precision}", flush=True)
+    t_predict = time.perf_counter()
+    values = predict_with_model(task, model, config, args.input, batch_size=args.batch_size, pad=args.pad,
+                                precision=args.precision, progress=not args.no_progress)
+    seconds = time.perf_counter() - t_predict
+    mode = "rank" if args.rank else "raw"
+    path = write_submission(args.out, values, mode=mode)
+    print(f"wrote {len(values)} predictions ({mode}) to {path}: {seconds:.1f} s for the rows "
+          f"({len(values) / max(seconds, 1e-9):,.0f} rows/s), {time.perf_counter() - t0:.1f} s in all")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A checkpoint's consolidated fp32 weights as one torch file."""
+    import contextlib
+
+    from .checkpoints import checkpoint_tag, export_fp32
+    from .predict import run_folder
+
+    folder = run_folder(args.checkpoint)
+    tag = checkpoint_tag(folder, args.which)
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints on stdout
+            export_fp32(folder, out, tag)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the weights ({exc.strerror or exc})") from None
+    print(f"wrote the fp32 weights of checkpoint {tag} of {folder} to {out} ({out.stat().st_size:,} bytes); "
+          f"load with model.load_state_dict(torch.load(path))")
+    return 0
+
+
 def cmd_submit_train(args: argparse.Namespace) -> int:
     from .launch import slurm
 
@@ -289,6 +334,8 @@ def _follow_job(job, options, wait: bool) -> int:
         if options.cluster == "slurm":
             print(f"promoter-dist: stopped waiting; job {job.job_id} keeps running (scancel {job.job_id} stops it)",
                   file=sys.stderr)
+        else:
+            slurm.cancel(job)  # local tasks are children of this command: stop them with it
         return 130
     for result in results:
         print(json.dumps(result, default=str))
@@ -383,6 +430,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--plot", help="also write a PNG with predicted vs measured per subset here")
 
+    p = add("predict", cmd_predict,
+            "predict expression for every line of a DREAM file with a trained run; writes the submission JSON "
+            '{"<row index>": value} (row index = 0-based line of the input)')
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder of a training run (its run.out_dir)")
+    p.add_argument("--which", default="best",
+                   help="checkpoint: 'best' (best validation), 'latest' or a tag such as step00001200 (default: best)")
+    p.add_argument("--input", required=True, help="test_sequences.txt-style file, plain or .gz; every line is predicted")
+    p.add_argument("--out", required=True, help="submission JSON to write (atomically)")
+    p.add_argument("--rank", action="store_true",
+                   help="write average rank / N in (0, 1] instead of raw values (as team NAD submitted)")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per forward pass (default: 1024)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32, or bf16 autocast (faster on a GPU) (default: fp32)")
+    p.add_argument("--pad", action="store_true",
+                   help="NAD: fit rows that are not 110 bp to 110 bp with vector sequence, keeping their 3' end "
+                        "(default: such a row is an error naming its line)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = add("export", cmd_export, "write a checkpoint's consolidated fp32 weights (any ZeRO stage) as one torch file")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder of a training run (its run.out_dir)")
+    p.add_argument("--which", default="best", help="checkpoint: 'best', 'latest' or a tag (default: best)")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.pt")
+
     submit = sub.add_parser("submit", help="run training or the shard build as a SLURM job (or locally) with submitit",
                             description="run training or the shard build as a SLURM job (or locally) with submitit")
     submit_sub = submit.add_subparsers(dest="submit_command", required=True, metavar="SUBCOMMAND")
@@ -403,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=1, help="salt of the split hash (default: 1)")
     p.add_argument("--rows-per-block", type=int, default=1024, help="rows per WebDataset sample (default: 1024)")
     p.add_argument("--blocks-per-shard", type=int, default=32, help="blocks per tar file (default: 32)")
-    p.add_argument("--top-fraction", type=float, default=0.2, help="top-expression subset for BERT pretraining (default: 0.2)")
+    p.add_argument("--top-fraction", type=float, default=0.2,
+                   help="top-expression subset for BERT pretraining (default: 0.2)")
     p.add_argument("--workers", type=int, default=None, help="build processes (default: every core of the job)")
     p.add_argument("--overwrite", action="store_true", help="replace shards built from another source/options")
     _add_read_options(p)

@@ -209,6 +209,7 @@ class Trainer:
             log.info("done: %d steps, %d skipped; best %s", self.step, self.skipped_steps, self.best)
             if self.config.run.plots:
                 self.plot()
+            self.export()
         dist.barrier()
         return {"best": self.best, "last": next((r for r in reversed(self.history) if r["kind"] == "val"), None),
                 "steps": self.step, "skipped_steps": self.skipped_steps, "parameters": self.parameter_count}
@@ -245,16 +246,19 @@ class Trainer:
                              "loss": mean_loss, "lr": self.learning_rate(),
                              "samples_per_s": samples / elapsed})
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-            if run.eval_every and self.step % run.eval_every == 0:
+            stopping = self.max_steps_reached()
+            if (run.eval_every and self.step % run.eval_every == 0) or stopping:
                 self.validate(epoch)
-            if run.checkpoint_every and self.step % run.checkpoint_every == 0:
+            if (run.checkpoint_every and self.step % run.checkpoint_every == 0) or stopping:
                 self.save_checkpoint()
-            if self.max_steps_reached():
+            if stopping:
                 return True
         for _ in batches:  # micro batches that do not fill a step: consumed so the epoch advances
             pass
-        self.validate(epoch)
-        self.save_checkpoint()
+        if not (run.eval_every and self.step % run.eval_every == 0):
+            self.validate(epoch)
+        if not (run.checkpoint_every and self.step % run.checkpoint_every == 0):
+            self.save_checkpoint()
         if self.env.is_main and self.config.run.plots:
             self.plot()
         return False
@@ -318,6 +322,23 @@ class Trainer:
 
             plot_predicted_vs_measured(outputs["pred"], outputs["y"], self.out_dir / "val_predicted_vs_measured.png",
                                        title=f"validation, step {self.step}")
+
+    def export(self) -> None:
+        """The best (else the latest) checkpoint in the task's portable form, in <out_dir>/export.
+
+        Rebuilt from the checkpoint's consolidated fp32 weights, so it works for every ZeRO
+        stage without gathering partitions. NAD's model has no portable form beyond the
+        checkpoint; BERT models save as Hugging Face folders with their tokenizer.
+        """
+        from .checkpoints import fp32_state_dict
+
+        which = "best" if self.read_pointer("best") else "latest"
+        if self.read_pointer(which) is None or self.config.model.name != "bert":
+            return
+        model = self.task.build_model()
+        model.load_state_dict(fp32_state_dict(self.out_dir, which), strict=True)
+        self.task.export(model, self.out_dir / "export")
+        log.info("exported the %s checkpoint to %s", which, self.out_dir / "export")
 
     # -- records and plots ----------------------------------------------------------------
 

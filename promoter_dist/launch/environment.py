@@ -280,7 +280,8 @@ def from_submitit_local(environ: Mapping[str, str]) -> DistributedEnv:
     """The environment of one task of submitit's ``local`` executor (all tasks on this machine)."""
     world = _int(environ, "SUBMITIT_LOCAL_NTASKS")
     job_id = environ.get("SUBMITIT_LOCAL_JOB_ID", "0")
-    return DistributedEnv(rank=_int(environ, "SUBMITIT_LOCAL_GLOBALID"), local_rank=_int(environ, "SUBMITIT_LOCAL_LOCALID"),
+    return DistributedEnv(rank=_int(environ, "SUBMITIT_LOCAL_GLOBALID"),
+                          local_rank=_int(environ, "SUBMITIT_LOCAL_LOCALID"),
                           world_size=world, local_world_size=world, node_rank=0, num_nodes=1,
                           master_addr="127.0.0.1", master_port=master_port(job_id), job_id=job_id, source="local")
 

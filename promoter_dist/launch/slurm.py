@@ -195,7 +195,8 @@ def add_cluster_arguments(parser: "argparse.ArgumentParser", time: str, job_name
     g.add_argument("--account", default=None, help="account to charge (--account)")
     g.add_argument("--qos", default=None, help="quality of service (--qos)")
     g.add_argument("--constraint", default=None, help="node features (--constraint), e.g. 'a100|h100'")
-    g.add_argument("--time", default=time, help=f"time limit of one run, requeues get it again (--time; default: {time})")
+    g.add_argument("--time", default=time,
+                   help=f"time limit of one run, requeues get it again (--time; default: {time})")
     g.add_argument("--job-name", default=job_name, help=f"job name (--job-name; default: {job_name})")
     g.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
                    help="USR2 this long before the time limit, to requeue (--signal=USR2@N; default: 120)")
@@ -219,7 +220,8 @@ def cluster_options_from_args(args: "argparse.Namespace") -> ClusterOptions:
         tasks_per_node=getattr(args, "tasks_per_node", None), cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
         partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint, time=args.time,
         job_name=args.job_name, signal_delay_s=args.signal_delay, max_timeouts=args.max_timeouts,
-        exclusive=args.exclusive, setup=list(args.setup), additional=parse_key_values(args.slurm_param, "--slurm-param"),
+        exclusive=args.exclusive, setup=list(args.setup),
+        additional=parse_key_values(args.slurm_param, "--slurm-param"),
     )
 
 
@@ -662,12 +664,18 @@ def wait(job: submitit.Job, poll_s: float = 2.0, timeout_s: float | None = None,
             raise JobFailed(f"job {job.job_id} (debug) failed: {exc}\n{tail}", job.job_id, "FAILED") from None
     state = "UNKNOWN"
     if isinstance(job, submitit.SlurmJob):
+        confirmed = False
         while True:
             state = slurm_state(job)
             if on_poll is not None:
                 on_poll(state)
             if state.split()[0] in TERMINAL_STATES:
-                break
+                if all(p.exists() for p in _result_paths(job)) or confirmed:
+                    break
+                confirmed = True  # no results yet: look once more, in case the job is being requeued
+                _time.sleep(poll_s)
+                continue
+            confirmed = False
             if state == "UNKNOWN" and all(p.exists() for p in _result_paths(job)):
                 break  # forgotten by SLURM (purged, no accounting) after writing every result
             if timeout_s is not None and _time.monotonic() - start > timeout_s:

@@ -1,4 +1,8 @@
-"""`deepspeed train.py` end to end on 2 CPU ranks: outputs, exact resume after SIGKILL, fp32 export."""
+"""`deepspeed train.py` end to end on 2 CPU ranks: outputs, exact resume after SIGKILL, fp32 export.
+
+The runs use GSAM, gradient accumulation, label noise and ZeRO-2, so the resume test covers the
+optimizer wrapper's state, the RNG replay of its second pass and the loader position together.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ STEPS = 14
 
 
 def tiny_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    """A tiny NAD model on the small real-row shards; every step logged, checkpoints every 4 steps."""
+    """A tiny NAD model with GSAM on the small real-row shards; every step logged, checkpoints every 4 steps."""
     return ["--config", str(REPO / "configs" / "nad" / "debug.yaml"), f"run.out_dir={out}", f"data.shards={shards}",
             "data.glove=", "data.batch_size=16", "model.nad.channels=[8,8,16,16,16]", "model.nad.fpn_dim=16",
             "model.nad.heads=2", "model.nad.head_dim=8", "run.log_every=1", "run.checkpoint_every=4",
-            "run.eval_every=5", f"run.max_steps={STEPS}", "engine.zero_stage=2", "engine.grad_accum=2", *extra]
+            "run.eval_every=5", f"run.max_steps={STEPS}", "engine.zero_stage=2", "engine.grad_accum=2",
+            "optim.gsam.enabled=true", *extra]
 
 
 def train_losses(run: Path) -> dict[int, float]:
@@ -53,13 +58,13 @@ def test_run_folder_holds_config_logs_monitor_plots_and_checkpoints(uninterrupte
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = run / "checkpoints"
     latest = (ckpt / "latest").read_text()
-    assert latest == "step00000012"
-    assert {p.name for p in ckpt.glob("step*")} == {"step00000008", "step00000012"}  # keep_checkpoints=2
+    assert latest == f"step{STEPS:08d}"  # the run's last step is always saved
+    assert {p.name for p in ckpt.glob("step*")} == {"step00000012", f"step{STEPS:08d}"}  # keep_checkpoints=2
     assert {p.name for p in (ckpt / latest).glob("trainer-rank*.pt")} == {"trainer-rank0.pt", "trainer-rank1.pt"}
     assert (ckpt / (ckpt / "best").read_text()).is_dir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r["kind"] == "val"]
-    assert [r["step"] for r in val] == [5, 10]
+    assert [r["step"] for r in val] == [5, 10, STEPS]  # every run.eval_every steps and at the end
     assert all(-1 <= r["pearson"] <= 1 and -1 <= r["spearman"] <= 1 for r in val)
 
 
