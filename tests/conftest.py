@@ -14,6 +14,18 @@ TEST_LABELLED = SAMPLES / "test_labelled_first2999.txt"
 NAD_VECTORS = REPO / "data" / "dream2022" / "nad_glove" / "vectors.txt"
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread per test process: pytest-xdist already runs a process per core, and
+    oversubscribed cores made the small models several times slower. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
     """The 6,370 real demo rows in small blocks: 9 uneven train shards and 1 val shard."""

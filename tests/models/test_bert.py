@@ -33,15 +33,6 @@ PUBLISHED_TOLERANCE = 5_000
 TINY = dict(hidden=64, layers=2, heads=4, intermediate=128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine's few cores are shared: one thread avoids oversubscription. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sample():
     """The first 32 real rows: their raw sequences and their codes."""

@@ -29,16 +29,6 @@ def words(batch: int, length: int = 80, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, NUM_WORDS, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's few cores are shared: one thread avoids oversubscription,
-    # which made these small models several times slower. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def published() -> NADModel:
     torch.manual_seed(0)

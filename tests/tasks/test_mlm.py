@@ -21,15 +21,6 @@ SAMPLE = Path(__file__).resolve().parents[2] / "data" / "dream2022" / "samples" 
 TINY = ["model.bert.hidden=64", "model.bert.layers=2", "model.bert.heads=4", "model.bert.intermediate=128"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine's few cores are shared: one thread avoids oversubscription. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def batch() -> dict[str, torch.Tensor]:
     """All 1,000 real sample rows as one loader-style batch (about 128k tokens, frame 0)."""
