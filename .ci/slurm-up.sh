@@ -41,6 +41,7 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 exec 9>"$LOCK"
 flock 9
 
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 node_names() { if [ "$NODES" = 2 ]; then echo "n1 n2"; else echo "$HOST"; fi; }
 
 cluster_ready() {
@@ -127,14 +128,15 @@ if [ "$NODES" = 2 ]; then
 NodeName=n2 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17002 CPUs=$cpus RealMemory=$(( real_mb / 2 )) State=UNKNOWN"
     def_mem=$(( real_mb / 2 / cpus ))
 else
-    node_lines="NodeName=$HOST CPUs=$cpus RealMemory=$real_mb State=UNKNOWN"
+    node_lines="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mb State=UNKNOWN"
     def_mem=$(( real_mb / cpus ))
 fi
 tmp_conf=$(mktemp)
 cat > "$tmp_conf" <<EOF
 $MARKER
 ClusterName=promoterci
-SlurmctldHost=$HOST
+# Addresses given explicitly: nothing depends on how this machine's name resolves.
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -173,6 +175,11 @@ $node_lines
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 if ! cmp -s "$tmp_conf" "$CONF" 2>/dev/null; then
+    # A new file means restarting the daemons below: never under someone's running jobs.
+    if pid_alive "$DIR/slurmctld.pid" && [ -n "$(timeout 10 squeue -h -o %i 2>/dev/null)" ]; then
+        rm -f "$tmp_conf"
+        die "the cluster runs with another configuration (e.g. another PROMOTER_DIST_SLURM_NODES) and has jobs; wait for them (squeue) or stop it with .ci/slurm-down.sh"
+    fi
     mv "$tmp_conf" "$CONF"
     chmod 0644 "$CONF"
     conf_changed=1
@@ -182,7 +189,6 @@ else
 fi
 
 # ----------------------------------------------------------------------------- daemons
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 if [ "$conf_changed" = 1 ]; then
     # Node definitions changed: `scontrol reconfigure` does not re-create node records

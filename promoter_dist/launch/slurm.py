@@ -53,6 +53,7 @@ CLUSTERS = ("slurm", "local", "debug")
 TERMINAL_STATES = frozenset({
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
     "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
+    "ENDED",  # ours: forgotten by scontrol, unknown to sacct (see slurm_state)
 })
 
 
@@ -578,7 +579,8 @@ def submit_shards(source: str | os.PathLike, out_dir: str | os.PathLike, options
 def slurm_job_info(job_id: str) -> dict[str, str] | None:
     """``scontrol show job -o ID`` as a dict (JobState, Reason, Restarts, ExitCode, ...).
 
-    None when scontrol is missing or no longer knows the job (purged after ``MinJobAge``).
+    ``{}`` when the controller no longer knows the job (purged ``MinJobAge`` after its
+    end); None when scontrol is missing or does not answer.
     """
     scontrol = shutil.which("scontrol")
     if scontrol is None:
@@ -589,7 +591,7 @@ def slurm_job_info(job_id: str) -> dict[str, str] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     if result.returncode != 0 or not result.stdout.strip():
-        return None
+        return {} if "invalid job id" in (result.stderr + result.stdout).lower() else None
     info: dict[str, str] = {}
     for token in result.stdout.split():
         key, sep, value = token.partition("=")
@@ -599,11 +601,17 @@ def slurm_job_info(job_id: str) -> dict[str, str] | None:
 
 
 def slurm_state(job: submitit.Job) -> str:
-    """The job's state: scontrol first, then submitit's sacct watcher; "UNKNOWN" if neither knows."""
+    """The job's state: scontrol first, then submitit's sacct watcher.
+
+    "ENDED" when scontrol has forgotten the job and sacct knows nothing either (no
+    accounting database): it ended a while ago, and its result files tell how.
+    "UNKNOWN" when neither can be asked.
+    """
     info = slurm_job_info(job.job_id)
     if info and info.get("JobState"):
         return info["JobState"]
-    return job.watcher.get_state(job.job_id, mode="force")
+    state = job.watcher.get_state(job.job_id, mode="force")
+    return "ENDED" if state == "UNKNOWN" and info == {} else state
 
 
 def _tail(path: Path, lines: int) -> str:

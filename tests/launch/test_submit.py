@@ -306,3 +306,28 @@ def test_local_shards_job_finishes(tmp_path):
     job = S.submit_shards(DEMO_TRAIN, out, S.ClusterOptions(cluster="local", time="5"))
     (summary,) = S.wait(job, poll_s=0.5, timeout_s=120)
     assert summary["rows"] == summary["verified_rows"] == 6370 and summary["workers"] == os.cpu_count()
+
+
+def test_wait_without_accounting_reads_results_of_a_forgotten_job(tmp_path, monkeypatch):
+    """No sacct database and scontrol has purged the job: the result files decide."""
+    import submitit
+    from submitit.core.utils import cloudpickle_dump
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in {"scontrol": "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+                       "sacct": "echo 'sacct: error: accounting storage is disabled' >&2; exit 1"}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    folder = tmp_path / "logs" / "%j"
+    done = submitit.SlurmJob(folder=folder, job_id="77", tasks=[0, 1])
+    done.paths.folder.mkdir(parents=True)
+    for task in (0, 1):
+        cloudpickle_dump(("success", {"rank": task}), submitit.core.utils.JobPaths(folder, "77", task).result_pickle)
+    assert S.wait(done, poll_s=0.1) == [{"rank": 0}, {"rank": 1}]
+    lost = submitit.SlurmJob(folder=folder, job_id="78", tasks=[0])
+    lost.paths.folder.mkdir(parents=True)
+    (lost.paths.folder / "78_0_log.err").write_text("slurmstepd: error: Detected 1 oom_kill event\n")
+    with pytest.raises(S.JobFailed, match="(?s)job 78 ended ENDED without a result from task 0.*oom_kill"):
+        S.wait(lost, poll_s=0.1)
