@@ -25,6 +25,7 @@ from promoter_dist.data.nad_words import words_from_codes
 from promoter_dist.errors import InputError, UserError
 from promoter_dist.metrics import rankdata
 from promoter_dist.predict import (
+    RowBatch,
     RowEncoder,
     fit_nominal,
     load_trained,
@@ -42,24 +43,40 @@ ROWS = 2999
 
 
 def tiny_run_overrides(shards: Path, out: Path) -> list[str]:
-    """configs/nad/debug.yaml shrunk to a few thousand parameters; two validations, so a best checkpoint."""
+    """configs/nad/debug.yaml shrunk to 14k parameters: checkpoints at steps 3 and 6, the best one at step 6."""
     return [f"run.out_dir={out}", f"data.shards={shards}", "data.glove=", "data.batch_size=32",
-            "model.nad.embed_dim=16", "model.nad.channels=[8,8,16,16,16]", "model.nad.fpn_dim=16",
-            "model.nad.heads=2", "model.nad.head_dim=8", "model.nad.depths=[1,1,1,1]", "model.nad.residual_blocks=0",
-            "model.nad.ff_mult=1", "run.max_steps=6", "run.eval_every=3", "run.checkpoint_every=3",
-            "run.log_every=3", "run.plots=false", "engine.tensorboard=false", "engine.csv=false"]
+            "data.shuffle_buffer=512", "data.eval_batch_size=512", "model.nad.embed_dim=16",
+            "model.nad.channels=[8,8,16,16,16]", "model.nad.fpn_dim=16", "model.nad.heads=2", "model.nad.head_dim=8",
+            "model.nad.depths=[1,1,1,1]", "model.nad.residual_blocks=0", "model.nad.ff_mult=1", "run.max_steps=6",
+            "run.eval_every=6", "run.checkpoint_every=3", "run.log_every=3", "run.plots=false",
+            "engine.tensorboard=false", "engine.csv=false"]
+
+
+def train_tiny_run(shards: Path, out: Path) -> Path:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/nad/debug.yaml"),
+                           *tiny_run_overrides(shards, out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (out / "checkpoints" / "best").is_file() and (out / "checkpoints" / "latest").is_file()
+    return out
 
 
 @pytest.fixture(scope="module")
 def run_dir(small_shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("predict") / "run"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/nad/debug.yaml"),
-                           *tiny_run_overrides(small_shards, out)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (out / "checkpoints" / "best").is_file() and (out / "checkpoints" / "latest").is_file()
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return train_tiny_run(small_shards, tmp_path_factory.mktemp("predict") / "run")
+    # Under pytest-xdist the workers of one session share the parent of their temp folders:
+    # the first to get there trains, the others reuse its run (training is the slow part).
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent
+    out = root / "predict_run"
+    with FileLock(str(root / "predict_run.lock")):
+        if not (out / "trained").is_file():
+            train_tiny_run(small_shards, out)
+            (out / "trained").write_text("ok\n")
     return out
 
 
@@ -125,9 +142,11 @@ def test_rank_mode_gives_ranks_over_n_consistent_with_raw(run_dir, submission, t
 
 def test_batch_size_does_not_change_the_predictions(trained, submission, tmp_path):
     task, model, config = trained
-    head = write_rows(tmp_path / "head.txt", sample_sequences(70))
-    values = predict_with_model(task, model, config, head, batch_size=16)  # 4 full batches and a short one
-    np.testing.assert_allclose(values, [submission[str(i)] for i in range(70)], rtol=1e-5, atol=1e-5)
+    head = write_rows(tmp_path / "head.txt", sample_sequences(40))
+    values = predict_with_model(task, model, config, head, batch_size=16)  # 2 full batches and a short one
+    np.testing.assert_allclose(values, [submission[str(i)] for i in range(40)], rtol=1e-5, atol=1e-5)
+    bf16 = predict_with_model(task, model, config, head, precision="bf16")  # autocast works on a CPU too
+    assert np.isfinite(bf16).all() and np.abs(bf16 - values).max() < 0.05 * np.abs(values).max()
 
 
 def test_scoring_the_submission(run_dir, submission, tmp_path, capsys):
@@ -183,8 +202,8 @@ def test_nad_refuses_other_lengths_unless_padded(trained, tmp_path):
 
 def test_fit_nominal_keeps_the_3prime_end_and_prepends_vector_sequence():
     random = "ACGT" * 20
-    rows = [ADAPTER_5P + random + ADAPTER_3P, ADAPTER_5P + random[:75] + ADAPTER_3P, "GG" + ADAPTER_5P + random
-            + ADAPTER_3P + ""]
+    rows = [ADAPTER_5P + random + ADAPTER_3P, ADAPTER_5P + random[:75] + ADAPTER_3P,
+            "GG" + ADAPTER_5P + random + ADAPTER_3P]
     codes = np.full((3, 112), 5, np.uint8)
     for i, row in enumerate(rows):
         codes[i, : len(row)] = encode(row)
@@ -220,14 +239,39 @@ def test_bert_rows_are_encoded_like_the_loader_and_too_long_rows_refused(tmp_pat
         codes[i, : len(s)] = encode(s)
     lengths = np.array([len(s) for s in seqs])
     encoder.check(codes, lengths, np.zeros(2, bool), np.array([1, 2]))  # 110 bp fits 128 tokens
-    from promoter_dist.predict import RowBatch
-
     inputs = encoder.inputs(RowBatch(codes, lengths, np.array([1, 2])))
     ids, mask = encode_codes(codes, lengths, frame=1)
     assert (inputs["input_ids"].numpy() == ids).all() and (inputs["attention_mask"].numpy() == mask).all()
     with pytest.raises(InputError, match=r"rows.txt:7 \[sequence\]: sequence of 120 bp gives 131 tokens; the model "
                                          r"takes at most 128"):
         encoder.check(codes, np.array([110, 120]), np.zeros(2, bool), np.array([6, 7]))
+
+
+def test_bert_run_predicts_rows_of_any_length_like_one_at_a_time(tmp_path):
+    """A BERT regression run (weights in DeepSpeed's ZeRO-0 layout): rows of 80-190 bp padded per batch."""
+    from promoter_dist.config import dump_yaml, load_config
+    from promoter_dist.tasks import build_task
+
+    run = tmp_path / "bert"
+    # The pretrained export the run started from is gone: predicting must not need it.
+    config = load_config(REPO / "configs" / "bert" / "finetune_debug.yaml",
+                         ["model.bert.pretrained=runs/gone/export", "model.bert.hidden=16", "model.bert.layers=1",
+                          "model.bert.heads=2", "model.bert.intermediate=32", f"run.out_dir={run}"])
+    (run / "checkpoints" / "step00000001").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(config))
+    config.model.bert.pretrained = ""
+    torch.manual_seed(0)
+    weights = build_task(config).build_model().state_dict()
+    torch.save({"module": weights}, run / "checkpoints" / "step00000001" / "mp_rank_00_model_states.pt")
+    (run / "checkpoints" / "latest").write_text("step00000001\n")
+
+    task, model, config = load_trained(run, "latest")
+    seqs = [s[: 80 + 3 * i] if i < 10 else s + "ACGT" * (i - 9) for i, s in enumerate(sample_sequences(30))]
+    values = predict_with_model(task, model, config, write_rows(tmp_path / "rows.txt", seqs), batch_size=8)
+    with torch.no_grad():
+        one_by_one = [task.predict(model, dict(zip(("input_ids", "attention_mask"), map(
+            torch.from_numpy, encode_codes(encode(s)[None], np.array([len(s)])))))).item() for s in seqs]
+    np.testing.assert_allclose(values, one_by_one, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- checkpoints, devices, export
