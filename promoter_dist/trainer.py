@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -29,7 +28,7 @@ from .config import TrainConfig, config_dict, dump_yaml
 from .data.loader import LoaderConfig, ShardLoader
 from .engine import build_engine, parameters_finite, set_learning_rate
 from .errors import NonFiniteLossError, UserError
-from .io import atomic_open, write_json_atomic
+from .io import atomic_open
 from .schedules import Plateau, lr_at
 from .tasks import build_task
 

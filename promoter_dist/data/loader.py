@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserError
 from .alphabet import NOMINAL_LENGTH
 from .nad_words import words_from_codes
-from .shards import FLAG_NAD, FLAG_TOP, VIEWS, load_manifest, padded_codes, read_block_range
+from .shards import VIEWS, load_manifest, padded_codes, read_block_range
 
 TOKENS = ("nad", "kmer", "bases")
 _VIEW_COLUMN = {"all": 2, "nad": 3, "top": 4}  # column of the manifest's per-block index

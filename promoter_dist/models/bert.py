@@ -74,17 +74,12 @@ import torch
 from torch import nn
 if TYPE_CHECKING:  # transformers is imported where used: reading a config must not pay for it
     from transformers import (
-        AutoConfig,
-        AutoModelForMaskedLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
         BertConfig,
         BertForMaskedLM,
         BertForSequenceClassification,
         PreTrainedModel,
         PreTrainedTokenizerBase,
     )
-    from transformers.utils import logging as hf_logging
 
 from ..data.alphabet import NOMINAL_LENGTH
 from ..data.dream import ReadOptions
