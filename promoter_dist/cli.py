@@ -161,12 +161,14 @@ def launch_training(config: Path, overrides: list[str], procs: int) -> int:
 
 
 def best_validation(run_dir: Path) -> dict:
-    """The best validation record of a finished run (from metrics.jsonl)."""
+    """The best validation record of a finished run (from metrics.jsonl): highest Pearson, else lowest loss."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r["kind"] == "val"]
     if not val:
         raise UserError(f"{run_dir}: the run recorded no validation metrics")
-    return max(val, key=lambda r: r.get("pearson", float("-inf")))
+    if all(r.get("pearson") is not None for r in val):
+        return max(val, key=lambda r: r["pearson"])
+    return min(val, key=lambda r: r["loss"] if r.get("loss") is not None else float("inf"))
 
 
 def oracle_on_rows(synth_path: Path, noise_free_path: Path, lines: np.ndarray) -> float:
@@ -181,7 +183,7 @@ def oracle_on_rows(synth_path: Path, noise_free_path: Path, lines: np.ndarray) -
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> shards -> verify -> GloVe -> NAD training, with the figures a user checks."""
+    """Synthetic data -> shards -> verify -> GloVe -> NAD and BERT training, with the figures a user checks."""
     sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the training processes' output
     from .data.glove import GloveConfig, train_glove
     from .data.shards import ShardOptions, build_shards, verify_shards
@@ -212,23 +214,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.procs == 0:
         print(f"done in {time.perf_counter() - t0:.1f} s (training skipped: --procs 0)")
         return 0
-    config = REPO_CONFIGS / "nad" / "debug.yaml"
-    if not config.exists():
-        raise UserError(f"{config}: missing; run the demo from a source checkout (pip install -e .)")
-    run_dir = out / "runs" / "nad"
-    print(f"[5/5] NAD training (debug size) with DeepSpeed on {args.procs} processes -> {run_dir}")
-    t_train = time.perf_counter()
-    status = launch_training(config, [f"data.shards={out / 'shards'}", f"data.glove={out / 'glove' / 'vectors.kv'}",
-                                      f"run.out_dir={run_dir}", *args.overrides], args.procs)
-    if status != 0:
-        raise UserError(f"training failed (exit status {status}); logs in {run_dir / 'logs'}")
-    best = best_validation(run_dir)
-    lines = np.load(run_dir / "best_val_predictions.npz")["line"]
-    oracle = oracle_on_rows(synth.path, synth.noise_free_path, lines)
-    print(f"      trained in {time.perf_counter() - t_train:.0f} s")
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - {"nad", "bert"})
+    if unknown:
+        raise UserError(f"--models: unknown model {unknown[0]!r} (choose from nad, bert)")
+    data = [f"data.shards={out / 'shards'}"]
+    runs = []  # (label, config, overrides, run folder)
+    if "nad" in models:
+        runs.append(("NAD (GloVe + CNN/FPN + transformers)", "nad/debug.yaml",
+                     [*data, f"data.glove={out / 'glove' / 'vectors.kv'}"], out / "runs" / "nad"))
+    if "bert" in models:
+        pretrain = out / "runs" / "bert-pretrain"
+        runs.append(("BERT masked-LM pretraining", "bert/pretrain_debug.yaml", data, pretrain))
+        runs.append(("BERT fine-tuning", "bert/finetune_debug.yaml",
+                     [*data, f"model.bert.pretrained={pretrain / 'export'}"], out / "runs" / "bert-finetune"))
+    results = []
+    for number, (label, config_name, overrides, run_dir) in enumerate(runs, start=5):
+        config = REPO_CONFIGS / config_name
+        if not config.exists():
+            raise UserError(f"{config}: missing; run the demo from a source checkout (pip install -e .)")
+        print(f"[{number}/{4 + len(runs)}] {label} (debug size) with DeepSpeed on {args.procs} processes -> {run_dir}")
+        t_run = time.perf_counter()
+        status = launch_training(config, [*overrides, f"run.out_dir={run_dir}", *args.overrides], args.procs)
+        if status != 0:
+            raise UserError(f"{label} failed (exit status {status}); logs in {run_dir / 'logs'}")
+        print(f"      {label}: {time.perf_counter() - t_run:.0f} s")
+        results.append((label, run_dir))
     print(f"done in {time.perf_counter() - t0:.1f} s")
-    print(f"NAD validation Pearson {best['pearson']:.4f} (Spearman {best['spearman']:.4f}) on {len(lines)} rows; "
-          f"oracle Pearson on the same rows {oracle:.4f}; ratio {best['pearson'] / oracle:.3f}")
+    for label, run_dir in results:
+        best = best_validation(run_dir)
+        if "pearson" not in best:
+            print(f"{label}: validation masked-token accuracy {best.get('accuracy', float('nan')):.4f}, "
+                  f"loss {best['loss']:.4f}")
+            continue
+        lines = np.load(run_dir / "best_val_predictions.npz")["line"]
+        oracle = oracle_on_rows(synth.path, synth.noise_free_path, lines)
+        print(f"{label}: validation Pearson {best['pearson']:.4f} (Spearman {best['spearman']:.4f}) on {len(lines)} "
+              f"rows; oracle Pearson on the same rows {oracle:.4f}; ratio {best['pearson'] / oracle:.3f}")
     return 0
 
 
@@ -407,12 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="counting processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = add("demo", cmd_demo, "run synthetic data -> shards -> verify -> GloVe -> NAD training end to end")
+    p = add("demo", cmd_demo,
+            "run synthetic data -> shards -> verify -> GloVe -> NAD training and BERT pretraining/fine-tuning end to end")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--rows", type=int, default=100_000, help="synthetic training rows (default: 100000)")
     p.add_argument("--procs", type=int, default=2,
                    help="DeepSpeed processes for training (CPU: gloo ranks; GPU: GPUs); 0 skips training (default: 2)")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides for the training run, e.g. run.epochs=2")
+    p.add_argument("--models", default="nad,bert",
+                   help="models to train, comma-separated: nad, bert (pretraining then fine-tuning) (default: nad,bert)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every training run, e.g. run.epochs=2")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--glove-iterations", type=int, default=50, help="GloVe passes (default: 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
