@@ -7,18 +7,22 @@
     python benchmarks/train_step.py --size full --json out.json   # published sizes (slow on a CPU)
 
 Throughput (one process, no launcher; the environment comes from
-``promoter_dist.distributed.resolve_environment``). For each model, two copies of the same
-initial weights: one driven by a plain torch loop (``torch.optim.AdamW``, ``loss.backward()``,
-``optimizer.step()``), one by a DeepSpeed engine (ZeRO-2 by default) built through
-``promoter_dist.engine.build_engine`` from the project's config. Both take the same batches, the
-same loss (the task's ``training_loss``, as the trainer calls it) and the same learning-rate call
-per step, in one process with one torch thread count. After warm-up steps of each, timed blocks of
-``--steps`` steps alternate between the two (A B, B A, A B, ...: the order flips each round so that
-neither always runs second). Printed: median samples/s of each, the ratio plain/engine (target
-<= 1.10) both as a ratio of medians and as the median of the per-round ratios, and the median
-milliseconds per phase (forward + loss, backward, optimizer step), which shows where a gap comes
-from. In bf16 the engine runs DeepSpeed's bf16 mode (bf16 weights, fp32 master copy) and the plain
-loop ``torch.autocast`` over fp32 weights: the usual mixed-precision recipe of each.
+``promoter_dist.distributed.resolve_environment``). Each model's shipped config file
+(``configs/nad/*.yaml``, ``configs/bert/*.yaml``; GSAM off, no GloVe file or pretrained export)
+gives two copies of the same initial weights: one driven by a plain torch loop
+(``loss.backward()``, ``optimizer.step()``), one by a DeepSpeed engine (ZeRO-2 by default) built
+through ``promoter_dist.engine.build_engine``. Both use the config's torch optimizer (AdamW; Adam
+for the BERT fine-tuning config) as ``promoter_dist.engine.build_optimizer`` builds it, the same
+random batches of the model's input shape, the same loss (the task's ``training_loss``, as the
+trainer calls it), the same learning-rate call per step and, in one process, the same torch
+thread count (1 by default without a GPU). After warm-up steps of each, timed blocks of
+``--steps`` steps alternate between the two (A B, B A, A B, ...: the order flips each round so
+that neither always runs second). Printed: median samples/s of each, the ratio plain/engine
+(target <= 1.10) both as a ratio of medians and as the median of the per-round ratios, and the
+median milliseconds per phase (forward + loss, backward, optimizer step), which shows where a gap
+comes from. On a CPU every figure is also taken on the process's CPU-time clock, which leaves out
+the time spent waiting for a core and is therefore much steadier on a shared machine. In bf16 both
+run ``torch.autocast`` over fp32 weights, as the trainer does for ``engine.precision=bf16``.
 
 Memory (``--memory``). The real ``deepspeed --num_gpus N`` launcher starts N ranks of this script
 in ``--worker-memory`` mode. Each rank builds the NAD model and a fresh engine for ZeRO stages 0, 1,
@@ -29,10 +33,12 @@ steps, and reports, during the last backward (when gradients are held):
   ``ds_tensor`` partitions under ZeRO-3), gradients, the fp32 master copy, optimizer states
   (Adam's two moments), each storage counted once;
 * work buffers: other tensors the engine holds (ZeRO's gradient-reduction buckets);
-* the peak resident-set growth over the stage (Linux ``VmHWM`` after resetting it through
-  ``/proc/self/clear_refs``) and the growth still resident after the last step; the ranks run
-  with a fixed glibc mmap threshold so that freed tensors leave the resident set;
-* on a GPU, ``torch.cuda.max_memory_allocated`` over the stage.
+* the resident-set growth over the stage: its peak while the model and engine are built, its peak
+  over the training steps (Linux ``VmHWM``, reset in between through ``/proc/self/clear_refs``)
+  and what is still resident after the last step. The ranks run with a fixed glibc mmap
+  threshold, so freed tensors leave the resident set, and a first discarded round takes the
+  process's one-time costs;
+* on a GPU, the same three figures from ``torch.cuda.max_memory_allocated`` / ``memory_allocated``.
 
 Expected model-state bytes for P trainable parameters on N ranks, from the ZeRO paper
 (Rajbhandari et al. 2020; mixed precision: 2 + 2 + 12 bytes per parameter, K = 12 for the fp32
@@ -132,7 +138,8 @@ def build_task(config: Any) -> Any:
     return RegressionTask(config)
 
 
-def make_batches(model: str, batch: int, count: int, device: torch.device, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+def make_batches(model: str, batch: int, count: int, device: torch.device,
+                 seed: int = 1) -> list[dict[str, torch.Tensor]]:
     """``count`` random but valid batches of the model's input, labels uniform in 0..17."""
     from promoter_dist.data.kmer_tokenizer import CLS_ID, SEP_ID, SPECIAL_TOKENS, VOCAB_SIZE
 
@@ -146,7 +153,9 @@ def make_batches(model: str, batch: int, count: int, device: torch.device, seed:
             ids = torch.randint(len(SPECIAL_TOKENS), VOCAB_SIZE, (batch, BERT_TOKENS), generator=gen)
             ids[:, 0], ids[:, -1] = CLS_ID, SEP_ID
             item = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "y": y}
-        out.append({k: v.to(device) for k, v in item.items()})
+        # Labels stay on the CPU: the regression task draws its label noise on the CPU and moves the
+        # target to the predictions' device itself (a CUDA label would meet CPU noise and fail).
+        out.append({k: v if k == "y" else v.to(device) for k, v in item.items()})
     return out
 
 
@@ -178,10 +187,12 @@ def quiet_deepspeed() -> None:
 
 
 CLOCKS = ("wall", "cpu")  # perf_counter; process_time (CPU seconds of every thread of this process)
+PHASES = ("forward", "backward", "step")
 
 
-def _now() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
+def _now() -> tuple[float, float, int]:
+    """Both clocks and the minor page faults so far (fresh pages the kernel had to map and zero)."""
+    return time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 @dataclass
@@ -194,7 +205,7 @@ class Runner:
     step: Callable[[], None]
     set_lr: Callable[[float], None]
     phases: dict[str, dict[str, list[float]]] = field(
-        default_factory=lambda: {c: {"forward": [], "backward": [], "step": []} for c in CLOCKS})
+        default_factory=lambda: {c: {p: [] for p in PHASES} for c in (*CLOCKS, "faults")})
     rates: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CLOCKS})
 
     def run(self, batches: list[dict[str, torch.Tensor]], steps: int, device: torch.device, lr: float,
@@ -217,8 +228,8 @@ class Runner:
             synchronize(device)
             marks.append(_now())
             if record:
-                for c, clock in enumerate(CLOCKS):
-                    for k, phase in enumerate(("forward", "backward", "step")):
+                for c, clock in enumerate((*CLOCKS, "faults")):
+                    for k, phase in enumerate(PHASES):
                         self.phases[clock][phase].append(marks[k + 1][c] - marks[k][c])
             samples += len(batch["y"])
         end = _now()
@@ -253,12 +264,15 @@ def plain_runner(model: torch.nn.Module, task: Any, config: Any, precision: str,
     return Runner("plain torch", forward, backward, optimizer.step, set_lr)
 
 
-def engine_runner(engine: Any, task: Any, stage: int) -> Runner:
+def engine_runner(engine: Any, task: Any, stage: int, precision: str, device: torch.device) -> Runner:
     """The DeepSpeed engine as the trainer drives it (without GSAM)."""
     from promoter_dist.engine import set_learning_rate
 
-    return Runner(f"ZeRO-{stage}", lambda batch: task.training_loss(engine, batch), engine.backward, engine.step,
-                  lambda lr: set_learning_rate(engine, lr))
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return task.training_loss(engine, batch)
+
+    return Runner(f"ZeRO-{stage}", forward, engine.backward, engine.step, lambda lr: set_learning_rate(engine, lr))
 
 
 def median(values: list[float]) -> float:
@@ -278,7 +292,8 @@ def measure_throughput(model_name: str, args: argparse.Namespace, device: torch.
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         plain_model = copy.deepcopy(model)  # same initial weights; the engine may cast or wrap its copy
         engine = build_engine(model, config, world_size=1)
-        runners = [plain_runner(plain_model, task, config, args.precision, device), engine_runner(engine, task, args.stage)]
+        runners = [plain_runner(plain_model, task, config, args.precision, device),
+                   engine_runner(engine, task, args.stage, args.precision, device)]
         batches = make_batches(model_name, batch, count=4, device=device)
         lr = config.optim.lr
         for runner in runners:
@@ -303,6 +318,8 @@ def measure_throughput(model_name: str, args: argparse.Namespace, device: torch.
                 "plain_blocks": plain.rates[clock], "engine_blocks": zero.rates[clock],
                 "phases_ms": {r.name: {k: 1e3 * median(v) for k, v in r.phases[clock].items()} for r in runners},
             }
+        result["page_faults_per_step"] = {r.name: {k: median(v) for k, v in r.phases["faults"].items()}
+                                          for r in runners}
         del engine, runners, model, plain_model
         gc.collect()
     return result
@@ -326,17 +343,21 @@ def print_throughput(rows: list[dict[str, Any]]) -> None:
             print(f"{r['model'] + ' (' + r['size'] + ')':<24}{r['params']:>10,}{r['batch']:>6}{r['precision']:>5}"
                   f"{clock:>6}{c['plain_samples_per_s']:>9.1f}{c['engine_samples_per_s']:>9.1f}"
                   f"{c['ratio_of_medians']:>10.3f}x{c['median_paired_ratio']:>7.3f}x  {verdict}")
+    cast = [r["model"] for r in rows if r.get("buffers_cast")]
+    if cast:
+        print(f"{', '.join(cast)}: floating buffers cast to bf16 for DeepSpeed's bf16 mode (it casts parameters only)")
     if len(clocks) > 1:
         print("wall: elapsed time; cpu: CPU seconds of this process (on a shared machine the steadier of the two,\n"
               "as time spent waiting for a core is left out); paired: median over rounds of plain/ZeRO in one round")
     clock = clocks[-1]
-    print(f"\nMedian ms per step by phase, {clock} clock (forward = forward + loss):")
-    print(f"{'model':<17}{'variant':<13}{'forward':>9}{'backward':>10}{'step':>8}{'total':>8}")
+    print(f"\nMedian ms per step by phase, {clock} clock (forward = forward + loss), and minor page faults per step:")
+    print(f"{'model':<17}{'variant':<13}{'forward':>9}{'backward':>10}{'step':>8}{'total':>8}{'faults':>9}")
     for r in rows:
         for name, phases in r[clock]["phases_ms"].items():
             total = sum(phases.values())
+            faults = sum(r["page_faults_per_step"][name].values())
             print(f"{r['model']:<17}{name:<13}{phases['forward']:>9.1f}{phases['backward']:>10.1f}"
-                  f"{phases['step']:>8.1f}{total:>8.1f}")
+                  f"{phases['step']:>8.1f}{total:>8.1f}{faults:>9,.0f}")
 
 
 # --------------------------------------------------------------------------- memory worker (one rank)
@@ -450,9 +471,11 @@ def model_state_bytes(engine: Any) -> dict[str, int]:
     zero = engine.optimizer
     module_params = list(engine.module.parameters())
     params = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in module_params]
-    master = _tensors(getattr(zero, "single_partition_of_fp32_groups", None)) \
-        + _tensors(getattr(zero, "fp32_partitioned_groups_flat", None)) \
-        + _tensors(getattr(zero, "fp32_groups_flat_partition", None))  # BF16_Optimizer (stage 0, bf16)
+    master = [t for name in ("single_partition_of_fp32_groups",  # ZeRO-1/2
+                             "fp32_partitioned_groups_flat",  # ZeRO-3
+                             "fp32_groups_flat_partition",  # BF16_Optimizer
+                             "fp32_groups")  # FP16_UnfusedOptimizer: stage 0, bf16, client optimizer
+              for t in _tensors(getattr(zero, name, None))]
     optim_state = _tensors(dict(_innermost_optimizer(engine).state))
     grads = [p.grad for p in module_params if p.grad is not None] + [t.grad for t in master if t.grad is not None]
     for name in ("grads_in_partition", "averaged_gradients", "grad_partitions_flat_buffer",
@@ -481,70 +504,102 @@ def model_state_bytes(engine: Any) -> dict[str, int]:
     return out
 
 
+class _Memory:
+    """Resident and (on a GPU) allocated bytes relative to a baseline, with resettable peaks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.can_reset = _reset_peak_rss()
+        self.rss_base = _status_bytes("VmRSS")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.cuda_base = torch.cuda.memory_allocated(device)
+
+    def peaks(self, prefix: str) -> dict[str, int | None]:
+        """Peaks since the last reset, under ``prefix``; then reset them."""
+        synchronize(self.device)
+        out: dict[str, int | None] = {
+            f"rss_{prefix}_peak": _status_bytes("VmHWM") - self.rss_base if self.can_reset else None}
+        if self.device.type == "cuda":
+            out[f"cuda_{prefix}_peak"] = torch.cuda.max_memory_allocated(self.device) - self.cuda_base
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _reset_peak_rss()
+        return out
+
+    def held(self) -> dict[str, int]:
+        out = {"rss_held": _status_bytes("VmRSS") - self.rss_base}
+        if self.device.type == "cuda":
+            out["cuda_held"] = torch.cuda.memory_allocated(self.device) - self.cuda_base
+        return out
+
+
+def _memory_stage(stage: int, args: argparse.Namespace, world_size: int, rank: int, device: torch.device,
+                  out_dir: str) -> dict[str, Any]:
+    """Build the NAD engine for one stage, train ``args.memory_steps`` steps, and measure."""
+    from promoter_dist.engine import build_engine
+
+    _release_freed_heap()
+    torch.distributed.barrier()
+    memory = _Memory(device)
+    config = bench_config("nad", args.size, args.precision, stage, args.memory_batch, args.bucket, out_dir)
+    task = build_task(config)
+    torch.manual_seed(config.run.seed)
+    model = task.build_model()
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = build_engine(model, config, world_size)
+    record: dict[str, Any] = {"stage": stage, "rank": rank, "params": params,
+                              "bucket": config.engine.reduce_bucket_size, **memory.peaks("setup")}
+    batches = make_batches("nad", args.memory_batch, count=2, device=device, seed=11 + rank)
+    snapshots: dict[str, dict[str, int]] = {}
+    epilogue = engine._backward_epilogue
+    last_step = [False]
+
+    def snapshot_then_epilogue() -> None:
+        # Every gradient of the micro batch exists here; the epilogue then reduces them, and ZeRO-1
+        # keeps only this rank's partition: a measurement after backward would miss them.
+        if last_step[0]:
+            snapshots["autograd_end"] = model_state_bytes(engine)
+        epilogue()
+
+    engine._backward_epilogue = snapshot_then_epilogue
+    for step in range(args.memory_steps):
+        last_step[0] = step == args.memory_steps - 1  # optimizer states exist after the first step
+        loss = task.training_loss(engine, batches[step % len(batches)])
+        engine.backward(loss)
+        if last_step[0]:
+            snapshots["after_backward"] = model_state_bytes(engine)
+        engine.step()
+    engine._backward_epilogue = epilogue
+    record.update(memory.peaks("train"))
+    record.update(memory.held())
+    record["snapshots"] = snapshots
+    record["bytes"] = max(snapshots.values(), key=lambda b: b["model_states"])
+    del engine, model, task, batches, loss
+    torch.distributed.barrier()
+    return record
+
+
 def memory_worker(args: argparse.Namespace) -> None:
     """One rank of the memory launch: ZeRO stages in turn, figures gathered to rank 0's JSON file."""
     from promoter_dist import distributed as dist
-    from promoter_dist.engine import build_engine
 
     env = dist.resolve_environment(args.local_rank)
     dist.init_distributed(env)
     set_threads(args.threads)
     quiet_deepspeed()
     device = compute_device()
-    batch = args.memory_batch
-    results = []
     with tempfile.TemporaryDirectory(prefix="train-step-mem-") as out_dir:
+        # A discarded first round over every stage: the first engine of each kind in a process pays
+        # one-time costs (measured: ~130 MB for the first engine, ~45 MB more for the first ZeRO
+        # optimizer) that would otherwise land on whichever stage is measured first.
         for stage in args.stages:
-            _release_freed_heap()
-            torch.distributed.barrier()
-            peak_reset = _reset_peak_rss()
-            rss_before = _status_bytes("VmRSS")
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                cuda_before = torch.cuda.memory_allocated(device)
-            config = bench_config("nad", args.size, args.precision, stage, batch, args.bucket, out_dir)
-            task = build_task(config)
-            torch.manual_seed(config.run.seed)
-            model = task.build_model()
-            params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            engine = build_engine(model, config, env.world_size)
-            batches = make_batches("nad", batch, count=2, device=device, seed=11 + env.rank)
-            snapshots: dict[str, dict[str, int]] = {}
-            epilogue = engine._backward_epilogue
-
-            last_step = [False]
-
-            def snapshot_then_epilogue() -> None:
-                # All gradients of the micro batch exist here; the epilogue then reduces them, and
-                # ZeRO-1 keeps only this rank's partition: measuring after backward would miss them.
-                if last_step[0]:
-                    snapshots["autograd_end"] = model_state_bytes(engine)
-                epilogue()
-
-            engine._backward_epilogue = snapshot_then_epilogue
-            for step in range(args.memory_steps):
-                last_step[0] = step == args.memory_steps - 1  # optimizer states exist after the first step
-                loss = task.training_loss(engine, batches[step % len(batches)])
-                engine.backward(loss)
-                if last_step[0]:
-                    snapshots["after_backward"] = model_state_bytes(engine)
-                engine.step()
-            engine._backward_epilogue = epilogue
-            peak = max(snapshots.values(), key=lambda b: b["model_states"])
-            synchronize(device)
-            record = {"stage": stage, "rank": env.rank, "params": params, "bytes": peak, "snapshots": snapshots,
-                      "rss_peak_delta": _status_bytes("VmHWM") - rss_before if peak_reset else None,
-                      "rss_after_delta": _status_bytes("VmRSS") - rss_before}
-            if device.type == "cuda":
-                record["cuda_peak_delta"] = torch.cuda.max_memory_allocated(device) - cuda_before
-            results.append(record)
-            del engine, model, task, batches, loss
-            torch.distributed.barrier()
+            _memory_stage(stage, args, env.world_size, env.rank, device, out_dir)
+        results = [_memory_stage(stage, args, env.world_size, env.rank, device, out_dir) for stage in args.stages]
     gathered: list[Any] = [None] * env.world_size
     torch.distributed.all_gather_object(gathered, results)
     if env.is_main:
         payload = {"world_size": env.world_size, "device": str(device), "precision": args.precision,
-                   "size": args.size, "batch": batch, "steps": args.memory_steps,
+                   "size": args.size, "batch": args.memory_batch, "steps": args.memory_steps,
                    "maxrss_bytes_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                    "records": [r for rank in gathered for r in rank]}
         Path(args.worker_out).write_text(json.dumps(payload, indent=1))
@@ -593,28 +648,30 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
+def _mb(value: int | None, width: int) -> str:
+    return f"{value / MB:>{width}.1f}" if value is not None else f"{'n/a':>{width}}"
+
+
 def print_memory(payload: dict[str, Any]) -> None:
     records = sorted(payload["records"], key=lambda r: (r["stage"], r["rank"]))
     n, params = payload["world_size"], records[0]["params"]
-    cuda = any("cuda_peak_delta" in r for r in records)
+    cuda = any("cuda_train_peak" in r for r in records)
     print(f"\nMemory per rank by ZeRO stage: NAD ({payload['size']}, {params:,} trainable parameters), "
           f"{n} ranks on {payload['device']}, {payload['precision']}, micro batch {payload['batch']} "
           f"(MB = 2^20 bytes; launch {payload['launch_seconds']:.0f} s)")
-    head = (f"{'stage':>5}{'rank':>5}{'params':>8}{'grads':>8}{'kept':>7}{'master':>8}{'optim':>8}{'states':>8}"
-            f"{'DS exp.':>9}{'paper':>8}{'B/param':>8}{'buffers':>9}{'RSS peak':>9}{'held':>7}")
-    print(head + (f"{'CUDA peak':>10}" if cuda else ""))
+    print(f"{'':10}{'model states held by the rank':^48}{'expected':^17}{'':8}{'':9}"
+          f"{'resident growth' if not cuda else 'CUDA allocated growth':^24}")
+    print(f"{'stage':>5}{'rank':>5}{'params':>8}{'grads':>8}{'kept':>7}{'master':>8}{'optim':>8}{'total':>9}"
+          f"{'DS':>9}{'paper':>8}{'B/param':>8}{'buffers':>9}{'set-up':>8}{'train':>8}{'held':>8}")
     for r in records:
         b, e = r["bytes"], r["expected"]
         kept = r["snapshots"].get("after_backward", b)["grads"]
-        rss = f"{r['rss_peak_delta'] / MB:>9.1f}" if r["rss_peak_delta"] is not None else f"{'n/a':>9}"
-        rss += f"{r['rss_after_delta'] / MB:>7.1f}"
-        line = (f"{r['stage']:>5}{r['rank']:>5}{b['params'] / MB:>8.2f}{b['grads'] / MB:>8.2f}{kept / MB:>7.2f}"
-                f"{b['master'] / MB:>8.2f}{b['optimizer'] / MB:>8.2f}{b['model_states'] / MB:>8.2f}"
-                f"{e['deepspeed'] / MB:>9.2f}{e['paper'] / MB:>8.2f}{b['model_states'] / params:>8.2f}"
-                f"{b['buffers'] / MB:>9.1f}{rss}")
-        if cuda:
-            line += f"{r.get('cuda_peak_delta', 0) / MB:>10.1f}"
-        print(line)
+        kind = "cuda" if cuda else "rss"
+        print(f"{r['stage']:>5}{r['rank']:>5}{b['params'] / MB:>8.2f}{b['grads'] / MB:>8.2f}{kept / MB:>7.2f}"
+              f"{b['master'] / MB:>8.2f}{b['optimizer'] / MB:>8.2f}{b['model_states'] / MB:>9.2f}"
+              f"{e['deepspeed'] / MB:>9.2f}{e['paper'] / MB:>8.2f}{b['model_states'] / params:>8.2f}"
+              f"{b['buffers'] / MB:>9.1f}{_mb(r[f'{kind}_setup_peak'], 8)}{_mb(r[f'{kind}_train_peak'], 8)}"
+              f"{_mb(r[f'{kind}_held'], 8)}")
     by_stage = {s: [r for r in records if r["stage"] == s] for s in sorted({r["stage"] for r in records})}
     if 0 in by_stage:
         base = max(r["bytes"]["model_states"] for r in by_stage[0])
@@ -622,11 +679,16 @@ def print_memory(payload: dict[str, Any]) -> None:
                  for s, rs in by_stage.items() if s]
         print("model states per rank, stage 0 / stage s: " + ", ".join(parts))
     print("grads: when autograd has produced all of them (before DeepSpeed's end-of-backward reduction); kept: after\n"
-          "engine.backward returns. states = params + grads + master + optim at the larger of the two moments.\n"
-          "DS exp.: the paper's count plus the fp32 master partition DeepSpeed keeps in fp32 (stages 1-3).\n"
+          "engine.backward returns. total = params + grads + master + optim at the larger of the two moments.\n"
+          "DS: the paper's count plus the fp32 master partition DeepSpeed keeps in fp32 (stages 1-3).\n"
           "buffers: reserved reduction buckets and other engine tensors (on a CPU mostly untouched pages).\n"
-          "RSS peak: resident growth over the stage (engine set-up, activations and transient copies included);\n"
-          "held: resident growth still there after the last step, with the engine alive.")
+          "set-up / train: peak growth while building the model and engine / over the training steps;\n"
+          "held: growth still there after the last step, with the engine alive.")
+    bucket = records[0].get("bucket", 0)
+    if bucket >= params:
+        print(f"note: engine.reduce_bucket_size ({bucket:,} elements) >= the parameter count, so ZeRO-2/3 reduce "
+              f"every gradient only at the end of\nbackward and each rank briefly holds all of them, as under "
+              f"ZeRO-1; --bucket with a smaller size shows the partitioned peak.")
 
 
 # --------------------------------------------------------------------------- main
@@ -639,23 +701,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", choices=["debug", "full"], default="debug",
                         help="debug or full (published sizes): the model's config file under configs/")
     parser.add_argument("--batch", type=int, default=0, help="micro batch (0: the config file's data.batch_size)")
-    parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=20, help="timed blocks of each variant, interleaved")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first")
-    parser.add_argument("--stage", type=int, choices=STAGES, default=2, help="ZeRO stage of the timed engine")
+    parser.add_argument("--steps", type=int, default=2, help="steps per timed block (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="timed blocks of each variant, interleaved (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps of each variant first (default: %(default)s)")
+    parser.add_argument("--stage", type=int, choices=STAGES, default=2,
+                        help="ZeRO stage of the timed engine (default: %(default)s)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="fp32 or bf16 (default: bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 without a GPU, else torch's default; 0: torch's default)")
     parser.add_argument("--bucket", type=int, default=0,
-                        help="engine.reduce_bucket_size in elements (0: the config default, 5e7)")
+                        help="engine.reduce_bucket_size in elements (0: the config default, 5e6)")
     parser.add_argument("--no-speed", action="store_true", help="skip the throughput comparison")
     parser.add_argument("--memory", action="store_true", help="also measure memory per rank by ZeRO stage")
-    parser.add_argument("--ranks", type=int, default=2, help="ranks of the memory launch (deepspeed --num_gpus)")
-    parser.add_argument("--stages", type=int, nargs="+", choices=STAGES, default=list(STAGES), help="stages measured")
-    parser.add_argument("--memory-batch", type=int, default=16, help="micro batch of the memory run")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps per stage in the memory run (>= 2)")
-    parser.add_argument("--memory-timeout", type=float, default=600, help="seconds before the launch is killed")
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="ranks of the memory launch, deepspeed --num_gpus (default: %(default)s)")
+    parser.add_argument("--stages", type=int, nargs="+", choices=STAGES, default=list(STAGES),
+                        help="stages of the memory run (default: all)")
+    parser.add_argument("--memory-batch", type=int, default=16,
+                        help="micro batch of the memory run (default: %(default)s)")
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="steps per stage in the memory run, >= 2 (default: %(default)s)")
+    parser.add_argument("--memory-timeout", type=float, default=600,
+                        help="seconds before the memory launch is killed (default: %(default)s)")
     parser.add_argument("--json", default="", help="also write every figure to this file")
     parser.add_argument("--worker-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default="", help=argparse.SUPPRESS)

@@ -224,7 +224,7 @@ class EngineConfig:
     zero_stage: int = 2
     """ZeRO stage 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)."""
     precision: str = "fp32"
-    """'fp32', 'bf16' or 'fp16' (bf16 for GPUs that have it; fp16 uses dynamic loss scaling)."""
+    """'fp32'; 'bf16': autocast compute with fp32 weights (BatchNorm, GloVe table and GSAM stay exact); 'fp16': DeepSpeed fp16 with loss scaling."""
     grad_accum: int = 1
     """Micro batches accumulated per optimizer step."""
     gradient_clipping: float = 0.0
@@ -237,8 +237,8 @@ class EngineConfig:
     """Write CSV metrics through DeepSpeed's monitor into <out_dir>/monitor."""
     offload_optimizer: str = "none"
     """ZeRO offload of optimizer states: 'none' or 'cpu' (stages 1-3)."""
-    reduce_bucket_size: int = 50_000_000
-    """Elements per gradient reduction bucket (ZeRO 1-2) / reduction bucket (ZeRO-3)."""
+    reduce_bucket_size: int = 5_000_000
+    """Elements per gradient reduction bucket; smaller than the model, so ZeRO-2/3 free gradients during backward."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -283,6 +283,8 @@ class TrainConfig:
             raise UserError("task.name=mlm needs model.name=bert")
         if self.model.name == "nad" and self.data.view not in ("", "nad"):
             raise UserError("model.name=nad reads NAD words, which exist only in data.view=nad (110 bp, no N)")
+        if self.model.name == "nad" and self.engine.precision == "fp16":
+            raise UserError("engine.precision=fp16 casts weights but not NAD's fp32 BatchNorm statistics: use bf16")
         if self.optim.gsam.enabled and self.engine.precision == "fp16":
             raise UserError("optim.gsam with engine.precision=fp16 is not supported: use bf16 or fp32")
         # A misspelt metric is never found in the validation record: no best checkpoint would ever be
@@ -517,9 +519,9 @@ def to_deepspeed(config: TrainConfig, world_size: int) -> dict:
         "tensorboard": {"enabled": engine.tensorboard, "output_path": f"{out_dir}/monitor", "job_name": "tensorboard"},
         "csv_monitor": {"enabled": engine.csv, "output_path": f"{out_dir}/monitor", "job_name": "csv"},
     }
-    # GSAM needs fp32 weights (bf16 weights swallow a small perturbation): the trainer autocasts instead.
-    if engine.precision == "bf16" and not config.optim.gsam.enabled:
-        ds["bf16"] = {"enabled": True}
-    elif engine.precision == "fp16":
+    # bf16 runs as autocast over fp32 weights (the trainer's forward), not DeepSpeed's bf16 weights:
+    # BatchNorm running statistics and the frozen GloVe table are fp32 buffers DeepSpeed would not
+    # cast, and bf16 weights swallow GSAM's small perturbation. The models are small; compute is bf16.
+    if engine.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return ds

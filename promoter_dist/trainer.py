@@ -143,8 +143,8 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------
 
     def autocast(self):
-        """bf16 compute with fp32 weights when GSAM is on (DeepSpeed's bf16 mode would hold bf16 weights)."""
-        if self.config.engine.precision == "bf16" and self.gsam is not None:
+        """bf16 compute over fp32 weights for engine.precision=bf16 (see config.to_deepspeed)."""
+        if self.config.engine.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 

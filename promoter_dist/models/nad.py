@@ -415,7 +415,10 @@ class NADModel(nn.Module):
             raise ValueError(
                 f"NAD model expects word ids of shape (batch, {self.config.length}), got {tuple(words.shape)}"
             )
-        x = F.embedding(words.long(), self.embedding).transpose(1, 2)  # (B, embed_dim, L)
+        # The frozen table is a buffer: engines that cast only parameters (DeepSpeed bf16) leave it in
+        # fp32, so the lookup follows the weights' dtype.
+        dtype = next(self.parameters()).dtype
+        x = F.embedding(words.long(), self.embedding).to(dtype).transpose(1, 2)  # (B, embed_dim, L)
         features = []
         for stage in self.stages:
             x = stage(x)

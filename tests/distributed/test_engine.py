@@ -36,8 +36,8 @@ def test_fp32_matches_one_process_on_the_same_global_batch(results, stage):
     assert case["lr_after"] == pytest.approx(0.05 * (1 - 0.2 * 3))  # the trainer's per-step rate reached the optimizer
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_close_to_fp32_reference(results, stage):
     case = results["cases"][f"stage{stage}_bf16"]
-    # bf16 weights carry 8 bits of mantissa: a few 1e-3 after 4 steps of ~0.1 moves.
-    assert case["max_abs_diff"] < 2e-2, case
+    # bf16 compute carries 8 bits of mantissa: a few 1e-3 after 4 steps of ~0.1 moves, never exact.
+    assert 0 < case["max_abs_diff"] < 2e-2, case
