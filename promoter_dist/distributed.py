@@ -176,3 +176,39 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# --------------------------------------------------------------------------- stop requests
+
+
+@dataclass
+class StopRequest:
+    """A request to checkpoint and stop at the next step boundary (preemption, time limit).
+
+    Set from a signal handler on any rank (:func:`request_stop`); the trainer asks
+    :func:`stop_requested` once per step, which agrees over all ranks, so every rank saves
+    the same step's checkpoint and stops together.
+    """
+
+    requested: bool = False
+    """This process received the request."""
+    signal_name: str = ""
+    """The signal that carried it, for the log."""
+    honoured_at_step: int | None = None
+    """The step whose checkpoint the trainer wrote before stopping early (None: it did not stop early)."""
+
+
+STOP = StopRequest()
+
+
+def request_stop(signum: int | None = None, frame: Any = None) -> None:
+    """Signal handler: ask the trainer to checkpoint and stop at the next step (async-signal safe)."""
+    import signal
+
+    STOP.requested = True
+    STOP.signal_name = signal.Signals(signum).name if signum is not None else "request"
+
+
+def stop_requested() -> bool:
+    """True on every rank when any rank got a stop request (a collective: call it on all ranks)."""
+    return all_reduce_max(1.0 if STOP.requested else 0.0) > 0

@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         env = dist.resolve_environment(args.local_rank)
         dist.init_distributed(env)
         result = Trainer(config, env).train()
+        if result.get("stopped_early"):
+            if env.is_main:
+                print(f"stopped at step {result['steps']} on request; rerun the same command to resume", flush=True)
+            return 0
         if env.is_main:
             best = result["best"] or {}
             metrics = " ".join(f"{k}={v:.4f}" for k, v in best.items() if isinstance(v, float))

@@ -204,6 +204,9 @@ class Trainer:
         finished = self.max_steps_reached()
         while not finished and self.train_loader.epoch < run.epochs:
             finished = self.train_epoch()
+        if dist.STOP.honoured_at_step is not None:  # stopped early: the rerun finishes the run
+            return {"best": self.best, "last": None, "steps": self.step, "skipped_steps": self.skipped_steps,
+                    "parameters": self.parameter_count, "stopped_early": True}
         if self.env.is_main:
             log.info("done: %d steps, %d skipped; best %s", self.step, self.skipped_steps, self.best)
             if self.config.run.plots:
@@ -248,9 +251,17 @@ class Trainer:
             stopping = self.max_steps_reached()
             if (run.eval_every and self.step % run.eval_every == 0) or stopping:
                 self.validate(epoch)
-            if (run.checkpoint_every and self.step % run.checkpoint_every == 0) or stopping:
+            periodic = bool(run.checkpoint_every) and self.step % run.checkpoint_every == 0
+            if periodic or stopping:
                 self.save_checkpoint()
             if stopping:
+                return True
+            if dist.stop_requested():  # preemption or time limit (promoter_dist.launch): save and stop here
+                if not periodic:
+                    self.save_checkpoint()
+                dist.STOP.honoured_at_step = self.step
+                log.warning("stop requested (%s): checkpoint step%08d written; stopping before step %d",
+                            dist.STOP.signal_name or "another rank", self.step, self.step + 1)
                 return True
         for _ in batches:  # micro batches that do not fill a step: consumed so the epoch advances
             pass

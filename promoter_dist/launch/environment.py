@@ -27,9 +27,12 @@ as submitit's ``TorchDistributedEnvironment().export()`` does by default, makes 
 index invalid on every local rank above 0.)
 
 MASTER_ADDR is the first host of the node list because SLURM's default (block)
-distribution puts task 0 on the first node; a job that asks for another distribution
-(``--distribution=cyclic`` etc. still starts on the first node, ``arbitrary`` may not)
-must set ``MASTER_ADDR`` itself.
+distribution puts task 0 on the first node (``--distribution=cyclic`` etc. also start it
+there). A job whose rank 0 may run elsewhere (``--distribution=arbitrary``), or whose nodes
+talk over another interface than their SLURM names resolve to, sets
+``PROMOTER_DIST_MASTER_ADDR`` (e.g. with ``--setup 'export PROMOTER_DIST_MASTER_ADDR=...'``).
+A plain ``MASTER_ADDR`` is not read: sbatch copies the submitting shell's environment into
+the job, and a stale value from there must not win.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ _BRACKET = re.compile(r"\[([^\[\]]*)\]")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 # One entry of SLURM_TASKS_PER_NODE: "2" or "2(x3)".
 _TASKS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+
+MASTER_ADDR_OVERRIDE = "PROMOTER_DIST_MASTER_ADDR"
+"""Set in a SLURM job to choose rank 0's address instead of the node list's first host."""
 
 VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -272,7 +278,8 @@ def from_slurm(environ: Mapping[str, str], expand: Callable[[str], list[str]] = 
     if not job_id:
         raise KeyError("SLURM_JOB_ID is not set")
     return DistributedEnv(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
-                          node_rank=node, num_nodes=len(hosts), master_addr=hosts[0],
+                          node_rank=node, num_nodes=len(hosts),
+                          master_addr=environ.get(MASTER_ADDR_OVERRIDE) or hosts[0],
                           master_port=master_port(job_id), job_id=job_id, source="slurm")
 
 

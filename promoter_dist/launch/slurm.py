@@ -7,12 +7,17 @@ the trainer is imported on the login node: :class:`TrainingJob` imports its entr
 (``promoter_dist.train:main`` by default) inside the task, after exporting the
 distributed environment (:mod:`promoter_dist.launch.environment`).
 
-Preemption and time limits: sbatch is given ``--signal=USR2@<signal_delay_s>``; on that
-signal submitit calls the job's ``checkpoint()`` on rank 0 only, pickles what it returns
-and requeues the job (same job id). ``checkpoint()`` therefore never touches the model or
-a process group (a collective on one rank would hang): the trainer saves checkpoints
-periodically on all ranks, and the requeued job reruns the same argv, which resumes from
-``<run.out_dir>/checkpoints/latest``. A job requeued from outside (``scontrol requeue``,
+Preemption and time limits: sbatch is given ``--signal=USR2@<signal_delay_s>``. A training
+task routes that signal to the trainer (:func:`promoter_dist.distributed.request_stop`) on
+every rank instead of to submitit's handler: the trainer agrees on it over all ranks at the
+next step boundary, writes a checkpoint of that step on all ranks (DeepSpeed's save is
+collective, so it cannot run inside a signal handler on rank 0 alone) and returns; then
+rank 0 hands over to submitit's handler, which calls the job's ``checkpoint()``, pickles
+what it returns and requeues the job (same job id). The rerun runs the same argv, which
+resumes from ``<run.out_dir>/checkpoints/latest``: that step, with its loader position, so
+no step is lost or done twice. Should the trainer not reach a step boundary within
+``stop_grace_s`` (a long validation), rank 0 requeues without that checkpoint and the rerun
+resumes from the last periodic one. A job requeued from outside (``scontrol requeue``,
 preemption with ``PreemptMode=REQUEUE``) reruns its original pickle: the same argv again.
 
 Waiting (:func:`wait`) does not depend on ``sacct``: it polls the result files and
@@ -55,6 +60,9 @@ TERMINAL_STATES = frozenset({
     "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
     "ENDED",  # ours: forgotten by scontrol, unknown to sacct (see slurm_state)
 })
+# Terminal states a requeue may still follow (PreemptMode=REQUEUE, submitit's own requeue, a node
+# failure with --requeue): wait() watches a job in one of them this long before giving up on it.
+REQUEUE_GRACE_S = {"PREEMPTED": 120.0, "NODE_FAIL": 120.0}
 
 
 # --------------------------------------------------------------------------- options
@@ -242,6 +250,9 @@ def executor_parameters(options: ClusterOptions) -> dict[str, Any]:
         params["gpus_per_node"] = options.gpus_per_node
     if options.cpus_per_task is not None:
         params["cpus_per_task"] = options.cpus_per_task
+        # srun of Slurm 22.05-23.02 does not inherit sbatch's --cpus-per-task: without it each
+        # task would be bound to one core where task/affinity or task/cgroup is in use.
+        params["slurm_srun_args"] = ["--cpus-per-task", str(options.cpus_per_task)]
     if options.mem_gb is not None:
         params["mem_gb"] = options.mem_gb
     for name in ("partition", "account", "qos", "constraint"):
@@ -370,12 +381,17 @@ class TrainingJob:
     """``module:function`` called with ``list(argv)``; imported inside the task only."""
     prefer_scontrol: bool = True
     """Expand the node list with ``scontrol show hostnames`` when available (else our parser)."""
+    stop_grace_s: float = 90.0
+    """After the preemption signal, how long rank 0 waits for the trainer's checkpoint before it
+    requeues without one (keep it below sbatch's ``--signal`` delay)."""
 
     def __call__(self) -> dict[str, Any]:
         from . import environment
 
+        preemption = None
         if _in_job_process():
             protect_forked_children()
+            preemption = _PreemptionRelay.install(self.stop_grace_s)
         dist = environment.setup(prefer_scontrol=self.prefer_scontrol)
         _log(f"task rank {dist.rank}/{dist.world_size} (local {dist.local_rank}/{dist.local_world_size}, "
              f"node {dist.node_rank}/{dist.num_nodes}) master {dist.master_addr}:{dist.master_port} "
@@ -385,14 +401,18 @@ class TrainingJob:
         status = main(list(self.argv))
         if status not in (None, 0):
             raise RuntimeError(f"{self.entry} returned status {status} on rank {dist.rank}")
+        if preemption is not None and preemption.stopped_early():
+            # Every rank wrote the checkpoint; rank 0 requeues through submitit (which exits), the
+            # others end here and the requeue restarts them.
+            preemption.requeue(dist.rank)
+            return {"rank": dist.rank, "world_size": dist.world_size, "status": "stopped for requeue"}
         return {"rank": dist.rank, "world_size": dist.world_size, "status": 0}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Called by submitit on rank 0 only, at preemption or time limit: requeue the same task.
 
-        Runs inside a signal handler while the trainer may be in the middle of a collective,
-        so it must not save anything itself (DeepSpeed's save is collective): the rerun
-        resumes from the trainer's last periodic checkpoint, written by all ranks.
+        By then the trainer has written a checkpoint of its last step on all ranks (or, past
+        ``stop_grace_s``, not: then the rerun resumes from the last periodic checkpoint).
         """
         from submitit.helpers import DelayedSubmission
 
@@ -400,15 +420,76 @@ class TrainingJob:
         return DelayedSubmission(dataclasses.replace(self))
 
 
+class _PreemptionRelay:
+    """Routes the preemption signal of a training task to the trainer, then to submitit.
+
+    submitit's own handler (checkpoint() and requeue on rank 0, nothing elsewhere) is kept and
+    called only once the trainer has stopped with a checkpoint, or after ``grace_s`` seconds.
+    """
+
+    def __init__(self, signum: int, submitit_handler: Any, grace_s: float):
+        self.signum = signum
+        self.submitit_handler = submitit_handler
+        self.grace_s = grace_s
+        self.timer: Any = None
+
+    @classmethod
+    def install(cls, grace_s: float) -> "_PreemptionRelay":
+        signum = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+        relay = cls(signum, signal.getsignal(signum), grace_s)
+        signal.signal(signum, relay.on_signal)
+        return relay
+
+    def on_signal(self, signum: int, frame: Any = None) -> None:
+        import threading
+
+        from ..distributed import STOP, request_stop
+
+        first = not STOP.requested
+        request_stop(signum, frame)
+        _log(f"{signal.Signals(signum).name}: preempted or at the time limit; the trainer checkpoints at the "
+             "next step and stops")
+        if first and callable(self.submitit_handler) and self.grace_s > 0:
+            # Rank 0 requeues anyway if the trainer cannot get to a step boundary in time; the
+            # checkpoint pointer moves only after every rank wrote, so a half-written save is ignored.
+            self.timer = threading.Timer(self.grace_s, self._requeue_without_checkpoint)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _requeue_without_checkpoint(self) -> None:
+        _log(f"no checkpoint {self.grace_s:.0f} s after the signal: requeueing from the last periodic checkpoint")
+        try:
+            self.submitit_handler(self.signum, None)  # rank 0: requeue; SLURM then ends every task
+        except SystemExit as exit_:  # raised in this thread, where it would end only the thread
+            os._exit(exit_.code if isinstance(exit_.code, int) else 1)
+
+    @staticmethod
+    def stopped_early() -> bool:
+        from ..distributed import STOP
+
+        return STOP.honoured_at_step is not None
+
+    def requeue(self, rank: int) -> None:
+        from ..distributed import STOP
+
+        if self.timer is not None:
+            self.timer.cancel()
+        _log(f"checkpoint of step {STOP.honoured_at_step} written on every rank"
+             + ("; requeueing" if rank == 0 else "; rank 0 requeues the job"))
+        if rank == 0 and callable(self.submitit_handler):
+            self.submitit_handler(self.signum, None)  # checkpoint() -> pickle -> requeue -> exit
+
+
 def available_cpus() -> int:
-    """Cores this task may use: SLURM's allocation, else the process's CPU affinity."""
+    """Cores this task may use: SLURM's allocation, capped by the cores the process may run on."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
     value = os.environ.get("SLURM_CPUS_PER_TASK", "")
     if value.isdigit() and int(value) > 0:
-        return int(value)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        return min(int(value), usable)
+    return usable
 
 
 @dataclass(frozen=True)
@@ -440,9 +521,15 @@ class ShardsJob:
         if _in_job_process():
             protect_forked_children()  # build_shards and read_dream fork worker pools
         workers = self.workers or available_cpus()
+        overwrite = self.overwrite
+        if overwrite and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+            # Requeued from outside (scontrol requeue, preemption): this job's first run already
+            # cleared the old shards, and clearing again would throw away the ones it finished.
+            overwrite = False
+            _log("shards: requeued job: keeping the shards finished before the requeue (overwrite off)")
         _log(f"shards: {self.source} -> {self.out_dir} with {workers} workers")
         result = build_shards(self.source, self.out_dir, self.options or ShardOptions(),
-                              self.read_options or ReadOptions(), workers=workers, overwrite=self.overwrite,
+                              self.read_options or ReadOptions(), workers=workers, overwrite=overwrite,
                               progress=False, log=_log)
         check = verify_shards(self.out_dir)
         for problem in check.problems:
@@ -540,7 +627,10 @@ def submit_training(config: str | os.PathLike, overrides: Sequence[str], options
     # The job starts in the submitting directory; an absolute config path survives a `cd` in setup.
     argv = ("--config", str(config.absolute()), *overrides)
     executor = make_executor(options, job_folder(log_dir))
-    return submit(executor, TrainingJob(argv, entry=entry))
+    # Wait up to two thirds of the signal's lead for the trainer's checkpoint (with a long lead, up to
+    # all but the last minute), leaving the rest for the requeue; a lead of 10 s or less: no fallback.
+    grace = max(options.signal_delay_s * 2 / 3, options.signal_delay_s - 60) if options.signal_delay_s > 10 else 0
+    return submit(executor, TrainingJob(argv, entry=entry, stop_grace_s=grace))
 
 
 def submit_shards(source: str | os.PathLike, out_dir: str | os.PathLike, options: ClusterOptions,
@@ -672,18 +762,24 @@ def wait(job: submitit.Job, poll_s: float = 2.0, timeout_s: float | None = None,
             raise JobFailed(f"job {job.job_id} (debug) failed: {exc}\n{tail}", job.job_id, "FAILED") from None
     state = "UNKNOWN"
     if isinstance(job, submitit.SlurmJob):
-        confirmed = False
+        ended_since: float | None = None
         while True:
             state = slurm_state(job)
             if on_poll is not None:
                 on_poll(state)
-            if state.split()[0] in TERMINAL_STATES:
-                if all(p.exists() for p in _result_paths(job)) or confirmed:
+            name = state.split()[0]
+            if name in TERMINAL_STATES:
+                if all(p.exists() for p in _result_paths(job)):
                     break
-                confirmed = True  # no results yet: look once more, in case the job is being requeued
+                # No results yet: keep looking a little (at least one more poll), in case the job is
+                # being requeued; a preempted job may sit in PREEMPTED until the controller requeues it.
+                now = _time.monotonic()
+                ended_since = now if ended_since is None else ended_since
+                if now - ended_since >= max(REQUEUE_GRACE_S.get(name, 0.0), poll_s):
+                    break
                 _time.sleep(poll_s)
                 continue
-            confirmed = False
+            ended_since = None
             if state == "UNKNOWN" and all(p.exists() for p in _result_paths(job)):
                 break  # forgotten by SLURM (purged, no accounting) after writing every result
             if timeout_s is not None and _time.monotonic() - start > timeout_s:

@@ -17,6 +17,8 @@ Overrides it understands (all optional but ``run.out_dir``):
     standin.collective=1             all_reduce the ranks over gloo (checks MASTER_ADDR/PORT)
     standin.fail_at=N                raise at step N on rank 0 (a failing job)
     standin.exit_at=N                os._exit(3) at step N on rank 0 (dies without a result)
+    standin.honour_stop=0            ignore stop requests (default 1: like the trainer, checkpoint
+                                     and return after the step during which one arrived)
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from promoter_dist.distributed import STOP
+
     o = parse(argv)
     out = Path(o["run.out_dir"])
     every = int(o.get("run.checkpoint_every", 1))
@@ -78,6 +82,7 @@ def main(argv: list[str]) -> int:
     sleep = float(o.get("standin.step_seconds", 0))
     fail_at = int(o.get("standin.fail_at", -1))
     exit_at = int(o.get("standin.exit_at", -1))
+    honour_stop = o.get("standin.honour_stop", "1") == "1"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
     env = {key: os.environ.get(key) for key in ENV_KEYS} | {"hostname": socket.gethostname(), "pid": os.getpid()}
@@ -113,6 +118,11 @@ def main(argv: list[str]) -> int:
             _write_json(ckpt, {"step": step, "value": value})
         with open(progress, "a") as log:
             log.write(f"step {step}\n")
+        if honour_stop and STOP.requested and step < steps:
+            _write_json(ckpt, {"step": step, "value": value})
+            STOP.honoured_at_step = step
+            print(f"stand-in trainer: rank {rank} stopped on request at step {step}", flush=True)
+            return 0
     _write_json(out / f"final-rank{rank}.json", {"step": step, "value": value, "resumed_from": start})
     print(f"stand-in trainer: rank {rank} done at step {step}", flush=True)
     return 0

@@ -74,6 +74,11 @@ def test_from_slurm_multi_node():
                                 "NODE_RANK": "4", "MASTER_ADDR": "gpu01", "MASTER_PORT": str(E.master_port(4242))}
 
 
+def test_from_slurm_master_address_override():
+    dist = E.from_slurm(slurm_env(PROMOTER_DIST_MASTER_ADDR="gpu07-ib", MASTER_ADDR="stale-login-node"))
+    assert dist.master_addr == "gpu07-ib" and dist.variables()["MASTER_ADDR"] == "gpu07-ib"
+
+
 def test_from_slurm_uneven_tasks_per_node():
     # 7 tasks on 4 nodes: 2,2,2,1; the last node's only task.
     env = slurm_env(SLURM_PROCID="6", SLURM_LOCALID="0", SLURM_NODEID="3", SLURM_NTASKS="7", SLURM_STEP_NUM_TASKS="7",

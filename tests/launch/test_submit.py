@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -60,11 +61,21 @@ def test_executor_parameters_maps_every_knob():
         "cpus_per_task": 10, "mem_gb": 480, "slurm_partition": "gpu", "slurm_account": "bio", "slurm_qos": "high",
         "slurm_constraint": "a100|h100", "slurm_signal_delay_s": 180, "slurm_exclusive": True,
         "slurm_setup": ["module load cuda"], "local_setup": ["module load cuda"],
-        "slurm_additional_parameters": {"mail-type": "END"},
+        "slurm_additional_parameters": {"mail-type": "END"}, "slurm_srun_args": ["--cpus-per-task", "10"],
     }
     # Unset knobs are left to the cluster; a CPU job asks for no GPUs at all.
     assert S.executor_parameters(S.ClusterOptions(time="10")) == {
         "name": "promoter-dist", "timeout_min": 10, "nodes": 1, "tasks_per_node": 1, "slurm_signal_delay_s": 120}
+
+
+def test_available_cpus_is_capped_by_the_affinity(monkeypatch):
+    usable = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(usable + 6))
+    assert S.available_cpus() == usable  # srun bound the task to fewer cores than sbatch allocated
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert S.available_cpus() == 1
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert S.available_cpus() == usable
 
 
 def fake_slurm_bin(folder: Path, sbatch_stderr: str | None = None) -> Path:
@@ -97,6 +108,8 @@ def test_sbatch_script_carries_the_options(tmp_path, monkeypatch):
         assert f"#SBATCH {flag}\n" in text, flag
     assert f"--output={tmp_path}/logs/%j/%j_0_log.out" in text
     assert "module load cuda" in text and "srun --unbuffered" in text
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert srun.endswith("--cpus-per-task 10 python -m x")  # srun of Slurm 22.05+ does not inherit it
 
 
 def test_submit_training_with_fake_sbatch_writes_the_job_files(tmp_path, monkeypatch):
@@ -110,7 +123,8 @@ def test_submit_training_with_fake_sbatch_writes_the_job_files(tmp_path, monkeyp
     from submitit.core.utils import DelayedSubmission
 
     task = DelayedSubmission.load(job.paths.submitted_pickle).function
-    assert task == S.TrainingJob(("--config", str(config), "optim.lr=1e-3"), entry=S.DEFAULT_ENTRY)
+    # USR2 120 s before the limit: up to 80 s for the trainer's checkpoint, the rest for the requeue.
+    assert task == S.TrainingJob(("--config", str(config), "optim.lr=1e-3"), entry=S.DEFAULT_ENTRY, stop_grace_s=80)
 
 
 def test_sbatch_refusal_is_a_user_error_with_its_message(tmp_path, monkeypatch):
@@ -260,9 +274,37 @@ def test_local_preemption_requeues_and_resumes(tmp_path):
     assert S.wait(job, poll_s=0.5) == [{"rank": 0, "world_size": 1, "status": 0}]
     final = json.loads((out / "final-rank0.json").read_text())
     assert final["step"] == steps and final["value"] == standin_trainer.expected(steps)
-    assert 8 <= final["resumed_from"] < steps  # resumed from a periodic checkpoint, not from scratch
     log = (job.paths.folder / f"{job.job_id}_0_log.out").read_text()
     assert "requeueing" in log and log.count("[promoter-dist] task rank 0/1") == 2
+    # The trainer checkpointed the step it was in when the signal came, not a periodic one: the
+    # rerun starts there, and every step ran exactly once over both runs.
+    stopped = re.search(r"stopped on request at step (\d+)", log)
+    assert stopped and int(stopped.group(1)) == final["resumed_from"] >= 10
+    assert f"checkpoint of step {final['resumed_from']} written on every rank; requeueing" in log
+    done = [int(line.split()[1]) for line in progress.read_text().splitlines() if line.startswith("step ")]
+    assert done == list(range(1, steps + 1))
+
+
+def test_local_preemption_without_a_checkpoint_in_time_requeues_from_the_last_periodic_one(tmp_path):
+    """A trainer that never reaches a step boundary: rank 0 requeues once the grace period is over."""
+    out = tmp_path / "run"
+    steps = 120  # 12 s: still running when the 8 s grace period ends
+    job = S.submit_training(_config(tmp_path), [f"standin.steps={steps}", "standin.step_seconds=0.1",
+                                                "run.checkpoint_every=4", "standin.honour_stop=0"],
+                            _local_options(signal_delay_s=12), entry=STANDIN)
+    progress = out / "progress-rank0.log"
+    deadline = time.time() + 60
+    while not (progress.exists() and progress.read_text().count("step ") >= 10):
+        assert time.time() < deadline, "the job did not start"
+        time.sleep(0.1)
+    pid = json.loads((out / "env" / "rank0-restart0.json").read_text())["pid"]
+    os.kill(pid, signal.SIGUSR2)
+    assert S.wait(job, poll_s=0.5) == [{"rank": 0, "world_size": 1, "status": 0}]
+    final = json.loads((out / "final-rank0.json").read_text())
+    assert final["step"] == steps and final["value"] == standin_trainer.expected(steps)
+    assert final["resumed_from"] % 4 == 0 and 40 <= final["resumed_from"] < steps
+    log = (job.paths.folder / f"{job.job_id}_0_log.out").read_text()
+    assert "no checkpoint 8 s after the signal: requeueing from the last periodic checkpoint" in log
 
 
 def test_local_failure_reports_the_log_tail(tmp_path):
@@ -331,3 +373,33 @@ def test_wait_without_accounting_reads_results_of_a_forgotten_job(tmp_path, monk
     (lost.paths.folder / "78_0_log.err").write_text("slurmstepd: error: Detected 1 oom_kill event\n")
     with pytest.raises(S.JobFailed, match="(?s)job 78 ended ENDED without a result from task 0.*oom_kill"):
         S.wait(lost, poll_s=0.1)
+
+
+def test_wait_follows_a_preempted_job_through_its_requeue(tmp_path, monkeypatch):
+    """PREEMPTED is not the end while the controller may still requeue the job."""
+    import submitit
+    from submitit.core.utils import cloudpickle_dump
+
+    folder = tmp_path / "logs" / "%j"
+    job = submitit.SlurmJob(folder=folder, job_id="91", tasks=[0])
+    job.paths.folder.mkdir(parents=True)
+    result = submitit.core.utils.JobPaths(folder, "91", 0).result_pickle
+    states = iter(["RUNNING", "PREEMPTED", "PREEMPTED", "PREEMPTED", "PENDING", "RUNNING", "COMPLETED"])
+
+    def next_state(_job):
+        state = next(states)
+        if state == "COMPLETED":
+            cloudpickle_dump(("success", {"rank": 0}), result)
+        return state
+
+    monkeypatch.setattr(S, "slurm_state", next_state)
+    seen = []
+    assert S.wait(job, poll_s=0.01, on_poll=seen.append) == [{"rank": 0}]
+    assert seen[-1] == "COMPLETED" and seen.count("PREEMPTED") == 3
+    # A job that stays PREEMPTED without results is reported once the grace period is over.
+    monkeypatch.setattr(S, "REQUEUE_GRACE_S", {"PREEMPTED": 0.05})
+    monkeypatch.setattr(S, "slurm_state", lambda _job: "PREEMPTED")
+    stuck = submitit.SlurmJob(folder=folder, job_id="92", tasks=[0])
+    stuck.paths.folder.mkdir(parents=True)
+    with pytest.raises(S.JobFailed, match="job 92 ended PREEMPTED without a result from task 0"):
+        S.wait(stuck, poll_s=0.01)

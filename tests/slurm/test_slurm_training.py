@@ -4,7 +4,8 @@ One tiny NAD run (ZeRO-2, 12 steps, a checkpoint every 3) three ways:
 
 (a) ``deepspeed --num_gpus 2 train.py ...``: two CPU ranks started by the launcher;
 (b) the same argv as a 1-node x 2-task SLURM job (``submit_training`` + ``wait``);
-(c) job (b) preempted mid-run by USR2, submitit's checkpoint()/requeue path, then resumed.
+(c) job (b) preempted mid-run by USR2: every rank checkpoints the step it is in, rank 0
+    requeues through submitit's checkpoint(), and the rerun resumes from that step.
 
 The per-step train losses and the validation records of metrics.jsonl must agree. They are
 bitwise equal on the 2-core development machine: both layouts give rank r the same shard
@@ -158,8 +159,8 @@ def preempt_after_first_checkpoint(job, out: Path) -> str:
     The tiny run takes about two seconds from its first checkpoint to its end, less than
     SLURM may need to deliver a signal, so the tasks are held still for the moment: SIGSTOP
     (through scancel, like every signal here), USR2 while they are stopped, then SIGCONT.
-    The first thing each task does on waking is submitit's USR2 handler: checkpoint() and a
-    requeue on rank 0, nothing on rank 1.
+    The first thing each task does on waking is the job's USR2 handler: a stop request, which
+    the trainer honours after the step in progress.
     """
     latest = out / "checkpoints" / "latest"
     until(latest.exists, f"job {job.job_id} wrote no checkpoint", timeout_s=300)
@@ -200,20 +201,26 @@ def test_preempted_job_requeues_resumes_and_trains_like_the_deepspeed_launcher(s
 
     info = S.slurm_job_info(job.job_id)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1
-    rank0 = job_log(job, 0)
+    rank0, rank1 = job_log(job, 0), job_log(job, 1)
+    # Both ranks got the signal and wrote the checkpoint of the same step; then rank 0 requeued.
+    stops = [re.findall(r"checkpoint of step (\d+) written on every rank", text) for text in (rank0, rank1)]
+    assert len(stops[0]) == 1 and stops[0] == stops[1], (rank0, rank1)
+    stopped_at = int(stops[0][0])
+    assert "SIGUSR2: preempted or at the time limit" in rank0 and "SIGUSR2: preempted or at the time limit" in rank1
     assert "this job is preempted" in rank0 and "Calling checkpoint method" in rank0
     assert "requeueing; the rerun resumes from the latest checkpoint" in rank0
-    assert f"Requeued job {job.job_id}" in rank0
-    assert "Not checkpointing nor requeuing since I am a slave (procid=1)" in job_log(job, 1)
+    assert f"Requeued job {job.job_id}" in rank0 and "rank 0 requeues the job" in rank1
+    assert "no checkpoint" not in rank0  # the trainer's checkpoint came in time: no fallback requeue
     for task in (0, 1):
         assert f"task rank {task}/2 (local {task}/2, node 0/1) master" in job_log(job, task)
         assert re.search(rf"task rank {task}/2 .* restart [1-9]", job_log(job, task)), task
-    # The rerun started from the periodic checkpoint that was latest at (or just after) the signal.
+    # The rerun started from the step the trainer was in at the signal, not from a periodic checkpoint.
     resumed = re.findall(r"resumed from step(\d{8}): step (\d+)", rank0)
     assert len(resumed) == 1, rank0
     tag, step = int(resumed[0][0]), int(resumed[0][1])
-    assert tag == step and step % EVERY == 0 and int(preempted_at[4:]) <= step < STEPS
+    assert tag == step == stopped_at and int(preempted_at[4:]) <= step < STEPS
     assert f"resumed from step{step:08d}" in (out / "logs" / "rank1.log").read_text()
+    assert f"stop requested (SIGUSR2): checkpoint step{step:08d} written" in (out / "logs" / "rank0.log").read_text()
     assert (out / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
 
     assert_same_run(out, deepspeed_reference(small_shards, tmp_path_factory))
