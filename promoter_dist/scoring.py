@@ -140,7 +140,8 @@ def _number(value: Any) -> float | None:
 
 def _row_index(key: str) -> int | None:
     """A JSON key as a 0-based row index, or None if it is not a plain non-negative integer."""
-    if key.isascii() and key.isdigit():
+    # 18 digits stay inside int64 (index arrays); no DREAM file has 10^18 rows.
+    if key.isascii() and key.isdigit() and len(key) <= 18:
         return int(key)
     return None
 

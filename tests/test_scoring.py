@@ -82,6 +82,20 @@ def test_submission_file_of_the_truth_scores_one():
     assert report.pearson_score == pytest.approx(1.0, abs=1e-12)
 
 
+def test_key_order_does_not_matter(tmp_path, public):
+    """The same submission with its keys written in another order scores exactly the same."""
+    rng = np.random.default_rng(3)
+    values = public.values + rng.normal(0.0, 0.3, public.values.size)
+    items = list(as_predictions(public, values).items())
+    in_order = write_json(tmp_path / "in_order.json", {str(k): v for k, v in items})
+    shuffled = [items[i] for i in rng.permutation(len(items))]
+    assert [k for k, _ in shuffled] != [k for k, _ in items]
+    out_of_order = write_json(tmp_path / "shuffled.json", {str(k): v for k, v in shuffled})
+    a, b = score(load_predictions(in_order), public), score(load_predictions(out_of_order), public)
+    assert a.pearson_score == b.pearson_score and a.spearman_score == b.spearman_score
+    assert 0.1 < a.pearson_score < 0.99  # noisy, so a wrong alignment of keys would show
+
+
 def expected_noisy_pearson(truth: Truth, name: str, sigma: float) -> float:
     """Pearson r expected for measured + N(0, sigma^2) noise per row, from the data.
 
@@ -419,6 +433,7 @@ def test_extra_keys_warn_and_are_ignored(tmp_path, public):
         ('{"-3": 1.0}', r'\["-3"\]: key is not a row index'),
         ('{"": 1.0}', r'\[""\]: key is not a row index'),
         ('{" 7": 1.0}', r'\[" 7"\]: key is not a row index'),
+        ('{"99999999999999999999": 1.0}', r'\["99999999999999999999"\]: key is not a row index'),
         ('{"7": 1.0, "07": 2.0}', r'\["07"\]: row index appears twice \(keys "7" and "07"\)'),
         ('{"7": 1.0, "7": 2.0}', r'\["7"\]: row index appears twice'),
         ('{"0": 1.0, "12": "abc"}', r'\["12"\]: value "abc" is not a number'),
@@ -434,7 +449,7 @@ def test_extra_keys_warn_and_are_ignored(tmp_path, public):
         ("{}", r"the JSON object is empty"),
         ("", r"the file is empty"),
     ],
-    ids=["float_key", "word_keys", "negative_key", "empty_key", "space_key", "same_row_twice", "duplicate_key",
+    ids=["float_key", "word_keys", "negative_key", "empty_key", "space_key", "huge_key", "same_row_twice", "duplicate_key",
          "string_value", "null_value", "bool_value", "list_value", "object_value", "nan", "minus_infinity",
          "overflow", "truncated_json", "array", "empty_object", "empty_file"],
 )
