@@ -192,7 +192,7 @@ class ScheduleConfig:
     decay_epochs: float = 50.0
     """Epochs over which linear/cosine reach final_factor (NAD: 50, the whole run)."""
     final_factor: float = 0.01
-    """Learning rate at the end of the decay, as a fraction of optim.lr (NAD: 0.01)."""
+    """Learning rate at the end of the decay, as a fraction of optim.lr (NAD: 0.01); with 'plateau', the rate at which a GSAM rho schedule reaches rho_min."""
     per_epoch: bool = True
     """Change the rate once per epoch as NAD did (False: every optimizer step)."""
     plateau_metric: str = "loss"
@@ -287,6 +287,12 @@ class TrainConfig:
             raise UserError("engine.precision=fp16 casts weights but not NAD's fp32 BatchNorm statistics: use bf16")
         if self.optim.gsam.enabled and self.engine.precision == "fp16":
             raise UserError("optim.gsam with engine.precision=fp16 is not supported: use bf16 or fp32")
+        if self.optim.gsam.enabled and self.engine.offload_optimizer != "none":
+            raise UserError("optim.gsam needs the gradients on the device: set engine.offload_optimizer=none")
+        gsam = self.optim.gsam
+        if gsam.enabled and gsam.rho_min < gsam.rho_max and self.schedule.name == "constant":
+            raise UserError("optim.gsam.rho_min is below rho_max, but schedule.name=constant never moves the "
+                            "learning rate that rho follows: set rho_min = rho_max, or another schedule")
         # A misspelt metric is never found in the validation record: no best checkpoint would ever be
         # kept, and the plateau schedule would cut the rate after every `patience + 1` evaluations.
         metrics = {"regression": ("loss", "pearson", "spearman"), "mlm": ("loss", "accuracy")}[self.task.name]

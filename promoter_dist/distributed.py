@@ -138,6 +138,15 @@ def _collective_device() -> torch.device:
     return torch.device("cpu") if torch.distributed.get_backend() == "gloo" else device()
 
 
+def norm_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The BatchNorm running means and variances of ``module`` (the buffers themselves, in module order)."""
+    buffers = []
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._NormBase) and layer.track_running_stats:
+            buffers.extend(b for b in (layer.running_mean, layer.running_var) if b is not None)
+    return buffers
+
+
 def average_norm_statistics(module: torch.nn.Module) -> None:
     """Average BatchNorm running statistics over ranks, in place.
 
@@ -147,13 +156,10 @@ def average_norm_statistics(module: torch.nn.Module) -> None:
     if not _initialized() or torch.distributed.get_world_size() == 1:
         return
     world = torch.distributed.get_world_size()
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.modules.batchnorm._NormBase) and layer.track_running_stats:
-            for buffer in (layer.running_mean, layer.running_var):
-                if buffer is not None:
-                    moved = buffer.to(_collective_device())
-                    torch.distributed.all_reduce(moved)
-                    buffer.copy_(moved / world)
+    for buffer in norm_statistics(module):
+        moved = buffer.to(_collective_device())
+        torch.distributed.all_reduce(moved)
+        buffer.copy_(moved / world)
 
 
 def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -107,8 +107,9 @@ class Trainer:
         if config.optim.gsam.enabled:
             from .optim.gsam import DeepSpeedGSAM
 
+            # rho follows the rate between these two (plateau: down to final_factor x lr, then stays).
             lr_max = config.optim.lr
-            lr_min = config.optim.lr * config.schedule.final_factor if config.schedule.name in ("linear", "cosine") else lr_max
+            lr_min = lr_max * config.schedule.final_factor if config.schedule.name != "constant" else lr_max
             self.gsam = DeepSpeedGSAM(self.engine, config.optim.gsam, lr_max=lr_max, lr_min=lr_min)
         self.plateau = None
         if config.schedule.name == "plateau":
@@ -397,7 +398,7 @@ class Trainer:
             self.gsam.load_state_dict(state["gsam"])
 
     def rank_state(self) -> dict[str, Any]:
-        """What differs by rank: loader position and RNG state."""
+        """What differs by rank: loader position and RNG state (save_checkpoint adds the rank's BatchNorm statistics)."""
         return {"loader": self.train_loader.state_dict(), "rng": _rng_state(), "rank": self.env.rank}
 
     def save_checkpoint(self, best: bool = False) -> None:
@@ -405,12 +406,18 @@ class Trainer:
         if dist.all_reduce_max(0.0 if parameters_finite(self.engine) else 1.0) > 0:
             raise UserError(f"step {self.step}: the weights hold NaN/inf; refusing to write a checkpoint "
                             f"(the last good one in {self.ckpt_dir} is kept)")
-        dist.average_norm_statistics(self.engine.module)  # rank 0's buffers are what the checkpoint holds
+        # The checkpoint's weights hold the ranks' average BatchNorm statistics (what evaluation and
+        # export use); each rank keeps training on its own, saved beside them for an exact resume.
+        own_statistics = [b.detach().clone() for b in dist.norm_statistics(self.engine.module)]
+        dist.average_norm_statistics(self.engine.module)
         tag = f"{'best-' if best else ''}step{self.step:08d}"
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"trainer": self.state_dict()},
                                     save_latest=False)
         with atomic_open(self.ckpt_dir / tag / f"trainer-rank{self.env.rank}.pt", "wb") as f:
-            torch.save(self.rank_state(), f)
+            torch.save({**self.rank_state(), "norm_statistics": own_statistics}, f)
+        with torch.no_grad():
+            for buffer, own in zip(dist.norm_statistics(self.engine.module), own_statistics):
+                buffer.copy_(own)
         dist.barrier()
         if self.env.is_main:
             pointer = "best" if best else "latest"
@@ -453,6 +460,9 @@ class Trainer:
         self.warn_config_changes(state["config"])
         self.load_state_dict(state)
         rank_state = torch.load(rank_file, weights_only=False)
+        with torch.no_grad():
+            for buffer, own in zip(dist.norm_statistics(self.engine.module), rank_state.get("norm_statistics", [])):
+                buffer.copy_(own)
         self.train_loader.load_state_dict(rank_state["loader"])
         _set_rng_state(rank_state["rng"])
         self.history = self.read_history()

@@ -176,6 +176,8 @@ def test_bad_value_names_the_key(override, key):
     (["data.view=all"], "data.view=nad"),
     (["optim.gsam.enabled=true", "engine.precision=fp16"], "fp16"),
     (["engine.offload_optimizer=cpu", "engine.zero_stage=0"], "zero_stage"),
+    (["optim.gsam.enabled=true", "engine.offload_optimizer=cpu", "engine.zero_stage=2"], "offload_optimizer=none"),
+    (["optim.gsam.enabled=true", "optim.gsam.rho_min=0.02", "schedule.name=constant"], "rho_min"),
 ])
 def test_combinations_that_cannot_work_are_refused(overrides, words):
     assert words in error_of(*overrides)

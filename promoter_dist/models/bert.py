@@ -93,6 +93,7 @@ NOMINAL_TOKENS = int(kmer_count(NOMINAL_LENGTH, 0)) + 2
 READER_MAX_TOKENS = int(kmer_count(ReadOptions().max_length, 0)) + 2
 
 ATTENTION = ("sdpa", "eager")
+INITS = ("bert", "local")
 _ARCH_KEYS = {  # BertConfig attribute -> BertSettings field, compared with a pretrained export
     "vocab_size": None,
     "hidden_size": "hidden",
@@ -123,6 +124,8 @@ class BertSettings:
     """Folder of a masked-LM export (export_pretrained) to initialise the encoder from; '' = random init."""
     attention: str = "sdpa"
     """Attention implementation: 'sdpa' (torch fused attention; default) or 'eager' (plain matmuls)."""
+    init: str = "bert"
+    """Random initialisation: 'bert' (Hugging Face's N(0, 0.02)) or 'local' (sinusoidal positions, first-layer heads attending to tokens -1, +1, -2, +2; see :func:`local_attention_init`). Unused with ``pretrained``."""
 
     def __post_init__(self) -> None:
         for key in ("hidden", "layers", "heads", "intermediate"):
@@ -142,6 +145,8 @@ class BertSettings:
             raise ValueError(f"model.bert.pretrained must be a folder path or '', not {self.pretrained!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"model.bert.attention must be one of {list(ATTENTION)}, not {self.attention!r}")
+        if self.init not in INITS:
+            raise ValueError(f"model.bert.init must be one of {list(INITS)}, not {self.init!r}")
 
     def bert_config(self, **extra: object) -> BertConfig:
         """The Hugging Face config for these settings (``extra`` adds head options)."""
@@ -176,6 +181,8 @@ def build_mlm_model(settings: BertSettings) -> BertForMaskedLM:
         model = _load_pretrained(settings, BertForMaskedLM, allowed_missing=())
     else:
         model = BertForMaskedLM(settings.bert_config())
+        if settings.init == "local":
+            local_attention_init(model)
     return model.train()
 
 
@@ -199,7 +206,74 @@ def build_regression_model(settings: BertSettings) -> BertForSequenceClassificat
         )
     else:
         model = BertForSequenceClassification(settings.bert_config(**head))
+        if settings.init == "local":
+            local_attention_init(model)
     return model.train()
+
+
+#: Token offsets the first layer's heads attend to under ``init='local'`` (head h gets entry h mod 4).
+LOCAL_OFFSETS = (-1, 1, -2, 2)
+
+
+@torch.no_grad()
+def local_attention_init(model: PreTrainedModel, offsets: tuple[int, ...] = LOCAL_OFFSETS,
+                         amplitude: float = 2.5, sharpness: float = 1.5) -> None:
+    """Start a randomly initialised BERT with position codes that make neighbouring tokens easy to attend to.
+
+    Why: the signal in promoter rows sits in motifs of 7-13 bp, i.e. in pairs and triples of
+    adjacent 3-mer tokens, and 100 of a row's 128 tokens are constant vector flanks. From
+    Hugging Face's init (random absolute position embeddings, near-uniform attention) a small
+    BERT first learns the bag of 3-mers and stays there for a long time: on the synthetic demo
+    data a linear model on 3-mer counts reaches Pearson 0.50 and one on adjacent token pairs
+    0.69; the stock-initialised debug BERT was still at 0.50 after 100k rows, this init 0.63-0.65.
+
+    What: the position embeddings are sinusoids of ``K`` periods from 2.5 to 100 tokens in the
+    last ``2K`` hidden dimensions (``K = min(head_dim, hidden / 2) // 2``), with amplitude
+    ``amplitude x initializer_range``, and zero elsewhere; token and token-type embeddings are
+    zero in those dimensions (random as usual in the others). In the
+    first layer, head ``h`` gets query/key weights that rotate those sinusoids by its offset
+    ``offsets[h % len(offsets)]``, so its score for key ``j`` from query ``i`` is
+    ``sum_k cos(w_k (i + offset - j))``, which peaks at ``j = i + offset`` (``sharpness`` scales
+    both weights; 1.5 puts about 85% of a head's attention on its neighbour). Everything else keeps
+    the stock init and everything stays trainable; the model remains a plain Hugging Face BERT.
+    """
+    bert = model.base_model
+    config = bert.config
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = hidden // heads
+    pairs = min(head_dim, hidden // 2) // 2
+    if pairs < 1:
+        return
+    dims = torch.arange(hidden - 2 * pairs, hidden)
+    sin_dims, cos_dims = dims[0::2], dims[1::2]
+    periods = torch.logspace(torch.log10(torch.tensor(2.5)), torch.log10(torch.tensor(100.0)), pairs)
+    omega = 2 * torch.pi / periods
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)[:, None]
+    scale = amplitude * config.initializer_range
+    embeddings = bert.embeddings
+    # Positions only as sinusoids: random position vectors add per-position noise to every token
+    # that the model first has to learn to ignore (the outcome varied much more between seeds).
+    embeddings.position_embeddings.weight.zero_()
+    embeddings.position_embeddings.weight[:, sin_dims] = scale * torch.sin(omega * positions)
+    embeddings.position_embeddings.weight[:, cos_dims] = scale * torch.cos(omega * positions)
+    embeddings.word_embeddings.weight[:, dims] = 0.0
+    embeddings.token_type_embeddings.weight[:, dims] = 0.0
+    attention = bert.encoder.layer[0].attention.self
+    for head in range(heads):
+        rows = torch.arange(head * head_dim, head * head_dim + 2 * pairs)
+        theta = omega * offsets[head % len(offsets)]
+        cos, sin = torch.cos(theta) * sharpness, torch.sin(theta) * sharpness
+        for weight in (attention.query.weight, attention.key.weight):
+            weight[head * head_dim:(head + 1) * head_dim] = 0.0
+        attention.query.bias[head * head_dim:(head + 1) * head_dim] = 0.0
+        attention.key.bias[head * head_dim:(head + 1) * head_dim] = 0.0
+        # Query: (sin wi, cos wi) -> (sin w(i+d), cos w(i+d)); key: (sin wj, cos wj) as it is.
+        attention.query.weight[rows[0::2], sin_dims] = cos
+        attention.query.weight[rows[0::2], cos_dims] = sin
+        attention.query.weight[rows[1::2], sin_dims] = -sin
+        attention.query.weight[rows[1::2], cos_dims] = cos
+        attention.key.weight[rows[0::2], sin_dims] = sharpness
+        attention.key.weight[rows[1::2], cos_dims] = sharpness
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -109,10 +109,10 @@ class LocalGradient:
     writeback: Callable[[], None] = field(default=lambda: None)
     """Pushes in-place edits of ``pieces`` back into the engine where they are not views."""
 
-    def flat_copy(self) -> torch.Tensor:
-        """All pieces concatenated into one new fp32 vector."""
+    def flat_copy(self, device: torch.device | None = None) -> torch.Tensor:
+        """All pieces concatenated into one new fp32 vector (empty, on ``device``, when there are none)."""
         if not self.pieces:
-            return torch.zeros(0)
+            return torch.zeros(0, device=device)  # on the compute device: it still takes part in collectives
         return torch.cat([p.float() for p in self.pieces])
 
     def sizes(self) -> list[int]:

@@ -91,7 +91,7 @@ class GSAMConfig:
     rho_max: float = 0.1
     """Perturbation radius when the learning rate is at lr_max (NAD: 0.1)."""
     rho_min: float = 0.1
-    """Perturbation radius when the learning rate is at lr_min (NAD: 0.1, i.e. constant rho)."""
+    """Perturbation radius when the learning rate is at its floor, schedule.final_factor x optim.lr (NAD: 0.1, i.e. constant rho)."""
     alpha: float = 0.05
     """Weight of the surrogate-gap term: d = g' - alpha * g_perp (0 gives SAM; NAD: 0.05)."""
     adaptive: bool = False
@@ -419,7 +419,9 @@ class DeepSpeedGSAM:
         self._release_gathered_weights()
         if self.config.adaptive:
             scaled = torch._foreach_mul(weights, grads)  # w * g
-            (wg_dot_wg,) = global_dots([(torch.cat(scaled), torch.cat(scaled))], partitioned) if scaled else ([0.0],)
+            # A rank without a partition still joins the all-reduce (with nothing to add).
+            flat = torch.cat(scaled) if scaled else g_flat.new_zeros(0)
+            (wg_dot_wg,) = global_dots([(flat, flat)], partitioned)
             scale = rho / (math.sqrt(wg_dot_wg) + self.config.eps)
             torch._foreach_mul_(scaled, weights)  # w^2 * g
             torch._foreach_add_(weights, scaled, alpha=scale)
@@ -453,7 +455,7 @@ class DeepSpeedGSAM:
         rng_states: list = []
         loss_sum = self._run_pass(micro_batches, loss_fn, rng_states)
         g_local = local_gradient(engine, self.params)
-        g_flat = g_local.flat_copy()  # survives the engine's buffers being reused by pass 2
+        g_flat = g_local.flat_copy(engine.device)  # survives the engine's buffers being reused by pass 2
         mean_loss = loss_sum / (len(micro_batches) * world_size())
         (g_dot_g,) = global_dots([(g_flat, g_flat)], g_local.partitioned)
         if not math.isfinite(g_dot_g):  # the same value on every rank: all raise together
@@ -475,7 +477,7 @@ class DeepSpeedGSAM:
         # d = a * g + b * g', written over the engine's reduced gradient on each rank's partition.
         with torch.no_grad():
             gp_local = local_gradient(engine, self.params)
-            gp_flat = gp_local.flat_copy()
+            gp_flat = gp_local.flat_copy(engine.device)
             g_dot_gp, gp_dot_gp = global_dots([(g_flat, gp_flat), (gp_flat, gp_flat)], gp_local.partitioned)
             if not (math.isfinite(g_dot_gp) and math.isfinite(gp_dot_gp)):
                 zero_engine_gradients(engine)

@@ -47,7 +47,7 @@ class Case:
 CASES = [Case(f"gsam_stage{s}", s) for s in range(4)]
 CASES += [Case("gsam_adaptive_stage3", 3, adaptive=True, rho_max=0.5, rho_min=0.2)]
 CASES += [Case(f"rho0_stage{s}", s, rho_max=0.0, rho_min=0.0, against="plain") for s in (0, 1, 2, 3)]
-CASES += [Case(f"sam_stage{s}", s, alpha=0.0) for s in (0, 3)]
+CASES += [Case(f"sam_stage{s}", s, alpha=0.0) for s in range(4)]
 CASES += [Case(f"bf16_stage{s}", s, bf16=True) for s in range(4)]
 
 

@@ -6,7 +6,7 @@ odd element counts and a 1-element bias; 2 ranks x 2 accumulation micro-batches 
 with a linear LR decay that moves rho from rho_max towards rho_min; gradient clipping at 10, which
 binds on some steps and not others; 4 steps. Cases: GSAM at stages 0-3 (ZeRO-3 with some parameters
 persistent, some not), adaptive GSAM at stage 3, rho = 0 against DeepSpeed's own AdamW steps at stages
-0-3, alpha = 0 (SAM) at stages 0 and 3, bf16 autocast at stages 0-3; then the error paths.
+0-3, alpha = 0 (SAM) at stages 0-3, bf16 autocast at stages 0-3; then the error paths.
 
 Tolerances (parameters are of order 1):
 - fp32: max |w_deepspeed - w_reference| <= 1e-6 (measured 1.5e-8 to 1.2e-7: float summation order);
