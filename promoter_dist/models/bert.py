@@ -234,7 +234,8 @@ def local_attention_init(model: PreTrainedModel, offsets: tuple[int, ...] = LOCA
     first layer, head ``h`` gets query/key weights that rotate those sinusoids by its offset
     ``offsets[h % len(offsets)]``, so its score for key ``j`` from query ``i`` is
     ``sum_k cos(w_k (i + offset - j))``, which peaks at ``j = i + offset`` (``sharpness`` scales
-    both weights; 1.5 puts about 85% of a head's attention on its neighbour). Everything else keeps
+    both weights; with 1.5, 96% of a head's attention sits on its neighbour on real rows at hidden
+    64 and 4 heads, see tests/models/test_bert.py). Everything else keeps
     the stock init and everything stays trainable; the model remains a plain Hugging Face BERT.
     """
     bert = model.base_model

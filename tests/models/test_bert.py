@@ -227,3 +227,31 @@ def test_every_setting_has_a_docstring():
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
     ]
     assert fields == documented and "pretrained" in fields
+
+
+def test_local_init_first_layer_heads_attend_to_their_neighbour(sample):
+    """init='local': on real rows, each first-layer head puts most of its attention on token i + offset."""
+    from promoter_dist.models.bert import LOCAL_OFFSETS
+
+    torch.manual_seed(0)
+    settings = BertSettings(**TINY, init="local", dropout=0.0, attention="eager")
+    model = build_regression_model(settings).eval()
+    ids, mask = tokens(sample)
+    with torch.no_grad():
+        attentions = model.bert(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[0]
+    n = ids.shape[1]
+    for head in range(settings.heads):
+        offset = LOCAL_OFFSETS[head % len(LOCAL_OFFSETS)]
+        queries = torch.arange(2, n - 2)  # every query whose neighbour at the offset exists
+        keys = queries + offset
+        on_neighbour = attentions[:, head, queries, keys]  # (rows, queries)
+        attended = mask[:, keys].bool() & mask[:, queries].bool()
+        print(f"head {head} (offset {offset:+d}): {on_neighbour[attended].mean():.3f} of the attention on its neighbour")
+        assert on_neighbour[attended].mean() > 0.6, (head, on_neighbour[attended].mean())
+    # The stock init spreads attention: no head prefers one neighbour like that.
+    stock = build_regression_model(BertSettings(**TINY, dropout=0.0, attention="eager")).eval()
+    with torch.no_grad():
+        spread = stock.bert(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[0]
+    assert spread[:, :, torch.arange(2, n - 2), torch.arange(3, n - 1)].mean() < 0.1
+    with pytest.raises(ValueError, match="model.bert.init"):
+        BertSettings(init="sinusoid")
