@@ -1,14 +1,23 @@
 """Step cost of GSAM against the plain optimizer under DeepSpeed, measured side by side.
 
-Two engines on the same NAD model (same initial weights, AdamW as a client optimizer, the same ZeRO
-stage, gradient clipping on): one trained with ordinary DeepSpeed steps, one through DeepSpeedGSAM.
-Their steps are interleaved (plain, GSAM, GSAM, plain, ...) so that machine-load drift hits both alike.
-GSAM does two forward/backward passes per optimizer step, so the ideal ratio of step times is about 2.0
-(slightly less, as the optimizer step itself is not repeated); the target is <= 2.1.
+Two engines on the same model, built from the shipped config exactly as ``train_step.py`` builds them
+(``configs/nad/debug.yaml`` by default: NAD's debug model, its batch, AdamW, the chosen ZeRO stage,
+gradient clipping on): one takes ordinary DeepSpeed steps, the other is driven by
+``promoter_dist.optim.DeepSpeedGSAM`` with NAD's settings (rho 0.1, alpha 0.05). Both compute the loss
+with the task's ``training_loss``, as the trainer does. Blocks of steps alternate (plain, GSAM, GSAM,
+plain, ...) so that a change in machine load hits both alike.
 
-Runs in one process without the launcher (sets RANK/WORLD_SIZE/... itself when absent). Example::
+GSAM takes two forward/backward passes per optimizer step, so the ideal ratio of step times is about
+2.0 (a little less: the optimizer step itself is not repeated); the target is <= 2.1. The script also
+times the engine's own work inside the GSAM steps (forward, backward, optimizer step): the rest is the
+driver's overhead (gradient copies, perturbation, inner products, RNG and BatchNorm snapshots).
 
-    python benchmarks/gsam_step.py --batch 64 --repeats 10 --stage 2
+One process, no launcher (``promoter_dist.distributed.resolve_environment`` sets it up). Printed on
+both clocks (``wall``: elapsed; ``cpu``: this process's CPU time, much steadier on a shared machine):
+samples/s of each, the ratio of medians and the median of per-round paired ratios. Example::
+
+    python benchmarks/gsam_step.py                       # NAD debug, ZeRO-2, the config's batch (128)
+    python benchmarks/gsam_step.py --stage 3 --accumulation 2
 """
 
 from __future__ import annotations
@@ -16,93 +25,80 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import socket
-import statistics
 import sys
 import time
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
+
+from train_step import (CLOCKS, bench_config, build_task, compute_device, make_batches, median, quiet_deepspeed,
+                        set_threads, synchronize)
 
 
-def single_process_env() -> None:
-    """The variables deepspeed.init_distributed needs, for a run without a launcher."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
-def nad_debug_model() -> torch.nn.Module:
-    from promoter_dist.models.nad import NADConfig, NADModel
-
-    torch.manual_seed(0)
-    return NADModel(NADConfig(channels=(32, 48, 64, 80, 96), fpn_dim=64, heads=4, depths=(1, 1, 1, 1)))
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=64, help="samples per micro-batch")
-    parser.add_argument("--accumulation", type=int, default=1, help="gradient accumulation micro-batches per step")
-    parser.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps of each kind")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    parser.add_argument("--model", default="nad", choices=["nad", "bert-regression", "bert-mlm"],
+                        help="model and its config file (default: nad)")
+    parser.add_argument("--size", default="debug", choices=["debug", "full"], help="config size (default: debug)")
+    parser.add_argument("--batch", type=int, default=0, help="samples per micro batch (0: the config's)")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro batches per optimizer step (default: 1)")
+    parser.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage (default: 2)")
+    parser.add_argument("--precision", default="", choices=["", "fp32", "bf16"],
+                        help="default: bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed block (default: 2)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed blocks of each kind (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first (default: 2)")
+    parser.add_argument("--threads", type=int, default=-1,
+                        help="torch CPU threads (default: 1 without a GPU, see benchmarks/README.md; 0: leave)")
     parser.add_argument("--json", default="", help="also write the figures to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    single_process_env()
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    import deepspeed
-
+    from promoter_dist.distributed import init_distributed, resolve_environment
+    from promoter_dist.engine import build_engine, set_learning_rate
     from promoter_dist.optim import DeepSpeedGSAM, GSAMConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(resolve_environment())
+    quiet_deepspeed()
+    device = compute_device()
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    set_threads(args.threads if args.threads >= 0 else (0 if device.type == "cuda" else 1))
 
-    config = {
-        "train_micro_batch_size_per_gpu": args.batch,
-        "gradient_accumulation_steps": args.accumulation,
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": args.stage},
-    }
-    lr = 2e-4
-    plain_model = nad_debug_model()
-    gsam_model = copy.deepcopy(plain_model)
-    plain, *_ = deepspeed.initialize(
-        model=plain_model, optimizer=torch.optim.AdamW(plain_model.parameters(), lr=lr, weight_decay=0.05), config=config
-    )
-    engine, *_ = deepspeed.initialize(
-        model=gsam_model, optimizer=torch.optim.AdamW(gsam_model.parameters(), lr=lr, weight_decay=0.05), config=config
-    )
-    gsam = DeepSpeedGSAM(engine, GSAMConfig(enabled=True), lr_max=lr, lr_min=lr * 0.01)
+    import tempfile
 
-    gen = torch.Generator().manual_seed(1)
-    micro_batches = [
-        (torch.randint(0, 1024, (args.batch, 80), generator=gen), torch.rand(args.batch, generator=gen))
-        for _ in range(args.accumulation)
-    ]
+    with tempfile.TemporaryDirectory(prefix="gsam-bench-") as out_dir:
+        config = bench_config(args.model, args.size, precision, args.stage, args.batch, 0, out_dir)
+        config.engine.gradient_clipping = 1.0  # clipping on, as in NAD's recipe runs
+        config.engine.grad_accum = args.accumulation
+        task = build_task(config)
+        torch.manual_seed(config.run.seed)
+        model = task.build_model()
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        plain = build_engine(copy.deepcopy(model), config, world_size=1)
+        engine = build_engine(model, config, world_size=1)
+    lr = config.optim.lr
+    gsam_config = GSAMConfig(enabled=True, rho_max=0.1, rho_min=0.1, alpha=0.05)
+    gsam = DeepSpeedGSAM(engine, gsam_config, lr_max=lr, lr_min=lr * config.schedule.final_factor)
+    micro_batches = make_batches(args.model, config.data.batch_size, args.accumulation, device)
+    autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def loss_of(model_engine, batch):
-        words, label = batch
-        prediction = model_engine(words)  # (B, levels): every head is trained on the same label
-        return F.smooth_l1_loss(prediction, label[:, None].expand_as(prediction), beta=0.1)
+    def loss_of(model_engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast():
+            return task.training_loss(model_engine, batch)
 
     def plain_step() -> None:
+        set_learning_rate(plain, lr)
         for batch in micro_batches:
             plain.backward(loss_of(plain, batch))
             plain.step()
 
-    # Time the engine's own work inside GSAM steps (forward, backward, optimizer step) so that what is
-    # left is the driver's overhead: copies, perturbation, inner products, RNG and BatchNorm snapshots.
+    # The engine's own work inside the GSAM steps, so that the rest is the driver's overhead.
     engine_seconds = [0.0]
 
-    def timed(function):
+    def timed(function: Callable) -> Callable:
         def wrapper(*a, **k):
             started = time.perf_counter()
             try:
@@ -112,56 +108,63 @@ def main() -> None:
 
         return wrapper
 
-    engine.backward = timed(engine.backward)
-    engine.step = timed(engine.step)
+    engine.backward, engine.step = timed(engine.backward), timed(engine.step)
     timed_loss = timed(lambda batch: loss_of(engine, batch))
     overheads: list[float] = []
 
     def gsam_step() -> None:
+        set_learning_rate(engine, lr)
         engine_seconds[0] = 0.0
         started = time.perf_counter()
         gsam.step(micro_batches, timed_loss)
         overheads.append(time.perf_counter() - started - engine_seconds[0])
 
-    times = {"plain": [], "gsam": []}
     steps = {"plain": plain_step, "gsam": gsam_step}
-    for repeat in range(args.warmup + args.repeats):
-        order = ("plain", "gsam") if repeat % 2 == 0 else ("gsam", "plain")
-        for kind in order:
-            started = time.perf_counter()
+
+    def block(kind: str, count: int) -> tuple[float, float]:
+        """Seconds of ``count`` steps of one kind on each clock."""
+        synchronize(device)
+        start = clocks()
+        for _ in range(count):
             steps[kind]()
-            elapsed = time.perf_counter() - started
-            if repeat >= args.warmup:
-                times[kind].append(elapsed)
+        synchronize(device)
+        end = clocks()
+        return end[0] - start[0], end[1] - start[1]
 
-    samples = args.batch * args.accumulation
-    figures = {
-        "model": "NAD debug (channels 32-96, fpn 64, 4 heads, depths 1,1,1,1)",
-        "parameters": sum(p.numel() for p in plain_model.parameters()),
-        "zero_stage": args.stage,
-        "samples_per_step": samples,
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
+    for kind in steps:
+        block(kind, args.warmup)
+    overheads.clear()
+    seconds: dict[str, dict[str, list[float]]] = {k: {c: [] for c in CLOCKS} for k in steps}
+    for repeat in range(args.repeats):
+        for kind in (("plain", "gsam") if repeat % 2 == 0 else ("gsam", "plain")):
+            for clock, value in zip(CLOCKS, block(kind, args.steps)):
+                seconds[kind][clock].append(value / args.steps)
+
+    samples = config.data.batch_size * args.accumulation
+    figures: dict[str, Any] = {
+        "model": args.model, "size": args.size, "parameters": params, "zero_stage": args.stage,
+        "precision": precision, "device": str(device), "samples_per_step": samples,
+        "accumulation": args.accumulation, "threads": torch.get_num_threads(), "steps_per_block": args.steps,
+        "blocks": args.repeats, "gsam_driver_overhead_ms": 1e3 * median(overheads),
     }
-    for kind, values in times.items():
-        figures[f"{kind}_median_s"] = statistics.median(values)
-        figures[f"{kind}_samples_per_s"] = samples / statistics.median(values)
-    figures["gsam_driver_overhead_median_s"] = statistics.median(overheads[args.warmup :])
-    figures["ratio_median"] = figures["gsam_median_s"] / figures["plain_median_s"]
-    # Paired ratios (each GSAM step against the plain step next to it) are less sensitive to drift.
-    figures["ratio_paired_median"] = statistics.median(g / p for g, p in zip(times["gsam"], times["plain"]))
-
-    print(
-        f"plain: {figures['plain_samples_per_s']:.1f} samples/s ({figures['plain_median_s'] * 1e3:.1f} ms/step)   "
-        f"gsam: {figures['gsam_samples_per_s']:.1f} samples/s ({figures['gsam_median_s'] * 1e3:.1f} ms/step)   "
-        f"ratio {figures['ratio_median']:.3f} (paired {figures['ratio_paired_median']:.3f}; ideal 2.0, target <= 2.1)   "
-        f"driver overhead {figures['gsam_driver_overhead_median_s'] * 1e3:.1f} ms/step"
-    )
+    print(f"{args.model} {args.size} ({params:,} parameters), ZeRO-{args.stage}, {precision}, {samples} samples "
+          f"per step, {torch.get_num_threads()} thread(s), {args.repeats} blocks of {args.steps} steps each")
+    print(f"{'clock':<6}{'plain samples/s':>17}{'GSAM samples/s':>16}{'GSAM / plain step time':>24}{'paired':>9}")
+    for clock in CLOCKS:
+        plain_s, gsam_s = median(seconds["plain"][clock]), median(seconds["gsam"][clock])
+        paired = median([g / p for g, p in zip(seconds["gsam"][clock], seconds["plain"][clock])])
+        figures[clock] = {"plain_samples_per_s": samples / plain_s, "gsam_samples_per_s": samples / gsam_s,
+                          "ratio_of_medians": gsam_s / plain_s, "median_paired_ratio": paired,
+                          "plain_step_s": seconds["plain"][clock], "gsam_step_s": seconds["gsam"][clock]}
+        print(f"{clock:<6}{samples / plain_s:>17.1f}{samples / gsam_s:>16.1f}{gsam_s / plain_s:>23.3f}x"
+              f"{paired:>8.3f}x")
+    print(f"ideal 2.0x, target <= 2.1x; GSAM driver overhead (outside the engine's forward, backward and step) "
+          f"{figures['gsam_driver_overhead_ms']:.1f} ms per step (wall)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
-    sys.stdout.flush()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
