@@ -118,6 +118,9 @@ class Trainer:
 
         self.step = 0
         self.skipped_steps = 0
+        # This rank's finite train losses since the last train record: a record averages every step
+        # of its window, across epoch ends and a resume from a checkpoint taken inside the window.
+        self.log_window: dict[str, float] = {"loss_sum": 0.0, "steps": 0}
         self.best: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
         self._fallback_batch: Batch | None = None
@@ -225,7 +228,7 @@ class Trainer:
         run = self.config.run
         epoch = self.train_loader.epoch
         batches = iter(self.train_loader)
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        timed_steps, window_start = 0, time.perf_counter()  # for samples/s: steps since this process started the window
         for group in self.micro_batch_groups(batches):
             micro_steps_before = self.engine.micro_steps
             try:
@@ -239,16 +242,20 @@ class Trainer:
                 log.warning("step %d skipped: %s; %d skipped so far", self.step + 1, error, self.skipped_steps)
                 loss = float("nan")
             self.step += 1
+            timed_steps += 1
             if math.isfinite(loss):
-                window_loss, window_steps = window_loss + loss, window_steps + 1
+                self.log_window["loss_sum"] += loss
+                self.log_window["steps"] += 1
             if self.step % run.log_every == 0:
                 elapsed = time.perf_counter() - window_start
-                samples = run.log_every * self.config.data.batch_size * self.grad_accum * self.env.world_size
-                mean_loss = dist.all_reduce_mean(window_loss / window_steps if window_steps else float("nan"))
+                samples = timed_steps * self.config.data.batch_size * self.grad_accum * self.env.world_size
+                window = self.log_window
+                mean_loss = dist.all_reduce_mean(window["loss_sum"] / window["steps"] if window["steps"] else float("nan"))
                 self.record({"kind": "train", "step": self.step, "epoch": epoch,
                              "loss": mean_loss, "lr": self.learning_rate(),
                              "samples_per_s": samples / elapsed})
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                self.log_window = {"loss_sum": 0.0, "steps": 0}
+                timed_steps, window_start = 0, time.perf_counter()
             stopping = self.max_steps_reached()
             if (run.eval_every and self.step % run.eval_every == 0) or stopping:
                 self.validate(epoch)
@@ -399,7 +406,8 @@ class Trainer:
 
     def rank_state(self) -> dict[str, Any]:
         """What differs by rank: loader position and RNG state (save_checkpoint adds the rank's BatchNorm statistics)."""
-        return {"loader": self.train_loader.state_dict(), "rng": _rng_state(), "rank": self.env.rank}
+        return {"loader": self.train_loader.state_dict(), "rng": _rng_state(), "rank": self.env.rank,
+                "log_window": dict(self.log_window)}
 
     def save_checkpoint(self, best: bool = False) -> None:
         """A DeepSpeed checkpoint plus trainer state; the pointer file moves only once all ranks wrote."""
@@ -464,6 +472,7 @@ class Trainer:
             for buffer, own in zip(dist.norm_statistics(self.engine.module), rank_state.get("norm_statistics", [])):
                 buffer.copy_(own)
         self.train_loader.load_state_dict(rank_state["loader"])
+        self.log_window = dict(rank_state.get("log_window", self.log_window))
         _set_rng_state(rank_state["rng"])
         self.history = self.read_history()
         log.info("resumed from %s: step %d, epoch %d, batch %d", tag, self.step, self.train_loader.epoch,

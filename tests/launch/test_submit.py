@@ -258,12 +258,13 @@ def S_port(job_id: str) -> int:
     return master_port(job_id)
 
 
-def test_local_preemption_requeues_and_resumes(tmp_path):
-    """USR2 to rank 0 (what SLURM sends): checkpoint() -> requeue -> the rerun resumes and ends identical."""
+def _preempt_local_job(tmp_path: Path, steps: int, extra: list[str], **options) -> tuple[dict, str, Path]:
+    """Run the stand-in for ``steps`` steps of 0.1 s, send USR2 to rank 0 (what SLURM sends) after
+    10 steps, wait for the job: (its final state, rank 0's job log, its progress log)."""
     out = tmp_path / "run"
-    steps = 30
     job = S.submit_training(_config(tmp_path), [f"standin.steps={steps}", "standin.step_seconds=0.1",
-                                                "run.checkpoint_every=4"], _local_options(), entry=STANDIN)
+                                                "run.checkpoint_every=4", *extra], _local_options(**options),
+                            entry=STANDIN)
     progress = out / "progress-rank0.log"
     deadline = time.time() + 60
     while not (progress.exists() and progress.read_text().count("step ") >= 10):
@@ -274,7 +275,13 @@ def test_local_preemption_requeues_and_resumes(tmp_path):
     assert S.wait(job, poll_s=0.5) == [{"rank": 0, "world_size": 1, "status": 0}]
     final = json.loads((out / "final-rank0.json").read_text())
     assert final["step"] == steps and final["value"] == standin_trainer.expected(steps)
-    log = (job.paths.folder / f"{job.job_id}_0_log.out").read_text()
+    return final, (job.paths.folder / f"{job.job_id}_0_log.out").read_text(), progress
+
+
+def test_local_preemption_requeues_and_resumes(tmp_path):
+    """USR2: the trainer checkpoints, checkpoint() -> requeue, the rerun resumes and ends identical."""
+    steps = 30
+    final, log, progress = _preempt_local_job(tmp_path, steps, [])
     assert "requeueing" in log and log.count("[promoter-dist] task rank 0/1") == 2
     # The trainer checkpointed the step it was in when the signal came, not a periodic one: the
     # rerun starts there, and every step ran exactly once over both runs.
@@ -287,23 +294,9 @@ def test_local_preemption_requeues_and_resumes(tmp_path):
 
 def test_local_preemption_without_a_checkpoint_in_time_requeues_from_the_last_periodic_one(tmp_path):
     """A trainer that never reaches a step boundary: rank 0 requeues once the grace period is over."""
-    out = tmp_path / "run"
-    steps = 120  # 12 s: still running when the 8 s grace period ends
-    job = S.submit_training(_config(tmp_path), [f"standin.steps={steps}", "standin.step_seconds=0.1",
-                                                "run.checkpoint_every=4", "standin.honour_stop=0"],
-                            _local_options(signal_delay_s=12), entry=STANDIN)
-    progress = out / "progress-rank0.log"
-    deadline = time.time() + 60
-    while not (progress.exists() and progress.read_text().count("step ") >= 10):
-        assert time.time() < deadline, "the job did not start"
-        time.sleep(0.1)
-    pid = json.loads((out / "env" / "rank0-restart0.json").read_text())["pid"]
-    os.kill(pid, signal.SIGUSR2)
-    assert S.wait(job, poll_s=0.5) == [{"rank": 0, "world_size": 1, "status": 0}]
-    final = json.loads((out / "final-rank0.json").read_text())
-    assert final["step"] == steps and final["value"] == standin_trainer.expected(steps)
+    steps = 120  # 12 s: still running when the 8 s grace period (of a 12 s signal delay) ends
+    final, log, _ = _preempt_local_job(tmp_path, steps, ["standin.honour_stop=0"], signal_delay_s=12)
     assert final["resumed_from"] % 4 == 0 and 40 <= final["resumed_from"] < steps
-    log = (job.paths.folder / f"{job.job_id}_0_log.out").read_text()
     assert "no checkpoint 8 s after the signal: requeueing from the last periodic checkpoint" in log
 
 
