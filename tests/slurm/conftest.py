@@ -43,17 +43,29 @@ def slurm_cluster() -> str:
     return result.stdout
 
 
+_HELD_SINCE: dict[str, float] = {}
+RELEASE_AFTER_S = 3.0
+
+
 def release_if_held(job_id: str) -> None:
-    """Make a requeued job eligible now.
+    """Make a requeued job eligible soon.
 
     SLURM keeps a requeued job pending for about two minutes (Reason=BeginTime) before it may
     start again; on a real cluster that is harmless, here it would only slow the tests down.
+    The job is released a few seconds after it was first seen held, not at once: slurmd
+    compares a job credential's creation time with the time the previous run's credential was
+    revoked to the second, so a rerun started within the same second as the requeue is killed
+    as "non-startable: Job credential revoked" and the job ends FAILED.
     """
     from promoter_dist.launch.slurm import slurm_job_info
 
     info = slurm_job_info(job_id) or {}
     if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+        since = _HELD_SINCE.setdefault(job_id, time.monotonic())
+        if time.monotonic() - since >= RELEASE_AFTER_S:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True,
+                           capture_output=True)
+            del _HELD_SINCE[job_id]
 
 
 def wait_for_lines(path: Path, needle: str, count: int, timeout_s: float = 120) -> None:
