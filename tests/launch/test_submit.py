@@ -229,6 +229,23 @@ def test_debug_shards_job_builds_and_verifies(tmp_path, capsys):
     assert (out / "slurm").is_dir()  # job files beside the shards by default
 
 
+def test_requeued_shards_job_keeps_its_finished_shards_despite_overwrite(tmp_path, monkeypatch):
+    """A --overwrite job requeued from outside reruns its original call: it must not clear the
+    shards its first run finished (SLURM_RESTART_COUNT tells a rerun apart)."""
+    from promoter_dist.data.shards import ShardOptions
+
+    out = tmp_path / "shards"
+    options = ShardOptions(rows_per_block=256, blocks_per_shard=4)
+    job = S.ShardsJob(str(DEMO_TRAIN), str(out), options, workers=1, overwrite=True)
+    first = job()
+    assert first["shards_written"] > 0 and first["shards_reused"] == 0
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again = job()
+    assert again["shards_written"] == 0 and again["verified_rows"] == first["verified_rows"] == 6370
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a first run with --overwrite does rewrite
+    assert job()["shards_written"] == first["shards_written"]
+
+
 # --------------------------------------------------------------------------- local executor (processes here)
 
 
