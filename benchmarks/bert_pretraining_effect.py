@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[1/3] masked-LM pretraining -> {out / 'pretrain'}")
         figures["pretrain_seconds"] = launch(args.pretrain_config, data, args.procs, out / "pretrain")
         best = best_record(out / "pretrain", "loss", higher=False)
-        figures.update(pretrain_accuracy=best["accuracy"], pretrain_loss=best["loss"], pretrain_step=best["step"])
+        figures.update(pretrain_accuracy=best["accuracy"], pretrain_row_accuracy=best.get("row_accuracy"),
+                       pretrain_loss=best["loss"], pretrain_step=best["step"])
         export = out / "pretrain" / "export"
 
     runs = {"pretrained": [f"model.bert.pretrained={export}"], "scratch": ["model.bert.pretrained="]}
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     if "pretrain_accuracy" in figures:
-        print(f"pretraining: masked-token accuracy {figures['pretrain_accuracy']:.4f}, loss "
+        row = figures.get("pretrain_row_accuracy")
+        print(f"pretraining: masked-token accuracy {figures['pretrain_accuracy']:.4f}"
+              + (f" ({row:.4f} on the rows' own tokens)" if row is not None else "") + ", loss "
               f"{figures['pretrain_loss']:.4f} (step {figures['pretrain_step']}); {figures['pretrain_seconds']:.0f} s")
     oracle = figures.get("oracle_pearson")
     print(f"{'fine-tuning from':<18}{'Pearson':>9}{'Spearman':>10}{'/ oracle':>10}{'wall s':>8}")

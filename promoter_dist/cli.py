@@ -244,7 +244,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for label, run_dir in results:
         best = best_validation(run_dir)
         if "pearson" not in best:
-            print(f"{label}: validation masked-token accuracy {best.get('accuracy', float('nan')):.4f}, "
+            row = f" ({best['row_accuracy']:.4f} on the rows' own tokens)" if "row_accuracy" in best else ""
+            print(f"{label}: validation masked-token accuracy {best.get('accuracy', float('nan')):.4f}{row}, "
                   f"loss {best['loss']:.4f}")
             continue
         lines = np.load(run_dir / "best_val_predictions.npz")["line"]

@@ -305,6 +305,7 @@ def to_model_inputs(tokens: str, kmer_frame: int):
 
                 ids, mask = encode_codes(rows["codes"], rows["len"], frame=kmer_frame)
                 out["input_ids"], out["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+                out["lengths"] = torch.from_numpy(rows["len"])  # where the row's own tokens are
             else:
                 width = int(rows["len"].max(initial=0))
                 out["codes"] = torch.from_numpy(rows["codes"][:, :width].astype(np.int64))

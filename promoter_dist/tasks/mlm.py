@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.kmer_tokenizer import MASK_ID, SPECIAL_TOKENS, VOCAB_SIZE
+from ..data.kmer_tokenizer import K, MASK_ID, SPECIAL_TOKENS, UPSTREAM_FLANK, VOCAB_SIZE
 from ..errors import UserError
 from ..models.bert import build_mlm_model, export_pretrained
 
@@ -139,6 +139,17 @@ def _apply_masking(
     return masked, labels
 
 
+def row_token_mask(lengths: torch.Tensor, frame: int, tokens: int) -> torch.Tensor:
+    """(n, tokens) bool: the positions whose 3-mer lies wholly inside the row, not in the vector flanks.
+
+    Position p >= 1 holds the 3-mer starting at base ``frame + 3(p - 1)`` of the extended row,
+    whose own bases start at ``len(UPSTREAM_FLANK)``; [CLS], [SEP] and [PAD] positions never do.
+    """
+    start = frame + K * (torch.arange(tokens, device=lengths.device) - 1)
+    first, end = len(UPSTREAM_FLANK), len(UPSTREAM_FLANK) + lengths.to(torch.int64)[:, None]
+    return (start >= first) & (start + K <= end)
+
+
 _M32 = 0xFFFFFFFF
 
 
@@ -199,19 +210,30 @@ class MLMTask:
         logits = model(input_ids=masked, attention_mask=attention_mask).logits.float()
         loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
         chosen = labels != IGNORE
-        correct = ((logits.argmax(dim=-1) == labels) & chosen).sum()
-        return {"loss_sum": loss_sum.reshape(1), "correct": correct.reshape(1), "count": chosen.sum().reshape(1)}
+        hits = (logits.argmax(dim=-1) == labels) & chosen
+        out = {"loss_sum": loss_sum.reshape(1), "correct": hits.sum().reshape(1), "count": chosen.sum().reshape(1)}
+        if "lengths" in batch:  # the same, over the row's own tokens only (the flanks are constant)
+            in_row = row_token_mask(batch["lengths"].to(input_ids.device), self.frame, input_ids.shape[1])
+            out["row_correct"] = (hits & in_row).sum().reshape(1)
+            out["row_count"] = (chosen & in_row).sum().reshape(1)
+        return out
 
     def summarize(self, gathered: dict[str, np.ndarray]) -> dict[str, float]:
-        """``loss`` (mean CE per masked token), ``accuracy`` (masked-token top-1), ``perplexity``, ``tokens`` (masked)."""
-        total = {key: float(np.sum(gathered.get(key, ()), dtype=np.float64)) for key in ("loss_sum", "correct", "count")}
+        """``loss`` (mean CE per masked token), ``accuracy`` (masked-token top-1), ``perplexity``, ``tokens``
+        (masked), and, when the batches carried row lengths, ``row_accuracy`` over the masked tokens that
+        lie wholly inside the rows: the flanks are the same in every row and easy to predict."""
+        keys = ("loss_sum", "correct", "count", "row_correct", "row_count")
+        total = {key: float(np.sum(gathered.get(key, ()), dtype=np.float64)) for key in keys}
         count = total["count"]
         if count == 0:  # no rows evaluated anywhere
             return {"loss": math.nan, "accuracy": math.nan, "perplexity": math.nan, "tokens": 0.0}
         loss = total["loss_sum"] / count
         accuracy = total["correct"] / count
         perplexity = math.exp(loss) if loss < 700 else math.inf
-        return {"loss": loss, "accuracy": accuracy, "perplexity": perplexity, "tokens": count}
+        out = {"loss": loss, "accuracy": accuracy, "perplexity": perplexity, "tokens": count}
+        if "row_count" in gathered and total["row_count"] > 0:
+            out["row_accuracy"] = total["row_correct"] / total["row_count"]
+        return out
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         """Hugging Face export (model + this run's frame tokenizer) for fine-tuning / reuse."""

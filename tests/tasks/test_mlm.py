@@ -195,3 +195,36 @@ def test_summarize_of_nothing_and_too_long_batches(batch):
     # Sample rows up to 128 bp give 134 tokens: a clear error, not an index error.
     with pytest.raises(UserError, match=r"model\.bert\.max_tokens=128"):
         task.training_loss(task.build_model(), batch)
+
+
+@pytest.mark.parametrize("frame", [0, 1, 2])
+def test_row_token_mask_marks_exactly_the_tokens_inside_the_row(frame):
+    """All-N rows in ACGT flanks: the tokens wholly inside a row are exactly its 'NNN' tokens."""
+    from promoter_dist.data.alphabet import encode
+    from promoter_dist.data.kmer_tokenizer import kmer_vocabulary
+    from promoter_dist.tasks.mlm import row_token_mask
+
+    lengths = np.array([80, 110, 111, 112, 113, 150])
+    codes = np.stack([np.pad(encode("N" * n), (0, 150 - n), constant_values=5) for n in lengths])
+    ids, _ = encode_codes(codes, lengths, frame=frame)
+    in_row = row_token_mask(torch.from_numpy(lengths), frame, ids.shape[1])
+    assert torch.equal(in_row, torch.from_numpy(ids == kmer_vocabulary()["NNN"]))
+    assert int(in_row[1].sum()) == 36  # a 110-bp row: 36 whole 3-mers in every frame (110 = 36 x 3 + 2)
+
+
+def test_row_accuracy_counts_only_the_rows_own_tokens(batch):
+    from promoter_dist.tasks.mlm import row_token_mask
+
+    rows, _ = read_dream(SAMPLE, ReadOptions(workers=0))
+    with_lengths = {**{k: v[:200] for k, v in batch.items()}, "lengths": torch.from_numpy(rows.lengths[:200])}
+    task = MLMTask(mlm_config("data.kmer_frame=0"))
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    out = task.evaluate_batch(model, with_lengths)
+    summary = task.summarize({k: v.numpy() for k, v in out.items()})
+    in_row = row_token_mask(with_lengths["lengths"], 0, with_lengths["input_ids"].shape[1])
+    # A 110-bp row has 36 of its 126 3-mers wholly inside it; about 15% of those are masked.
+    assert 0.2 < in_row[with_lengths["attention_mask"].bool()].float().mean() < 0.35
+    assert 0 < int(out["row_count"]) < int(out["count"])
+    assert summary["row_accuracy"] == pytest.approx(int(out["row_correct"]) / int(out["row_count"]))
+    assert "row_accuracy" not in task.summarize({k: v.numpy() for k, v in out.items() if not k.startswith("row_")})
