@@ -91,6 +91,8 @@ class DataConfig:
     """Rows in each worker's shuffle buffer."""
     kmer_frame: int = 0
     """Reading frame (0, 1 or 2) of the 3-mer tokens for the BERT models."""
+    kmer_all_frames: bool = False
+    """BERT: tokenize every row in all three reading frames (input_ids (B, 3, T)); regression averages the model's outputs over them, as SYSU-SAIL's model code averaged three token sequences; the masked LM trains on all three. Three times the compute per row; the Hugging Face export holds the model and the data.kmer_frame tokenizer (average over the three frames' outputs yourself)."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "shuffle_buffer"):

@@ -201,7 +201,8 @@ class RowEncoder:
         from .data.kmer_tokenizer import kmer_count
 
         limit = self.config.model.bert.max_tokens
-        tokens = kmer_count(lengths.astype(np.int64), self.config.data.kmer_frame) + 2
+        frame = 0 if self.config.data.kmer_all_frames else self.config.data.kmer_frame  # frame 0 has the most
+        tokens = kmer_count(lengths.astype(np.int64), frame) + 2
         over = tokens > limit
         if over.any():
             at = np.flatnonzero(over)[0]
@@ -216,9 +217,12 @@ class RowEncoder:
 
             codes = fit_nominal(batch.codes, batch.lengths) if self.pad else batch.codes
             return {"words": torch.from_numpy(words_from_codes(codes).astype(np.int64))}
-        from .data.kmer_tokenizer import encode_codes
+        from .data.kmer_tokenizer import encode_codes, encode_codes_all_frames
 
-        ids, mask = encode_codes(batch.codes, batch.lengths, frame=self.config.data.kmer_frame)
+        if self.config.data.kmer_all_frames:  # the regression task averages over the three
+            ids, mask = encode_codes_all_frames(batch.codes, batch.lengths)
+        else:
+            ids, mask = encode_codes(batch.codes, batch.lengths, frame=self.config.data.kmer_frame)
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 

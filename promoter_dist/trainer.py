@@ -136,6 +136,7 @@ class Trainer:
             batch_size=data.batch_size if training else (data.eval_batch_size or data.batch_size),
             shuffle=training, shuffle_buffer=data.shuffle_buffer, drop_last=training,
             seed=self.config.run.seed, num_workers=data.num_workers if training else 0, kmer_frame=data.kmer_frame,
+            kmer_all_frames=data.kmer_all_frames,
         )
 
     def write_config(self) -> None:

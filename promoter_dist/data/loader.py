@@ -72,6 +72,8 @@ class LoaderConfig:
     """DataLoader worker processes per rank (0: stream in the training process)."""
     kmer_frame: int = 0
     """Reading frame of the 3-mer tokens."""
+    kmer_all_frames: bool = False
+    """3-mer tokens in all three frames: input_ids and attention_mask (B, 3, T) instead of (B, T)."""
 
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
@@ -289,7 +291,7 @@ def batch_rows(batch_size: int, quota: int, skip: int, partial_last: bool):
     return stage
 
 
-def to_model_inputs(tokens: str, kmer_frame: int):
+def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False):
     """Stage: row arrays -> torch tensors for the model (None passes through: skipped batch)."""
 
     def stage(batches: Iterable[dict[str, np.ndarray] | None]) -> Iterator[dict[str, torch.Tensor] | None]:
@@ -301,9 +303,12 @@ def to_model_inputs(tokens: str, kmer_frame: int):
             if tokens == "nad":
                 out["words"] = torch.from_numpy(words_from_codes(rows["codes"]).astype(np.int64))
             elif tokens == "kmer":
-                from .kmer_tokenizer import encode_codes
+                from .kmer_tokenizer import encode_codes, encode_codes_all_frames
 
-                ids, mask = encode_codes(rows["codes"], rows["len"], frame=kmer_frame)
+                if kmer_all_frames:
+                    ids, mask = encode_codes_all_frames(rows["codes"], rows["len"])
+                else:
+                    ids, mask = encode_codes(rows["codes"], rows["len"], frame=kmer_frame)
                 out["input_ids"], out["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
                 out["lengths"] = torch.from_numpy(rows["len"])  # where the row's own tokens are
             else:
@@ -344,7 +349,7 @@ class _RankStream(IterableDataset):
             select_view(cfg.view, self.width),
             shuffle_rows(cfg.shuffle_buffer, rng),
             batch_rows(cfg.batch_size, quota, skip, partial_last=not cfg.drop_last),
-            to_model_inputs(cfg.tokens, cfg.kmer_frame),
+            to_model_inputs(cfg.tokens, cfg.kmer_frame, cfg.kmer_all_frames),
         )
         return iter(pipeline)
 

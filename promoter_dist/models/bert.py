@@ -38,9 +38,10 @@ Reading frames
     keeps the model and its input pipeline a plain single-sequence BERT (exportable and
     reloadable by the standard ``Auto*`` classes) at a third of the compute per row;
     the vocabulary is frame-independent, so a model pretrained in one frame can be
-    fine-tuned or evaluated in another, and frame-averaged predictions can be formed
-    outside the model from runs or passes in frames 0, 1 and 2
-    (:func:`promoter_dist.data.kmer_tokenizer.encode_codes_all_frames`).
+    fine-tuned or evaluated in another. SYSU's averaging is available as a run setting,
+    ``data.kmer_all_frames=true``: the loader then gives each row in all three frames
+    (:func:`promoter_dist.data.kmer_tokenizer.encode_codes_all_frames`) and the regression
+    task averages the model's outputs over them; the model itself stays this plain BERT.
 
 Attention implementation
     ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``) by default,

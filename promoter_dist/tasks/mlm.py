@@ -25,7 +25,9 @@ Reading frames
     export carries that frame's tokenizer. SYSU's model code averages three token
     sequences per input, consistent with the three frames of non-overlapping 3-mers;
     the toolkit keeps a plain single-sequence BERT (see :mod:`promoter_dist.models.bert`)
-    and treats the frame as a run setting.
+    and treats the frame as a run setting. With ``data.kmer_all_frames=true`` a batch
+    holds each row in all three frames; pretraining treats them as three sequences
+    (evaluation masks keyed by row and frame).
 
 Randomness
     Training masks with the global torch RNG of the batch's device (``torch.rand`` /
@@ -139,12 +141,15 @@ def _apply_masking(
     return masked, labels
 
 
-def row_token_mask(lengths: torch.Tensor, frame: int, tokens: int) -> torch.Tensor:
+def row_token_mask(lengths: torch.Tensor, frame: int | torch.Tensor, tokens: int) -> torch.Tensor:
     """(n, tokens) bool: the positions whose 3-mer lies wholly inside the row, not in the vector flanks.
 
     Position p >= 1 holds the 3-mer starting at base ``frame + 3(p - 1)`` of the extended row,
     whose own bases start at ``len(UPSTREAM_FLANK)``; [CLS], [SEP] and [PAD] positions never do.
+    ``frame`` is one frame for all rows or an (n,) tensor of each row's frame.
     """
+    if isinstance(frame, torch.Tensor):
+        frame = frame.to(lengths.device, torch.int64)[:, None]
     start = frame + K * (torch.arange(tokens, device=lengths.device) - 1)
     first, end = len(UPSTREAM_FLANK), len(UPSTREAM_FLANK) + lengths.to(torch.int64)[:, None]
     return (start >= first) & (start + K <= end)
@@ -184,8 +189,27 @@ class MLMTask:
         """A ``BertForMaskedLM`` (random init, or continued from ``model.bert.pretrained``)."""
         return build_mlm_model(self.settings)
 
+    @staticmethod
+    def _one_sequence_per_row(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An all-frames batch (input_ids (B, 3, T)) as 3B sequences; each keeps its row's line and
+        length and gets its frame (evaluation masks are keyed by line and frame)."""
+        ids = batch["input_ids"]
+        if ids.ndim == 2:
+            return batch
+        rows, frames, tokens = ids.shape
+        out = {"input_ids": ids.reshape(rows * frames, tokens),
+               "attention_mask": batch["attention_mask"].reshape(rows * frames, tokens),
+               "frame": torch.arange(frames, device=ids.device).repeat(rows)}
+        for key in ("line", "lengths"):
+            if key in batch:
+                out[key] = batch[key].repeat_interleave(frames)
+        if "line" in out:
+            out["line"] = out["line"].to(torch.int64) * frames + out["frame"].to(out["line"].device)
+        return out
+
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the masked tokens of the batch; masks with the global RNG."""
+        batch = self._one_sequence_per_row(batch)
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         self._check_length(input_ids)
         masked, labels = mask_tokens(input_ids, attention_mask, self.mask_prob)
@@ -200,6 +224,7 @@ class MLMTask:
         Masks are keyed by ``batch['line']`` (:func:`mask_tokens_keyed`); a batch without
         it is masked by a generator with a fixed seed (deterministic for a fixed order).
         """
+        batch = self._one_sequence_per_row(batch)
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         self._check_length(input_ids)
         if "line" in batch:
@@ -213,7 +238,8 @@ class MLMTask:
         hits = (logits.argmax(dim=-1) == labels) & chosen
         out = {"loss_sum": loss_sum.reshape(1), "correct": hits.sum().reshape(1), "count": chosen.sum().reshape(1)}
         if "lengths" in batch:  # the same, over the row's own tokens only (the flanks are constant)
-            in_row = row_token_mask(batch["lengths"].to(input_ids.device), self.frame, input_ids.shape[1])
+            frame = batch.get("frame", self.frame)
+            in_row = row_token_mask(batch["lengths"].to(input_ids.device), frame, input_ids.shape[1])
             out["row_correct"] = (hits & in_row).sum().reshape(1)
             out["row_count"] = (chosen & in_row).sum().reshape(1)
         return out
@@ -241,7 +267,7 @@ class MLMTask:
 
     def _check_length(self, input_ids: torch.Tensor) -> None:
         """A clear error instead of an index error inside the position embeddings."""
-        tokens = input_ids.shape[1]
+        tokens = input_ids.shape[-1]
         if tokens > self.settings.max_tokens:
             raise UserError(
                 f"a batch has {tokens} tokens, more than model.bert.max_tokens={self.settings.max_tokens}; "

@@ -58,10 +58,14 @@ class RegressionTask:
     def heads(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, heads) predictions on the target scale, in float32."""
         if self.model_name == "nad":
-            out = model(batch["words"])
-        else:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return out.float()
+            return model(batch["words"]).float()
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if ids.ndim == 2:
+            return model(input_ids=ids, attention_mask=mask).logits.float()
+        # (B, 3, T): the three reading frames of each row as three sequences, outputs averaged.
+        rows, frames, tokens = ids.shape
+        out = model(input_ids=ids.reshape(rows * frames, tokens), attention_mask=mask.reshape(rows * frames, tokens))
+        return out.logits.float().reshape(rows, frames, -1).mean(dim=1)
 
     # -- targets -------------------------------------------------------------------------
 

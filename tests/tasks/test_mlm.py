@@ -228,3 +228,25 @@ def test_row_accuracy_counts_only_the_rows_own_tokens(batch):
     assert 0 < int(out["row_count"]) < int(out["count"])
     assert summary["row_accuracy"] == pytest.approx(int(out["row_correct"]) / int(out["row_count"]))
     assert "row_accuracy" not in task.summarize({k: v.numpy() for k, v in out.items() if not k.startswith("row_")})
+
+
+def test_mlm_on_all_three_frames(batch):
+    """(B, 3, T) batches train and evaluate as 3B sequences; row tokens are found in each frame."""
+    from promoter_dist.data.kmer_tokenizer import encode_codes_all_frames
+
+    rows, _ = read_dream(SAMPLE, ReadOptions(workers=0))
+    ids, mask = encode_codes_all_frames(rows.codes[:64], rows.lengths[:64])
+    three = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+             "line": torch.from_numpy(rows.lines[:64]), "lengths": torch.from_numpy(rows.lengths[:64])}
+    task = MLMTask(mlm_config("data.kmer_all_frames=true"))
+    torch.manual_seed(0)
+    model = task.build_model()
+    assert torch.isfinite(task.training_loss(model, three))
+    model.eval()
+    out = task.evaluate_batch(model, three)
+    # About 15% of all 3-mers of the three frames are chosen, and some of them in each row's own part.
+    kmers = int(((three["input_ids"] > MASK_ID) & three["attention_mask"].bool()).sum())
+    assert 0.12 < int(out["count"]) / kmers < 0.18
+    assert 0 < int(out["row_count"]) < int(out["count"])
+    again = task.evaluate_batch(model, three)
+    assert all(torch.equal(out[k], again[k]) for k in out)  # keyed by line and frame: deterministic

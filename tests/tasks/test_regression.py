@@ -190,3 +190,35 @@ def test_predict_is_the_inverse_map_of_the_mean_head():
         pred = regression.predict(model, batch)
     assert heads.shape == (7, 4)
     assert torch.allclose(pred, nad_label_unmap(heads.mean(dim=1)), atol=1e-6)
+
+
+def test_bert_all_frames_averages_the_three_frames_outputs(small_shards):
+    """data.kmer_all_frames: the loader gives (B, 3, T) ids; the prediction is the mean of the model's
+    outputs on the three frame sequences, each exactly what a one-frame batch of that frame gives."""
+    from promoter_dist.data.loader import LoaderConfig, ShardLoader
+
+    bert = ["model.name=bert", "model.bert.hidden=32", "model.bert.layers=1", "model.bert.heads=2",
+            "model.bert.intermediate=64", "model.bert.dropout=0.0"]
+    all_frames = task(*bert, "data.kmer_all_frames=true")
+    torch.manual_seed(0)
+    model = all_frames.build_model().eval()
+
+    def first_batch(**options) -> dict[str, torch.Tensor]:
+        config = LoaderConfig(split="val", tokens="kmer", batch_size=8, shuffle=False, drop_last=False, **options)
+        return next(iter(ShardLoader(small_shards, config, rank=0, world_size=1)))
+
+    batch = first_batch(kmer_all_frames=True)
+    assert batch["input_ids"].ndim == 3 and batch["input_ids"].shape[:2] == (8, 3)
+    with torch.no_grad():
+        averaged = all_frames.heads(model, batch)
+        per_frame = []
+        for frame in (0, 1, 2):
+            one = first_batch(kmer_frame=frame)
+            assert torch.equal(one["line"], batch["line"])
+            width = one["input_ids"].shape[1]
+            assert torch.equal(one["input_ids"], batch["input_ids"][:, frame, :width])
+            per_frame.append(task(*bert).heads(model, one))
+    assert averaged.shape == (8, 1)
+    torch.testing.assert_close(averaged, torch.stack(per_frame).mean(dim=0), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(per_frame[0], per_frame[1])  # the frames really differ
+    assert torch.isfinite(all_frames.training_loss(model.train(), batch))
