@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -67,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     set_threads(args.threads if args.threads >= 0 else (0 if device.type == "cuda" else 1))
 
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="gsam-bench-") as out_dir:
         config = bench_config(args.model, args.size, precision, args.stage, args.batch, 0, out_dir)
         config.engine.gradient_clipping = 1.0  # clipping on, as in NAD's recipe runs
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         plain = build_engine(copy.deepcopy(model), config, world_size=1)
         engine = build_engine(model, config, world_size=1)
     lr = config.optim.lr
-    gsam_config = GSAMConfig(enabled=True, rho_max=0.1, rho_min=0.1, alpha=0.05)
-    gsam = DeepSpeedGSAM(engine, gsam_config, lr_max=lr, lr_min=lr * config.schedule.final_factor)
+    gsam = DeepSpeedGSAM(engine, GSAMConfig(enabled=True), lr_max=lr, lr_min=lr * config.schedule.final_factor)
     micro_batches = make_batches(args.model, config.data.batch_size, args.accumulation, device)
     autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 

@@ -196,6 +196,9 @@ class StopRequest:
     the same step's checkpoint and stops together.
     """
 
+    armed: bool = False
+    """A handler that can request a stop is installed (:func:`arm_stop_requests`); until then the
+    trainer's per-step check costs nothing (no collective)."""
     requested: bool = False
     """This process received the request."""
     signal_name: str = ""
@@ -207,6 +210,11 @@ class StopRequest:
 STOP = StopRequest()
 
 
+def arm_stop_requests() -> None:
+    """Make the trainer check for stop requests every step; call it on every rank (a SLURM task does)."""
+    STOP.armed = True
+
+
 def request_stop(signum: int | None = None, frame: Any = None) -> None:
     """Signal handler: ask the trainer to checkpoint and stop at the next step (async-signal safe)."""
     import signal
@@ -216,5 +224,7 @@ def request_stop(signum: int | None = None, frame: Any = None) -> None:
 
 
 def stop_requested() -> bool:
-    """True on every rank when any rank got a stop request (a collective: call it on all ranks)."""
+    """True on every rank when any rank got a stop request (a collective on all ranks once armed)."""
+    if not STOP.armed:
+        return False
     return all_reduce_max(1.0 if STOP.requested else 0.0) > 0

@@ -217,12 +217,10 @@ class RowEncoder:
 
             codes = fit_nominal(batch.codes, batch.lengths) if self.pad else batch.codes
             return {"words": torch.from_numpy(words_from_codes(codes).astype(np.int64))}
-        from .data.kmer_tokenizer import encode_codes, encode_codes_all_frames
+        from .data.kmer_tokenizer import encode_for_model
 
-        if self.config.data.kmer_all_frames:  # the regression task averages over the three
-            ids, mask = encode_codes_all_frames(batch.codes, batch.lengths)
-        else:
-            ids, mask = encode_codes(batch.codes, batch.lengths, frame=self.config.data.kmer_frame)
+        data = self.config.data  # all frames: the regression task averages over the three
+        ids, mask = encode_for_model(batch.codes, batch.lengths, data.kmer_frame, data.kmer_all_frames)
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 

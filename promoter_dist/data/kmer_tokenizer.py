@@ -197,6 +197,15 @@ def encode_codes(
     return _frame_ids(extended, ext_lengths, frame, max_tokens)
 
 
+def encode_for_model(
+    codes: np.ndarray, lengths: np.ndarray, frame: int = 0, all_frames: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The BERT inputs of a run: (n, T) ids and mask in ``frame``, or (n, 3, T) in every frame."""
+    if all_frames:
+        return encode_codes_all_frames(codes, lengths)
+    return encode_codes(codes, lengths, frame=frame)
+
+
 def encode_codes_all_frames(
     codes: np.ndarray, lengths: np.ndarray, max_tokens: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -303,12 +303,9 @@ def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False)
             if tokens == "nad":
                 out["words"] = torch.from_numpy(words_from_codes(rows["codes"]).astype(np.int64))
             elif tokens == "kmer":
-                from .kmer_tokenizer import encode_codes, encode_codes_all_frames
+                from .kmer_tokenizer import encode_for_model
 
-                if kmer_all_frames:
-                    ids, mask = encode_codes_all_frames(rows["codes"], rows["len"])
-                else:
-                    ids, mask = encode_codes(rows["codes"], rows["len"], frame=kmer_frame)
+                ids, mask = encode_for_model(rows["codes"], rows["len"], kmer_frame, kmer_all_frames)
                 out["input_ids"], out["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
                 out["lengths"] = torch.from_numpy(rows["len"])  # where the row's own tokens are
             else:

@@ -436,8 +436,11 @@ class _PreemptionRelay:
     @classmethod
     def install(cls, grace_s: float) -> "_PreemptionRelay":
         signum = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+        from ..distributed import arm_stop_requests
+
         relay = cls(signum, signal.getsignal(signum), grace_s)
         signal.signal(signum, relay.on_signal)
+        arm_stop_requests()  # every task of the job installs the relay: all ranks check together
         return relay
 
     def on_signal(self, signum: int, frame: Any = None) -> None:

@@ -413,3 +413,15 @@ def test_wait_follows_a_preempted_job_through_its_requeue(tmp_path, monkeypatch)
     stuck.paths.folder.mkdir(parents=True)
     with pytest.raises(S.JobFailed, match="job 92 ended PREEMPTED without a result from task 0"):
         S.wait(stuck, poll_s=0.01)
+
+
+def test_stop_requests_cost_nothing_until_a_job_arms_them(monkeypatch):
+    """A plain `deepspeed train.py` run never takes the per-step stop collective; a job task does."""
+    from promoter_dist import distributed
+
+    monkeypatch.setattr(distributed, "STOP", distributed.StopRequest())
+    distributed.request_stop(signal.SIGUSR2)
+    assert distributed.STOP.requested and distributed.STOP.signal_name == "SIGUSR2"
+    assert not distributed.stop_requested()  # not armed: no check at all
+    distributed.arm_stop_requests()
+    assert distributed.stop_requested()
