@@ -1,7 +1,7 @@
 """Does masked-LM pretraining help BERT's regression fine-tuning at the same budget?
 
 Three DeepSpeed runs on the same shards, each started by the ``deepspeed`` launcher exactly as a
-user would (``promoter_dist.cli.launch_training``):
+user would (``promoter_dist.demo.launch_training``):
 
 1. masked-LM pretraining with ``--pretrain-config`` (skipped with ``--pretrained DIR``, which reuses
    an existing export);
@@ -49,7 +49,7 @@ def best_record(run: Path, key: str, higher: bool) -> dict[str, Any]:
 
 def launch(config: Path, overrides: list[str], procs: int, out: Path) -> float:
     """One ``deepspeed`` training launch; returns its wall time in seconds (start-up included)."""
-    from promoter_dist.cli import launch_training
+    from promoter_dist.demo import launch_training
 
     start = time.perf_counter()
     status = launch_training(config, [f"run.out_dir={out}", *overrides], procs)
@@ -61,7 +61,7 @@ def launch(config: Path, overrides: list[str], procs: int, out: Path) -> float:
 
 def oracle_pearson(shards: Path, run: Path) -> float | None:
     """Pearson(noise-free, label) on the run's best validation rows, when the shards are synthetic."""
-    from promoter_dist.cli import oracle_on_rows
+    from promoter_dist.demo import oracle_on_rows
 
     source = Path(json.loads((shards / "manifest.json").read_text())["source"]["path"])
     noise_free = source.with_name(f"{source.stem}.noise_free.txt")

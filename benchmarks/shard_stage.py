@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from promoter_dist.cli import nad_word_batches
 from promoter_dist.data.dream import ReadOptions, read_dream
-from promoter_dist.data.glove import GloveConfig, train_glove
+from promoter_dist.data.glove import GloveConfig, nad_word_batches, train_glove
 from promoter_dist.data.loader import LoaderConfig, ShardLoader
 from promoter_dist.data.shards import build_shards, load_manifest, verify_shards
 from promoter_dist.data.synthetic import synthesize

@@ -7,6 +7,7 @@
     promoter-dist shards info DIR                              counts per split
     promoter-dist glove   DIR --out DIR                        GloVe vectors over NAD words of the shards
     promoter-dist demo    --out DIR                            the whole chain on synthetic data
+    promoter-dist score   --predictions FILE --truth-dir DIR   official DREAM 2022 score of a submission JSON
     promoter-dist predict --checkpoint RUN --input FILE --out submission.json   DREAM submission of a trained run
     promoter-dist export  --checkpoint RUN --out model.pt       a checkpoint's consolidated fp32 weights
     promoter-dist submit train --config FILE [KEY=VALUE ...]   training as a SLURM job (submitit; or --cluster local)
@@ -20,32 +21,66 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
 
+if TYPE_CHECKING:  # the data modules are imported where used: --help and the job commands need none
+    from .data.dream import ReadOptions
+    from .data.shards import BuildResult, ShardOptions
+
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
+    """The input-validation options of every command that reads a DREAM file; defaults: ``ReadOptions``'."""
+    from .data.dream import ReadOptions
+
+    defaults = ReadOptions()
     g = p.add_argument_group("input validation")
-    g.add_argument("--labels", choices=["required", "optional"], default="required",
-                   help="'optional' for test files whose expression column may be absent (default: required)")
+    g.add_argument("--labels", choices=["required", "optional"], default=defaults.labels,
+                   help=f"'optional' for test files whose expression column may be absent (default: {defaults.labels})")
     g.add_argument("--strict", action="store_true", help="stop at the first bad row instead of counting it")
-    g.add_argument("--max-length", type=int, default=300, help="longest accepted sequence in bp (default: 300)")
-    g.add_argument("--max-bad-fraction", type=float, default=0.05,
-                   help="refuse the whole file above this fraction of bad rows (default: 0.05)")
+    g.add_argument("--max-length", type=int, default=defaults.max_length,
+                   help=f"longest accepted sequence in bp (default: {defaults.max_length})")
+    g.add_argument("--max-bad-fraction", type=float, default=defaults.max_bad_fraction,
+                   help=f"refuse the whole file above this fraction of bad rows (default: {defaults.max_bad_fraction})")
 
 
-def _read_options(args: argparse.Namespace):
+def _read_options(args: argparse.Namespace) -> ReadOptions:
+    """The ``ReadOptions`` of a command's input-validation options (and its --workers, if it has one)."""
     from .data.dream import ReadOptions
 
     return ReadOptions(labels=args.labels, strict=args.strict, max_length=args.max_length,
                        max_bad_fraction=args.max_bad_fraction, workers=getattr(args, "workers", None))
+
+
+def add_shard_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``ShardOptions`` (split, block and shard sizes, top fraction), with its defaults."""
+    from .data.shards import ShardOptions
+
+    defaults = ShardOptions()
+    splits = ",".join(f"{name}={fraction:g}" for name, fraction in defaults.splits)
+    percents = "/".join(f"{fraction * 100:g}" for _, fraction in defaults.splits)
+    p.add_argument("--splits", default=splits, help=f"name=fraction,... by sequence hash (default: {percents})")
+    p.add_argument("--split-seed", type=int, default=defaults.split_seed,
+                   help=f"salt of the split hash (default: {defaults.split_seed})")
+    p.add_argument("--rows-per-block", type=int, default=defaults.rows_per_block,
+                   help=f"rows per WebDataset sample (default: {defaults.rows_per_block})")
+    p.add_argument("--blocks-per-shard", type=int, default=defaults.blocks_per_shard,
+                   help=f"blocks per tar file (default: {defaults.blocks_per_shard})")
+    p.add_argument("--top-fraction", type=float, default=defaults.top_fraction,
+                   help=f"top-expression subset for BERT pretraining (default: {defaults.top_fraction})")
+
+
+def shard_options_from_args(args: argparse.Namespace) -> ShardOptions:
+    """The ``ShardOptions`` of the options :func:`add_shard_arguments` added."""
+    from .data.shards import ShardOptions
+
+    return ShardOptions(splits=ShardOptions.parse_splits(args.splits), split_seed=args.split_seed,
+                        rows_per_block=args.rows_per_block, blocks_per_shard=args.blocks_per_shard,
+                        top_fraction=args.top_fraction)
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -74,18 +109,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_build(args: argparse.Namespace) -> int:
-    from .data.shards import ShardOptions, build_shards
+    from .data.shards import build_shards
 
-    options = ShardOptions(splits=ShardOptions.parse_splits(args.splits), split_seed=args.split_seed,
-                           rows_per_block=args.rows_per_block, blocks_per_shard=args.blocks_per_shard,
-                           top_fraction=args.top_fraction)
-    result = build_shards(args.source, args.out, options, _read_options(args), workers=args.workers,
-                          overwrite=args.overwrite, progress=not args.no_progress)
-    _print_build(result)
+    result = build_shards(args.source, args.out, shard_options_from_args(args), _read_options(args),
+                          workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
+    print_build_summary(result)
     return 0
 
 
-def _print_build(result) -> None:
+def print_build_summary(result: BuildResult) -> None:
+    """What a shard build read, wrote per split and how fast (``shards build`` and the demo print it)."""
     m = result.manifest
     print(result.report.summary() if result.report.rows_in else f"source: {m['source']['path']}")
     for split, info in m["splits"].items():
@@ -122,18 +155,8 @@ def cmd_shards_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def nad_word_batches(shard_dir: str, split: str = "train", batch_size: int = 65536):
-    """Word arrays (n, 80) of every NAD-eligible row of a split, once each, in shard order."""
-    from .data.loader import LoaderConfig, ShardLoader
-
-    config = LoaderConfig(split=split, view="nad", tokens="nad", batch_size=batch_size, shuffle=False, drop_last=False)
-    loader = ShardLoader(shard_dir, config, rank=0, world_size=1)
-    for batch in loader:
-        yield batch["words"].numpy().astype("int16")
-
-
 def cmd_glove(args: argparse.Namespace) -> int:
-    from .data.glove import GloveConfig, train_glove
+    from .data.glove import GloveConfig, nad_word_batches, train_glove
 
     config = GloveConfig(dim=args.dim, window=args.window, min_count=args.min_count, x_max=args.x_max,
                          alpha=args.alpha, iterations=args.iterations, seed=args.seed, workers=args.workers)
@@ -142,117 +165,14 @@ def cmd_glove(args: argparse.Namespace) -> int:
     return 0
 
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def launch_training(config: Path, overrides: list[str], procs: int) -> int:
-    """``deepspeed --num_gpus procs -m promoter_dist.train --config ...`` (CPU: procs gloo ranks)."""
-    import subprocess
-
-    from .distributed import free_port
-
-    launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        raise UserError(f"no deepspeed launcher next to {sys.executable}; install the package with its dependencies")
-    command = [str(launcher), "--num_gpus", str(procs), "--master_port", str(free_port()), "--module",
-               "promoter_dist.train", "--config", str(config), *overrides]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    return subprocess.run(command, env=env).returncode
-
-
-def best_validation(run_dir: Path) -> dict:
-    """The best validation record of a finished run (from metrics.jsonl): highest Pearson, else lowest loss."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in records if r["kind"] == "val"]
-    if not val:
-        raise UserError(f"{run_dir}: the run recorded no validation metrics")
-    if all(r.get("pearson") is not None for r in val):
-        return max(val, key=lambda r: r["pearson"])
-    return min(val, key=lambda r: r["loss"] if r.get("loss") is not None else float("inf"))
-
-
-def oracle_on_rows(synth_path: Path, noise_free_path: Path, lines: np.ndarray) -> float:
-    """Pearson of the noise-free values with the labels on the given 1-based source lines."""
-    from .data.dream import ReadOptions, read_dream
-    from .metrics import pearson
-
-    rows, _ = read_dream(synth_path, ReadOptions(), progress=False)
-    truth = np.loadtxt(noise_free_path, dtype=np.float64)
-    index = lines.astype(np.int64) - 1
-    return pearson(truth[index], rows.labels[index].astype(np.float64))
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> shards -> verify -> GloVe -> NAD and BERT training, with the figures a user checks."""
-    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the training processes' output
-    from .data.glove import GloveConfig, train_glove
-    from .data.shards import ShardOptions, build_shards, verify_shards
-    from .data.synthetic import synthesize
+    from .demo import DemoOptions, run_demo
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    print(f"[1/5] synthetic data: {args.rows} rows, seed {args.seed}")
-    synth = synthesize(out / "train.txt", rows=args.rows, seed=args.seed, kind="train", progress=not args.no_progress)
-    test = synthesize(out / "test.txt", rows=max(args.rows // 20, 1000), seed=args.seed + 1, kind="test",
-                      progress=False)
-    print(f"      {synth.path} ({synth.seconds:.1f} s), test set {test.path}; oracle Pearson {synth.oracle_pearson:.4f}")
-    print("[2/5] shards")
-    build = build_shards(synth.path, out / "shards", ShardOptions(), progress=not args.no_progress)
-    _print_build(build)
-    print("[3/5] verify")
-    check = verify_shards(out / "shards")
-    print(f"      {'OK' if check.ok else 'FAILED'}: {check.shards_checked} shards, {check.rows_checked} rows")
-    if not check.ok:
-        for problem in check.problems:
-            print(f"BAD {problem}")
-        return 1
-    print("[4/5] GloVe")
-    info = train_glove(nad_word_batches(str(out / "shards")), out / "glove",
-                       GloveConfig(iterations=args.glove_iterations), progress=not args.no_progress)
-    print(f"      {json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict))})}")
-    if args.procs == 0:
-        print(f"done in {time.perf_counter() - t0:.1f} s (training skipped: --procs 0)")
-        return 0
-    models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(models) - {"nad", "bert"})
-    if unknown:
-        raise UserError(f"--models: unknown model {unknown[0]!r} (choose from nad, bert)")
-    data = [f"data.shards={out / 'shards'}"]
-    runs = []  # (label, config, overrides, run folder)
-    if "nad" in models:
-        runs.append(("NAD (GloVe + CNN/FPN + transformers)", "nad/debug.yaml",
-                     [*data, f"data.glove={out / 'glove' / 'vectors.kv'}"], out / "runs" / "nad"))
-    if "bert" in models:
-        pretrain = out / "runs" / "bert-pretrain"
-        runs.append(("BERT masked-LM pretraining", "bert/pretrain_debug.yaml", data, pretrain))
-        runs.append(("BERT fine-tuning", "bert/finetune_debug.yaml",
-                     [*data, f"model.bert.pretrained={pretrain / 'export'}"], out / "runs" / "bert-finetune"))
-    results = []
-    for number, (label, config_name, overrides, run_dir) in enumerate(runs, start=5):
-        config = REPO_CONFIGS / config_name
-        if not config.exists():
-            raise UserError(f"{config}: missing; run the demo from a source checkout (pip install -e .)")
-        print(f"[{number}/{4 + len(runs)}] {label} (debug size) with DeepSpeed on {args.procs} processes -> {run_dir}")
-        t_run = time.perf_counter()
-        status = launch_training(config, [*overrides, f"run.out_dir={run_dir}", *args.overrides], args.procs)
-        if status != 0:
-            raise UserError(f"{label} failed (exit status {status}); logs in {run_dir / 'logs'}")
-        print(f"      {label}: {time.perf_counter() - t_run:.0f} s")
-        results.append((label, run_dir))
-    print(f"done in {time.perf_counter() - t0:.1f} s")
-    for label, run_dir in results:
-        best = best_validation(run_dir)
-        if "pearson" not in best:
-            row = f" ({best['row_accuracy']:.4f} on the rows' own tokens)" if "row_accuracy" in best else ""
-            print(f"{label}: validation masked-token accuracy {best.get('accuracy', float('nan')):.4f}{row}, "
-                  f"loss {best['loss']:.4f}")
-            continue
-        lines = np.load(run_dir / "best_val_predictions.npz")["line"]
-        oracle = oracle_on_rows(synth.path, synth.noise_free_path, lines)
-        print(f"{label}: validation Pearson {best['pearson']:.4f} (Spearman {best['spearman']:.4f}) on {len(lines)} "
-              f"rows; oracle Pearson on the same rows {oracle:.4f}; ratio {best['pearson'] / oracle:.3f}")
-    return 0
+    options = DemoOptions(out=Path(args.out), rows=args.rows, seed=args.seed, procs=args.procs,
+                          models=tuple(m for m in args.models.split(",") if m), overrides=tuple(args.overrides),
+                          glove_iterations=args.glove_iterations, progress=not args.no_progress)
+    return run_demo(options)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -281,7 +201,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predictions of a trained run for every line of a DREAM file, written as a submission JSON."""
-    from .checkpoints import checkpoint_tag
+    from .checkpointing import checkpoint_tag
     from .predict import load_trained, predict_with_model, resolve_device
     from .scoring import write_submission
 
@@ -305,7 +225,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A checkpoint's consolidated fp32 weights as one torch file."""
     import contextlib
 
-    from .checkpoints import checkpoint_tag, export_fp32
+    from .checkpointing import checkpoint_tag, export_fp32
     from .predict import run_folder
 
     folder = run_folder(args.checkpoint)
@@ -323,42 +243,41 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_submit_train(args: argparse.Namespace) -> int:
-    from .launch import slurm
+    from .launch.options import cluster_options_from_args
+    from .launch.submit import submit_training
 
-    options = slurm.cluster_options_from_args(args)
-    job = slurm.submit_training(args.config, args.overrides, options, log_dir=args.log_dir, entry=args.entry)
+    options = cluster_options_from_args(args)
+    job = submit_training(args.config, args.overrides, options, log_dir=args.log_dir, entry=args.entry)
     return _follow_job(job, options, args.wait)
 
 
 def cmd_submit_shards(args: argparse.Namespace) -> int:
-    from .data.shards import ShardOptions
-    from .launch import slurm
+    from .launch.options import cluster_options_from_args
+    from .launch.submit import submit_shards
 
-    options = slurm.cluster_options_from_args(args)
-    shard_options = ShardOptions(splits=ShardOptions.parse_splits(args.splits), split_seed=args.split_seed,
-                                 rows_per_block=args.rows_per_block, blocks_per_shard=args.blocks_per_shard,
-                                 top_fraction=args.top_fraction)
-    job = slurm.submit_shards(args.source, args.out, options, shard_options, _read_options(args), workers=args.workers,
-                              overwrite=args.overwrite, log_dir=args.log_dir)
+    options = cluster_options_from_args(args)
+    shard_options = shard_options_from_args(args)
+    job = submit_shards(args.source, args.out, options, shard_options, _read_options(args), workers=args.workers,
+                        overwrite=args.overwrite, log_dir=args.log_dir)
     return _follow_job(job, options, args.wait)
 
 
 def _follow_job(job, options, wait: bool) -> int:
     """Print where the job is; with --wait (always for local/debug) wait and print each task's result."""
-    from .launch import slurm
+    from .launch import monitor
 
-    print(slurm.describe(job, options), flush=True)
+    print(monitor.describe(job, options), flush=True)
     if options.cluster == "slurm" and not wait:
         print(f"follow it with: squeue -j {job.job_id}; tail -f {job.paths.folder}/{job.job_id}_0_log.out")
         return 0
     try:
-        results = slurm.wait(job)
+        results = monitor.wait(job)
     except KeyboardInterrupt:
         if options.cluster == "slurm":
             print(f"promoter-dist: stopped waiting; job {job.job_id} keeps running (scancel {job.job_id} stops it)",
                   file=sys.stderr)
         else:
-            slurm.cancel(job)  # local tasks are children of this command: stop them with it
+            monitor.cancel(job)  # local tasks are children of this command: stop them with it
         return 130
     for result in results:
         print(json.dumps(result, default=str))
@@ -401,11 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("build", cmd_shards_build, "validate, split and write block shards with a manifest", shards_sub)
     p.add_argument("source", help="train_sequences.txt-style file, plain or .gz")
     p.add_argument("--out", default="out/shards", help="output folder (default: out/shards, git-ignored)")
-    p.add_argument("--splits", default="train=0.9,val=0.1", help="name=fraction,... by sequence hash (default: 90/10)")
-    p.add_argument("--split-seed", type=int, default=1, help="salt of the split hash (default: 1)")
-    p.add_argument("--rows-per-block", type=int, default=1024, help="rows per WebDataset sample (default: 1024)")
-    p.add_argument("--blocks-per-shard", type=int, default=32, help="blocks per tar file (default: 32)")
-    p.add_argument("--top-fraction", type=float, default=0.2, help="top-expression subset for BERT pretraining (default: 0.2)")
+    add_shard_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.add_argument("--overwrite", action="store_true", help="replace shards built from another source/options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -483,25 +398,22 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="run training or the shard build as a SLURM job (or locally) with submitit",
                             description="run training or the shard build as a SLURM job (or locally) with submitit")
     submit_sub = submit.add_subparsers(dest="submit_command", required=True, metavar="SUBCOMMAND")
-    from .launch.slurm import DEFAULT_ENTRY, add_cluster_arguments
+    from .launch.jobs import DEFAULT_ENTRY
+    from .launch.options import add_cluster_arguments
 
     p = add("train", cmd_submit_train, "one job of N nodes x G GPUs running the trainer on a config; requeued and "
             "resumed from the latest checkpoint on preemption or time limit", submit_sub)
     p.add_argument("--config", required=True, help="run configuration (YAML), as for `deepspeed train.py --config`")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. run.out_dir=runs/x")
     p.add_argument("--entry", default=DEFAULT_ENTRY,
-                   help=f"trainer entry point module:function, called with the argv (default: {DEFAULT_ENTRY})")
+                   help=f"trainer entry point module:function, called in each task with the argv and the stop request "
+                        f"(default: {DEFAULT_ENTRY})")
     add_cluster_arguments(p, time="24:00:00", job_name="promoter-dist-train")
     p = add("shards", cmd_submit_shards, "build and verify shards as one CPU job using every core of a node; "
             "a requeued or rerun build resumes", submit_sub)
     p.add_argument("source", help="train_sequences.txt-style file, plain or .gz")
     p.add_argument("--out", default="out/shards", help="output folder (default: out/shards, git-ignored)")
-    p.add_argument("--splits", default="train=0.9,val=0.1", help="name=fraction,... by sequence hash (default: 90/10)")
-    p.add_argument("--split-seed", type=int, default=1, help="salt of the split hash (default: 1)")
-    p.add_argument("--rows-per-block", type=int, default=1024, help="rows per WebDataset sample (default: 1024)")
-    p.add_argument("--blocks-per-shard", type=int, default=32, help="blocks per tar file (default: 32)")
-    p.add_argument("--top-fraction", type=float, default=0.2,
-                   help="top-expression subset for BERT pretraining (default: 0.2)")
+    add_shard_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="build processes (default: every core of the job)")
     p.add_argument("--overwrite", action="store_true", help="replace shards built from another source/options")
     _add_read_options(p)

@@ -2,9 +2,11 @@
 
 Defaults live here, in code, with a docstring under every field. A YAML file holds only
 the differences from these defaults; dotted overrides (``optim.lr=1e-4``) come last.
-Unknown keys and bad values raise :class:`~promoter_dist.errors.UserError` naming the
-key. The DeepSpeed config is built from this tree by :func:`to_deepspeed`; there is no
-second hand-kept JSON.
+Unknown keys and bad values raise :class:`~promoter_dist.errors.ConfigError` naming the
+key. A setting chosen from a fixed set is typed ``Literal[...]``: the coercer checks it
+against that type, so its allowed values are written once; ``__post_init__`` keeps only
+range and cross-field checks. The DeepSpeed config is built from this tree by
+:func:`to_deepspeed`; there is no second hand-kept JSON.
 """
 
 from __future__ import annotations
@@ -15,17 +17,28 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
-from .models.bert import BertSettings
+from .choices import check_choice, is_choice
+from .data.loader import KmerFrame, LoaderConfig, Tokens, View
+from .errors import ConfigError, UserError
+from .models.bert import BertConfig
 from .models.nad import NADConfig
 from .optim.gsam import GSAMConfig
 
-MODELS = ("nad", "bert")
-TASKS = ("regression", "mlm")
+ModelName = Literal["nad", "bert"]
+"""The models a run trains."""
+TaskName = Literal["regression", "mlm"]
+"""The objectives a run trains for."""
+Precision = Literal["fp32", "bf16", "fp16"]
+"""Engine arithmetic: fp32, bf16 autocast over fp32 weights, or DeepSpeed fp16."""
+TASK_METRICS: dict[TaskName, tuple[str, ...]] = {
+    "regression": ("loss", "pearson", "spearman"),
+    "mlm": ("loss", "accuracy"),
+}
+"""Validation metrics each task reports (what best_metric and plateau_metric may name)."""
 
 
 @dataclass
@@ -48,7 +61,7 @@ class RunConfig:
     """Optimizer steps between periodic checkpoints (0: only at epoch ends); what a requeued job resumes from."""
     keep_checkpoints: int = 2
     """Periodic checkpoints kept on disk, newest first; the best one is kept apart."""
-    resume: str = "auto"
+    resume: Literal["auto", "never"] = "auto"
     """'auto': continue from <out_dir>/checkpoints when one exists; 'never': refuse to reuse a folder that has one."""
     best_metric: str = ""
     """Validation metric that selects the best checkpoint (higher is better, 'loss' lower); '' picks the task's: pearson for regression, loss for MLM."""
@@ -58,13 +71,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         for key in ("epochs", "max_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) < 0:
-                raise UserError(f"run.{key} must be >= 0, not {getattr(self, key)}")
+                raise ConfigError(f"run.{key} must be >= 0, not {getattr(self, key)}")
         if self.log_every == 0:
-            raise UserError("run.log_every must be >= 1")
+            raise ConfigError("run.log_every must be >= 1")
         if self.keep_checkpoints < 1:
-            raise UserError("run.keep_checkpoints must be >= 1 (a resume needs the latest checkpoint)")
-        if self.resume not in ("auto", "never"):
-            raise UserError(f"run.resume must be 'auto' or 'never', not {self.resume!r}")
+            raise ConfigError("run.keep_checkpoints must be >= 1 (a resume needs the latest checkpoint)")
 
 
 @dataclass
@@ -79,7 +90,7 @@ class DataConfig:
     """Split trained on."""
     val_split: str = "val"
     """Split evaluated each epoch ('' for none)."""
-    view: str = ""
+    view: Literal["", View] = ""
     """Row subset: 'all', 'nad' (110 bp, no N) or 'top'; '' picks the model's own (NAD: nad, MLM: top, else all)."""
     batch_size: int = 64
     """Micro batch per rank; the global batch is batch_size x world size x engine.grad_accum."""
@@ -89,7 +100,7 @@ class DataConfig:
     """DataLoader worker processes per rank (0: read in the training process)."""
     shuffle_buffer: int = 16384
     """Rows in each worker's shuffle buffer."""
-    kmer_frame: int = 0
+    kmer_frame: KmerFrame = 0
     """Reading frame (0, 1 or 2) of the 3-mer tokens for the BERT models."""
     kmer_all_frames: bool = False
     """BERT: tokenize every row in all three reading frames (input_ids (B, 3, T)); regression averages the model's outputs over them, as SYSU-SAIL's model code averaged three token sequences; the masked LM trains on all three. Three times the compute per row; the Hugging Face export holds the model and the data.kmer_frame tokenizer (average over the three frames' outputs yourself)."""
@@ -97,43 +108,35 @@ class DataConfig:
     def __post_init__(self) -> None:
         for key in ("batch_size", "shuffle_buffer"):
             if getattr(self, key) < 1:
-                raise UserError(f"data.{key} must be >= 1, not {getattr(self, key)}")
+                raise ConfigError(f"data.{key} must be >= 1, not {getattr(self, key)}")
         for key in ("eval_batch_size", "num_workers"):
             if getattr(self, key) < 0:
-                raise UserError(f"data.{key} must be >= 0, not {getattr(self, key)}")
-        if self.view not in ("", "all", "nad", "top"):
-            raise UserError(f"data.view must be one of '', 'all', 'nad', 'top', not {self.view!r}")
-        if self.kmer_frame not in (0, 1, 2):
-            raise UserError(f"data.kmer_frame must be 0, 1 or 2, not {self.kmer_frame}")
+                raise ConfigError(f"data.{key} must be >= 0, not {getattr(self, key)}")
 
 
 @dataclass
 class ModelConfig:
     """Which model, and the settings of each."""
 
-    name: str = "nad"
+    name: ModelName = "nad"
     """'nad' (GloVe + CNN/FPN + transformers) or 'bert' (SYSU-SAIL's 3-mer BERT)."""
     nad: NADConfig = field(default_factory=NADConfig)
     """Team NAD's model (read when name is 'nad')."""
-    bert: BertSettings = field(default_factory=BertSettings)
+    bert: BertConfig = field(default_factory=BertConfig)
     """Team SYSU-SAIL's BERT (read when name is 'bert')."""
-
-    def __post_init__(self) -> None:
-        if self.name not in MODELS:
-            raise UserError(f"model.name must be one of {list(MODELS)}, not {self.name!r}")
 
 
 @dataclass
 class TaskConfig:
     """What the model is trained to do: its objective and targets."""
 
-    name: str = "regression"
+    name: TaskName = "regression"
     """'regression' (expression from sequence) or 'mlm' (masked-token pretraining, BERT only)."""
-    loss: str = "smooth_l1"
+    loss: Literal["smooth_l1", "mse"] = "smooth_l1"
     """Regression loss: 'smooth_l1' or 'mse'."""
     smooth_l1_beta: float = 0.1
     """SmoothL1 transition point on the target scale (NAD: 0.1 on [0,1])."""
-    label_map: str = "nad"
+    label_map: Literal["nad", "none"] = "nad"
     """Target transform: 'nad' (y<=8 -> 5+3y/8, then (y-5)/12, giving [0,1]) or 'none'."""
     label_noise: float = 0.05
     """Std of Gaussian noise added to training targets, clipped to [0,1] under the 'nad' map (NAD: 0.05; 0: off)."""
@@ -141,25 +144,19 @@ class TaskConfig:
     """MLM: fraction of tokens chosen for prediction (80% [MASK], 10% random, 10% kept)."""
 
     def __post_init__(self) -> None:
-        if self.name not in TASKS:
-            raise UserError(f"task.name must be one of {list(TASKS)}, not {self.name!r}")
-        if self.loss not in ("smooth_l1", "mse"):
-            raise UserError(f"task.loss must be 'smooth_l1' or 'mse', not {self.loss!r}")
-        if self.label_map not in ("nad", "none"):
-            raise UserError(f"task.label_map must be 'nad' or 'none', not {self.label_map!r}")
         if self.smooth_l1_beta <= 0:
-            raise UserError(f"task.smooth_l1_beta must be > 0, not {self.smooth_l1_beta}")
+            raise ConfigError(f"task.smooth_l1_beta must be > 0, not {self.smooth_l1_beta}")
         if self.label_noise < 0:
-            raise UserError(f"task.label_noise must be >= 0, not {self.label_noise}")
+            raise ConfigError(f"task.label_noise must be >= 0, not {self.label_noise}")
         if not 0 < self.mask_prob < 1:
-            raise UserError(f"task.mask_prob must be in (0, 1), not {self.mask_prob}")
+            raise ConfigError(f"task.mask_prob must be in (0, 1), not {self.mask_prob}")
 
 
 @dataclass
 class OptimConfig:
     """The optimizer (a torch optimizer handed to DeepSpeed) and its GSAM wrapper."""
 
-    name: str = "adamw"
+    name: Literal["adamw", "adam"] = "adamw"
     """'adamw' (NAD; BERT pretraining) or 'adam' (BERT fine-tuning)."""
     lr: float = 2e-4
     """Peak learning rate (NAD: 2e-4)."""
@@ -173,21 +170,19 @@ class OptimConfig:
     """Surrogate-gap guided sharpness-aware minimisation around the optimizer."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("adamw", "adam"):
-            raise UserError(f"optim.name must be 'adamw' or 'adam', not {self.name!r}")
         if self.lr <= 0:
-            raise UserError(f"optim.lr must be > 0, not {self.lr}")
+            raise ConfigError(f"optim.lr must be > 0, not {self.lr}")
         if self.weight_decay < 0:
-            raise UserError(f"optim.weight_decay must be >= 0, not {self.weight_decay}")
+            raise ConfigError(f"optim.weight_decay must be >= 0, not {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise UserError(f"optim.betas must be two numbers in [0, 1), not {self.betas}")
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), not {self.betas}")
 
 
 @dataclass
 class ScheduleConfig:
     """How the learning rate moves; see promoter_dist.schedules."""
 
-    name: str = "linear"
+    name: Literal["linear", "cosine", "constant", "plateau"] = "linear"
     """'linear' (decay to final_factor x lr), 'cosine', 'constant' or 'plateau' (ReduceLROnPlateau on a metric)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up from 0 (linear, cosine, constant)."""
@@ -205,60 +200,50 @@ class ScheduleConfig:
     """'plateau': evaluations without improvement before the rate is cut (SYSU: 2)."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("linear", "cosine", "constant", "plateau"):
-            raise UserError(f"schedule.name must be linear, cosine, constant or plateau, not {self.name!r}")
         if self.warmup_steps < 0:
-            raise UserError(f"schedule.warmup_steps must be >= 0, not {self.warmup_steps}")
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, not {self.warmup_steps}")
         if self.decay_epochs <= 0:
-            raise UserError(f"schedule.decay_epochs must be > 0, not {self.decay_epochs}")
+            raise ConfigError(f"schedule.decay_epochs must be > 0, not {self.decay_epochs}")
         if not 0 <= self.final_factor <= 1:
-            raise UserError(f"schedule.final_factor must be in [0, 1], not {self.final_factor}")
+            raise ConfigError(f"schedule.final_factor must be in [0, 1], not {self.final_factor}")
         if not 0 < self.plateau_factor < 1:
-            raise UserError(f"schedule.plateau_factor must be in (0, 1), not {self.plateau_factor}")
+            raise ConfigError(f"schedule.plateau_factor must be in (0, 1), not {self.plateau_factor}")
         if self.plateau_patience < 0:
-            raise UserError(f"schedule.plateau_patience must be >= 0, not {self.plateau_patience}")
+            raise ConfigError(f"schedule.plateau_patience must be >= 0, not {self.plateau_patience}")
 
 
 @dataclass
 class EngineConfig:
     """The DeepSpeed engine: ZeRO stage, precision, accumulation, clipping, monitors."""
 
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """'fp32'; 'bf16': autocast compute with fp32 weights (BatchNorm, GloVe table and GSAM stay exact); 'fp16': DeepSpeed fp16 with loss scaling."""
     grad_accum: int = 1
     """Micro batches accumulated per optimizer step."""
     gradient_clipping: float = 0.0
     """Clip the global gradient norm to this value (0: off). Always written to DeepSpeed, whose default is 1.0."""
-    nonfinite: str = "stop"
+    nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: 'stop' with a clear message, or 'skip' the batch (never written into a checkpoint)."""
     tensorboard: bool = True
     """Write TensorBoard events through DeepSpeed's monitor into <out_dir>/monitor."""
     csv: bool = True
     """Write CSV metrics through DeepSpeed's monitor into <out_dir>/monitor."""
-    offload_optimizer: str = "none"
+    offload_optimizer: Literal["none", "cpu"] = "none"
     """ZeRO offload of optimizer states: 'none' or 'cpu' (stages 1-3)."""
     reduce_bucket_size: int = 5_000_000
     """Elements per gradient reduction bucket; smaller than the model, so ZeRO-2/3 free gradients during backward."""
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise UserError(f"engine.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"engine.precision must be fp32, bf16 or fp16, not {self.precision!r}")
         if self.grad_accum < 1:
-            raise UserError(f"engine.grad_accum must be >= 1, not {self.grad_accum}")
+            raise ConfigError(f"engine.grad_accum must be >= 1, not {self.grad_accum}")
         if self.gradient_clipping < 0:
-            raise UserError(f"engine.gradient_clipping must be >= 0, not {self.gradient_clipping}")
-        if self.nonfinite not in ("stop", "skip"):
-            raise UserError(f"engine.nonfinite must be 'stop' or 'skip', not {self.nonfinite!r}")
-        if self.offload_optimizer not in ("none", "cpu"):
-            raise UserError(f"engine.offload_optimizer must be 'none' or 'cpu', not {self.offload_optimizer!r}")
+            raise ConfigError(f"engine.gradient_clipping must be >= 0, not {self.gradient_clipping}")
         if self.offload_optimizer == "cpu" and self.zero_stage == 0:
-            raise UserError("engine.offload_optimizer=cpu needs engine.zero_stage >= 1")
+            raise ConfigError("engine.offload_optimizer=cpu needs engine.zero_stage >= 1")
         if self.reduce_bucket_size < 1:
-            raise UserError(f"engine.reduce_bucket_size must be >= 1, not {self.reduce_bucket_size}")
+            raise ConfigError(f"engine.reduce_bucket_size must be >= 1, not {self.reduce_bucket_size}")
 
 
 @dataclass
@@ -282,31 +267,31 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.task.name == "mlm" and self.model.name != "bert":
-            raise UserError("task.name=mlm needs model.name=bert")
+            raise ConfigError("task.name=mlm needs model.name=bert")
         if self.model.name == "nad" and self.data.view not in ("", "nad"):
-            raise UserError("model.name=nad reads NAD words, which exist only in data.view=nad (110 bp, no N)")
+            raise ConfigError("model.name=nad reads NAD words, which exist only in data.view=nad (110 bp, no N)")
         if self.model.name == "nad" and self.engine.precision == "fp16":
-            raise UserError("engine.precision=fp16 casts weights but not NAD's fp32 BatchNorm statistics: use bf16")
+            raise ConfigError("engine.precision=fp16 casts weights but not NAD's fp32 BatchNorm statistics: use bf16")
         if self.optim.gsam.enabled and self.engine.precision == "fp16":
-            raise UserError("optim.gsam with engine.precision=fp16 is not supported: use bf16 or fp32")
+            raise ConfigError("optim.gsam with engine.precision=fp16 is not supported: use bf16 or fp32")
         if self.optim.gsam.enabled and self.engine.offload_optimizer != "none":
-            raise UserError("optim.gsam needs the gradients on the device: set engine.offload_optimizer=none")
+            raise ConfigError("optim.gsam needs the gradients on the device: set engine.offload_optimizer=none")
         gsam = self.optim.gsam
         if gsam.enabled and gsam.rho_min < gsam.rho_max and self.schedule.name == "constant":
-            raise UserError("optim.gsam.rho_min is below rho_max, but schedule.name=constant never moves the "
+            raise ConfigError("optim.gsam.rho_min is below rho_max, but schedule.name=constant never moves the "
                             "learning rate that rho follows: set rho_min = rho_max, or another schedule")
         # A misspelt metric is never found in the validation record: no best checkpoint would ever be
         # kept, and the plateau schedule would cut the rate after every `patience + 1` evaluations.
-        metrics = {"regression": ("loss", "pearson", "spearman"), "mlm": ("loss", "accuracy")}[self.task.name]
+        metrics = TASK_METRICS[self.task.name]
         if not self.run.best_metric:
             self.run.best_metric = "pearson" if self.task.name == "regression" else "loss"
         checked = [("schedule.plateau_metric", self.schedule.plateau_metric), ("run.best_metric", self.run.best_metric)]
         for key, value in checked:
             if value not in metrics:
-                raise UserError(f"{key} must be one of {list(metrics)} for task.name={self.task.name}, not {value!r}")
+                raise ConfigError(f"{key} must be one of {list(metrics)} for task.name={self.task.name}, not {value!r}")
 
     @property
-    def view(self) -> str:
+    def view(self) -> View:
         """The row subset actually streamed."""
         if self.data.view:
             return self.data.view
@@ -315,27 +300,35 @@ class TrainConfig:
         return "top" if self.task.name == "mlm" else "all"
 
     @property
-    def tokens(self) -> str:
+    def tokens(self) -> Tokens:
         """The loader's token kind for this model."""
         return "nad" if self.model.name == "nad" else "kmer"
+
+    def loader_config(self, split: str, training: bool) -> LoaderConfig:
+        """Stream settings for one split: shuffled equal batches for training, every row once for evaluation."""
+        data = self.data
+        return LoaderConfig(
+            split=split, view=self.view, tokens=self.tokens,
+            batch_size=data.batch_size if training else (data.eval_batch_size or data.batch_size),
+            shuffle=training, shuffle_buffer=data.shuffle_buffer, drop_last=training,
+            seed=self.run.seed, num_workers=data.num_workers if training else 0, kmer_frame=data.kmer_frame,
+            kmer_all_frames=data.kmer_all_frames,
+        )
 
 
 # --------------------------------------------------------------------------- building from dicts
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if is_choice(tp):
+        return check_choice(value, tp, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"{key}: expected a mapping of settings, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
         return _build(tp, value, key)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arm in typing.get_args(tp):
             if arm is type(None):
                 if value is None:
@@ -343,29 +336,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arm, key)
-            except UserError as error:
-                errors.append(str(error))
-        raise UserError(f"{key}: {value!r} fits none of {tp}")
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} fits none of {tp}")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise UserError(f"{key}: expected {len(args)} values, got {len(value)}")
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -374,13 +367,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(value):  # nan / inf slip past every range check of the sections
-            raise UserError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise UserError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     return value
 
@@ -392,7 +385,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     unknown = sorted(set(values) - set(names), key=str)  # YAML keys may be ints or bools too
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise UserError(f"unknown config key {where}{unknown[0]} (known under {prefix or 'the root'}: {', '.join(names)})")
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known under {prefix or 'the root'}: {', '.join(names)})")
     kwargs = {}
     for name in names:
         key = f"{prefix}.{name}" if prefix else name
@@ -406,11 +399,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         # Missing fields take their declared defaults (the dataclass fills them in).
     try:
         return cls(**kwargs)
-    except UserError:
+    except ConfigError:
         raise
-    except (ValueError, TypeError) as error:  # a section's own checks (model, GSAM) raise ValueError
+    except (UserError, ValueError, TypeError) as error:  # a section class may still raise these: one error type out
         message = str(error)
-        raise UserError(message if prefix and prefix in message else f"{prefix or 'config'}: {message}") from None
+        raise ConfigError(message if prefix and prefix in message else f"{prefix or 'config'}: {message}") from None
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -426,15 +419,15 @@ def _merge(base: dict, update: dict) -> dict:
 def parse_override(text: str) -> dict:
     """``'optim.gsam.rho_max=0.05'`` -> ``{'optim': {'gsam': {'rho_max': 0.05}}}`` (value parsed as YAML)."""
     if "=" not in text:
-        raise UserError(f"override {text!r} is not of the form key.sub=value")
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
     if not all(parts):
-        raise UserError(f"override {text!r}: empty key part")
+        raise ConfigError(f"override {text!r}: empty key part")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
-        raise UserError(f"override {text!r}: value is not valid YAML ({_yaml_reason(error)})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_reason(error)})") from None
     out: dict = value
     for part in reversed(parts):
         out = {part: out}
@@ -457,17 +450,17 @@ def read_yaml(path: str | Path) -> dict:
     try:
         text = path.read_text()
     except OSError as error:
-        raise UserError(f"{path}: cannot read config ({error.strerror})") from None
+        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
+        raise ConfigError(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UserError(f"{path}: not valid YAML ({_yaml_reason(error)})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_reason(error)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config file must hold a mapping of sections, not {type(data).__name__}")
+        raise ConfigError(f"{path}: a config file must hold a mapping of sections, not {type(data).__name__}")
     return data
 
 
@@ -479,8 +472,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     if path:
         try:
             return _build(TrainConfig, values)
-        except UserError as error:
-            raise UserError(f"{path}: {error}") from None
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     return _build(TrainConfig, values)
 
 

@@ -1,83 +1,23 @@
-"""Everything distributed in one place: the process environment, DeepSpeed start-up, collectives.
+"""Everything collective in one place: process-group start-up, the rank's device, collectives.
 
-The environment comes from whichever launcher started the process: the ``deepspeed``
-launcher and ``torchrun`` export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
-the SLURM job (``promoter_dist.launch``) exports the same names from SLURM's variables
-before calling the trainer. A plain ``python train.py`` finds none of them and runs as a
-single process (DeepSpeed would otherwise try MPI discovery).
+Where a process sits in its job (rank, world size, rendezvous) is a
+:class:`~promoter_dist.launch.environment.DistEnv`, read once by the entry point and passed
+in. Every collective here also works in a single process where ``torch.distributed`` was
+never initialised (it then returns its input), so single-process tools and tests call the
+same functions as a multi-rank run.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import socket
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 
-from .errors import UserError
-
-_LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    master_addr: str
-    master_port: int
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that prints and writes shared files."""
-        return self.rank == 0
-
-
-def free_port() -> int:
-    """A TCP port free on this host right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def resolve_environment(local_rank_arg: int | None = None) -> DistEnv:
-    """Read the launcher's variables, or set up a single process when there are none."""
-    present = [k for k in _LAUNCHER_KEYS if k in os.environ]
-    if not present:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank_arg or 0),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        os.environ.setdefault("LOCAL_RANK", str(local_rank_arg if local_rank_arg is not None else 0))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if int(os.environ["WORLD_SIZE"]) > 1:
-                raise UserError("MASTER_PORT is not set: a multi-process run needs MASTER_ADDR and MASTER_PORT")
-            os.environ["MASTER_PORT"] = str(free_port())
-    else:
-        missing = [k for k in ("RANK", "WORLD_SIZE") if k not in os.environ]
-        raise UserError(f"launcher environment is incomplete: {', '.join(present)} set but {', '.join(missing)} missing")
-    try:
-        env = DistEnv(rank=int(os.environ["RANK"]), local_rank=int(os.environ["LOCAL_RANK"]),
-                      world_size=int(os.environ["WORLD_SIZE"]), master_addr=os.environ["MASTER_ADDR"],
-                      master_port=int(os.environ["MASTER_PORT"]))
-    except ValueError as error:
-        raise UserError(f"launcher environment: {error}") from None
-    if not 0 <= env.rank < env.world_size:
-        raise UserError(f"RANK={env.rank} is not in [0, WORLD_SIZE={env.world_size})")
-    return env
-
-
-def local_world_size() -> int:
-    """Processes of this job on this node (deepspeed: LOCAL_SIZE, torchrun/SLURM job: LOCAL_WORLD_SIZE)."""
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
-        if os.environ.get(key, "").isdigit():
-            return max(int(os.environ[key]), 1)
-    return 1
+from .launch.environment import DistEnv
 
 
 def init_distributed(env: DistEnv) -> None:
@@ -85,14 +25,14 @@ def init_distributed(env: DistEnv) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if initialized():
         return
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(env.local_rank)
     elif "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one node would otherwise each start a thread per core and oversubscribe it.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
 
 
@@ -106,36 +46,104 @@ def device() -> torch.device:
     return torch.device(name, get_accelerator().current_device())
 
 
-def _initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def initialized() -> bool:
+    """True once a process group exists."""
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of data-parallel ranks (1 without a process group)."""
+    return torch_dist.get_world_size() if initialized() else 1
+
+
+def several_ranks() -> bool:
+    """True when a process group of more than one rank exists."""
+    return initialized() and torch_dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cpu") if torch_dist.get_backend() == "gloo" else device()
 
 
 def barrier() -> None:
     """Wait for every rank (no-op in a single process without a group)."""
-    if _initialized():
-        torch.distributed.barrier()
+    if initialized():
+        torch_dist.barrier()
 
 
 def all_reduce_max(value: float) -> float:
     """The largest ``value`` over ranks."""
-    if not _initialized():
+    if not initialized():
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return float(tensor.item())
 
 
 def all_reduce_mean(value: float) -> float:
     """The mean of ``value`` over ranks."""
-    if not _initialized():
+    if not initialized():
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-    torch.distributed.all_reduce(tensor)
-    return float(tensor.item()) / torch.distributed.get_world_size()
+    torch_dist.all_reduce(tensor)
+    return float(tensor.item()) / torch_dist.get_world_size()
 
 
-def _collective_device() -> torch.device:
-    return torch.device("cpu") if torch.distributed.get_backend() == "gloo" else device()
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on some rank."""
+    return all_reduce_max(1.0 if flag else 0.0) > 0
+
+
+def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:
+    """Sum ``values`` over all ranks in place and return it; a no-op in a single process."""
+    if several_ranks():
+        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.SUM)
+    return values
+
+
+def finite_global_sum(value: torch.Tensor) -> tuple[bool, float]:
+    """One scalar all-reduce: whether ``value`` is finite on every rank, and its sum over ranks.
+
+    The sum is NaN when some rank's value is not finite.
+    """
+    local = value.detach().reshape(()).float()
+    # The flag travels with the value, so one collective and one device sync answer both questions.
+    packed = torch.stack([(~torch.isfinite(local)).float(), local])
+    all_reduce_sum_(packed)
+    nonfinite_ranks, total = packed.tolist()
+    if nonfinite_ranks > 0:
+        return False, math.nan
+    return True, total
+
+
+def all_ranks_finite(value: torch.Tensor) -> bool:
+    """True when the scalar ``value`` is finite on every rank (one scalar all-reduce)."""
+    return finite_global_sum(value)[0]
+
+
+def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every rank's 1-D arrays concatenated in rank order, returned on every rank.
+
+    A rank with no rows passes an empty dict; the keys come from the others.
+    """
+    if not several_ranks():
+        return arrays
+    parts: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(parts, arrays)
+    keys = next((list(p) for p in parts if p), [])
+    return {key: np.concatenate([p[key] for p in parts if p]) for key in keys}
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------- BatchNorm statistics
 
 
 def norm_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -153,78 +161,10 @@ def average_norm_statistics(module: torch.nn.Module) -> None:
     DeepSpeed does not synchronise buffers, so each rank's running statistics follow its own
     batches; evaluation and checkpoints use the average, identical on every rank.
     """
-    if not _initialized() or torch.distributed.get_world_size() == 1:
+    if not several_ranks():
         return
-    world = torch.distributed.get_world_size()
+    world = torch_dist.get_world_size()
     for buffer in norm_statistics(module):
         moved = buffer.to(_collective_device())
-        torch.distributed.all_reduce(moved)
+        torch_dist.all_reduce(moved)
         buffer.copy_(moved / world)
-
-
-def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every rank's 1-D arrays concatenated in rank order, returned on every rank.
-
-    A rank with no rows passes an empty dict; the keys come from the others.
-    """
-    if not _initialized() or torch.distributed.get_world_size() == 1:
-        return arrays
-    parts: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, arrays)
-    keys = next((list(p) for p in parts if p), [])
-    return {key: np.concatenate([p[key] for p in parts if p]) for key in keys}
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not _initialized():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# --------------------------------------------------------------------------- stop requests
-
-
-@dataclass
-class StopRequest:
-    """A request to checkpoint and stop at the next step boundary (preemption, time limit).
-
-    Set from a signal handler on any rank (:func:`request_stop`); the trainer asks
-    :func:`stop_requested` once per step, which agrees over all ranks, so every rank saves
-    the same step's checkpoint and stops together.
-    """
-
-    armed: bool = False
-    """A handler that can request a stop is installed (:func:`arm_stop_requests`); until then the
-    trainer's per-step check costs nothing (no collective)."""
-    requested: bool = False
-    """This process received the request."""
-    signal_name: str = ""
-    """The signal that carried it, for the log."""
-    honoured_at_step: int | None = None
-    """The step whose checkpoint the trainer wrote before stopping early (None: it did not stop early)."""
-
-
-STOP = StopRequest()
-
-
-def arm_stop_requests() -> None:
-    """Make the trainer check for stop requests every step; call it on every rank (a SLURM task does)."""
-    STOP.armed = True
-
-
-def request_stop(signum: int | None = None, frame: Any = None) -> None:
-    """Signal handler: ask the trainer to checkpoint and stop at the next step (async-signal safe)."""
-    import signal
-
-    STOP.requested = True
-    STOP.signal_name = signal.Signals(signum).name if signum is not None else "request"
-
-
-def stop_requested() -> bool:
-    """True on every rank when any rank got a stop request (a collective on all ranks once armed)."""
-    if not STOP.armed:
-        return False
-    return all_reduce_max(1.0 if STOP.requested else 0.0) > 0

@@ -33,3 +33,7 @@ class NonFiniteLossError(UserError):
             f"non-finite loss ({loss}) at step {step}: the step was not applied and nothing was saved; lower "
             "optim.lr, set engine.gradient_clipping, or use engine.nonfinite=skip to drop such batches"
         )
+
+
+class ConfigError(UserError):
+    """A bad configuration value, named by its dotted key (``engine.zero_stage: ...``)."""

@@ -2,7 +2,7 @@
 
 ``promoter-dist predict --checkpoint RUN --input test_sequences.txt --out submission.json``
 loads the run's resolved ``config.yaml`` and the consolidated fp32 weights of one of its
-checkpoints (:func:`promoter_dist.checkpoints.fp32_state_dict`, any ZeRO stage), then
+checkpoints (:func:`promoter_dist.checkpointing.fp32_state_dict`, any ZeRO stage), then
 streams the input through the model in batches. Row ``i`` of the result is the
 prediction for 0-based line ``i`` of the input, which is the key the DREAM submission
 JSON uses (:func:`promoter_dist.scoring.write_submission`).
@@ -110,7 +110,7 @@ def load_trained(run_dir: str | os.PathLike, which: str = "best",
     The model holds the checkpoint's fp32 weights (loaded strictly), is in eval mode and
     sits on ``device``. Only regression runs predict expression; an MLM run is refused.
     """
-    from .checkpoints import checkpoint_tag, fp32_state_dict
+    from .checkpointing import checkpoint_tag, fp32_state_dict
     from .tasks import build_task
 
     folder = run_folder(run_dir)

@@ -1,15 +1,18 @@
 """Training entry: ``deepspeed train.py --config configs/<run>.yaml [key.sub=value ...]``.
 
-The same command runs under ``torchrun``, inside a SLURM job (promoter_dist.launch) and
-as plain ``python train.py`` (one process, no launcher environment needed).
+The same command runs under ``torchrun`` and as plain ``python train.py`` (one process, no
+launcher environment needed). A SLURM task calls :func:`run_task` instead, with the stop
+request its preemption handler sets (:mod:`promoter_dist.launch.jobs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .errors import UserError
+from .stopping import StopRequest
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,8 +27,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run training; returns the exit status (2 for a problem the user can fix)."""
+def run_task(argv: list[str], stop: StopRequest | None = None) -> dict[str, Any]:
+    """Train as one rank of a job; returns the trainer's result with ``status`` added.
+
+    ``status`` is 0 when the run finished or stopped on request (``stopped_at_step`` then names
+    the step whose checkpoint was written), 2 for a problem the user can fix (printed on
+    stderr as one line).
+    """
     args = parse_args(argv)
     try:
         from .config import dump_yaml, load_config
@@ -33,25 +41,30 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if args.dump_config:
             print(dump_yaml(config), end="")
-            return 0
+            return {"status": 0, "stopped_at_step": None}
         from . import distributed as dist
+        from .launch.environment import from_launcher
         from .trainer import Trainer
 
-        env = dist.resolve_environment(args.local_rank)
+        env = from_launcher(args.local_rank)
         dist.init_distributed(env)
-        result = Trainer(config, env).train()
-        if result.get("stopped_early"):
-            if env.is_main:
-                print(f"stopped at step {result['steps']} on request; rerun the same command to resume", flush=True)
-            return 0
-        if env.is_main:
+        result = Trainer(config, env, stop).train()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return {"status": 2, "stopped_at_step": None}
+    if env.is_main:
+        if result["stopped_at_step"] is not None:
+            print(f"stopped at step {result['steps']} on request; rerun the same command to resume", flush=True)
+        else:
             best = result["best"] or {}
             metrics = " ".join(f"{k}={v:.4f}" for k, v in best.items() if isinstance(v, float))
             print(f"finished: {result['steps']} steps; best validation {metrics}", flush=True)
-        return 0
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+    return {**result, "status": 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run training; returns the exit status (2 for a problem the user can fix)."""
+    return run_task(sys.argv[1:] if argv is None else argv)["status"]
 
 
 if __name__ == "__main__":  # `deepspeed --module promoter_dist.train ...`

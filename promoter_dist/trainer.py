@@ -1,19 +1,18 @@
 """The trainer: one training step readable top to bottom, in small named pieces.
 
 ``Trainer.train()`` runs epochs of ``train_step`` (micro batches -> forward/backward ->
-optimizer step), validates, keeps the best checkpoint and saves periodic ones that a
-killed or requeued run resumes from exactly (model, optimizer, schedule, loader
-position and RNG state). Models and tasks know nothing of DeepSpeed; everything
-distributed is in :mod:`promoter_dist.distributed` and :mod:`promoter_dist.engine`.
+optimizer step), validates, and asks its components for the rest: checkpoints
+(:class:`~promoter_dist.checkpointing.CheckpointManager`: save, prune, resume exactly),
+records (:class:`~promoter_dist.records.MetricsLog`), collectives
+(:mod:`promoter_dist.distributed`) and the engine (:mod:`promoter_dist.engine`). Models and
+tasks know nothing of DeepSpeed. A :class:`~promoter_dist.stopping.StopRequest`, when the
+launch code passes one, makes every rank checkpoint the step in progress and stop together.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -24,33 +23,22 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from .checkpointing import BEST, LATEST, CheckpointManager, fp32_state_dict
 from .config import TrainConfig, config_dict, dump_yaml
-from .data.loader import LoaderConfig, ShardLoader
-from .engine import build_engine, parameters_finite, set_learning_rate
+from .data.loader import ShardLoader
+from .engine import build_engine, set_learning_rate
 from .errors import NonFiniteLossError, UserError
 from .io import atomic_open
+from .launch.environment import DistEnv
+from .optim.engine_grads import zero_engine_gradients
+from .records import MetricsLog, setup_logging
 from .schedules import Plateau, lr_at
+from .stopping import StopRequest
 from .tasks import build_task
 
 log = logging.getLogger("promoter_dist")
 
 Batch = dict[str, torch.Tensor]
-
-
-def setup_logging(out_dir: Path, rank: int) -> None:
-    """Rank 0 logs to the console; every rank logs to <out_dir>/logs/rank<r>.log."""
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    log.handlers.clear()
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
-    file_handler = logging.FileHandler(out_dir / "logs" / f"rank{rank}.log")
-    file_handler.setFormatter(fmt)
-    log.addHandler(file_handler)
-    if rank == 0:
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(fmt)
-        log.addHandler(console)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -73,10 +61,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class Trainer:
     """Builds model, engine and loaders from one config and trains them."""
 
-    def __init__(self, config: TrainConfig, env: dist.DistEnv):
-        self.config, self.env = config, env
+    def __init__(self, config: TrainConfig, env: DistEnv, stop: StopRequest | None = None):
+        self.config, self.env, self.stop = config, env, stop
         self.out_dir = Path(config.run.out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
         setup_logging(self.out_dir, env.rank)
         self.write_config()
 
@@ -91,11 +78,11 @@ class Trainer:
         # Label noise and dropout differ by rank, as independent workers' would.
         torch.manual_seed(config.run.seed * 1_000_003 + env.rank)
 
-        self.train_loader = ShardLoader(config.data.shards, self.loader_config(config.data.train_split, True),
+        self.train_loader = ShardLoader(config.data.shards, config.loader_config(config.data.train_split, True),
                                         env.rank, env.world_size)
         self.val_loader = None
         if config.data.val_split:
-            self.val_loader = ShardLoader(config.data.shards, self.loader_config(config.data.val_split, False),
+            self.val_loader = ShardLoader(config.data.shards, config.loader_config(config.data.val_split, False),
                                           env.rank, env.world_size)
         self.grad_accum = config.engine.grad_accum
         self.steps_per_epoch = len(self.train_loader) // self.grad_accum
@@ -105,7 +92,7 @@ class Trainer:
 
         self.gsam = None
         if config.optim.gsam.enabled:
-            from .optim.gsam import DeepSpeedGSAM
+            from .optim.gsam_deepspeed import DeepSpeedGSAM
 
             # rho follows the rate between these two (plateau: down to final_factor x lr, then stays).
             lr_max = config.optim.lr
@@ -116,28 +103,20 @@ class Trainer:
             mode = "min" if config.schedule.plateau_metric == "loss" else "max"
             self.plateau = Plateau(config.schedule.plateau_factor, config.schedule.plateau_patience, mode)
 
+        self.checkpoints = CheckpointManager(self.out_dir, env.rank, env.world_size, config.run.keep_checkpoints)
+        self.metrics = MetricsLog(self.out_dir, env.is_main, getattr(self.engine, "monitor", None))
         self.step = 0
         self.skipped_steps = 0
+        self.stopped_at_step: int | None = None
+        """The step whose checkpoint was written before stopping on request (None: not stopped)."""
         # This rank's finite train losses since the last train record: a record averages every step
         # of its window, across epoch ends and a resume from a checkpoint taken inside the window.
         self.log_window: dict[str, float] = {"loss_sum": 0.0, "steps": 0}
         self.best: dict[str, Any] | None = None
-        self.history: list[dict[str, Any]] = []
         self._fallback_batch: Batch | None = None
         self.resume()
 
     # -- setup ----------------------------------------------------------------------------
-
-    def loader_config(self, split: str, training: bool) -> LoaderConfig:
-        """Stream settings for one split: shuffled equal batches for training, every row once for evaluation."""
-        data = self.config.data
-        return LoaderConfig(
-            split=split, view=self.config.view, tokens=self.config.tokens,
-            batch_size=data.batch_size if training else (data.eval_batch_size or data.batch_size),
-            shuffle=training, shuffle_buffer=data.shuffle_buffer, drop_last=training,
-            seed=self.config.run.seed, num_workers=data.num_workers if training else 0, kmer_frame=data.kmer_frame,
-            kmer_all_frames=data.kmer_all_frames,
-        )
 
     def write_config(self) -> None:
         """The resolved config beside the run (rank 0), so a run is reproducible from its folder."""
@@ -160,10 +139,8 @@ class Trainer:
 
     def forward_backward(self, batch: Batch) -> float:
         """Forward, a global finiteness check, backward and the engine's micro step."""
-        from .optim.engine_grads import all_ranks_finite
-
         loss = self.forward_loss(batch)
-        if not all_ranks_finite(loss.detach()):
+        if not dist.all_ranks_finite(loss.detach()):
             raise NonFiniteLossError(self.step + 1, float(loss.detach()))
         self.engine.backward(loss)
         self.engine.step()  # applies the optimizer only at the accumulation boundary
@@ -186,8 +163,6 @@ class Trainer:
 
     def discard_step(self, micro_steps_before: int) -> None:
         """Drop a half-done step: clear accumulated gradients and the engine's micro-step count."""
-        from .optim.engine_grads import zero_engine_gradients
-
         zero_engine_gradients(self.engine)
         self.engine.micro_steps = micro_steps_before
 
@@ -203,23 +178,28 @@ class Trainer:
             yield group
 
     def train(self) -> dict[str, Any]:
-        """Run to the configured end; returns the best validation record and the last one."""
+        """Run to the configured end, or to a requested stop; returns what happened.
+
+        ``best``: the best validation record; ``last``: the newest one (None when stopped early);
+        ``steps``, ``skipped_steps``, ``parameters``; ``stopped_at_step``: the step whose
+        checkpoint was written before stopping on request, None when the run finished.
+        """
         run = self.config.run
         self.engine.train()
         finished = self.max_steps_reached()
         while not finished and self.train_loader.epoch < run.epochs:
             finished = self.train_epoch()
-        if dist.STOP.honoured_at_step is not None:  # stopped early: the rerun finishes the run
-            return {"best": self.best, "last": None, "steps": self.step, "skipped_steps": self.skipped_steps,
-                    "parameters": self.parameter_count, "stopped_early": True}
+        result = {"best": self.best, "last": None, "steps": self.step, "skipped_steps": self.skipped_steps,
+                  "parameters": self.parameter_count, "stopped_at_step": self.stopped_at_step}
+        if self.stopped_at_step is not None:  # the rerun finishes the run
+            return result
         if self.env.is_main:
             log.info("done: %d steps, %d skipped; best %s", self.step, self.skipped_steps, self.best)
-            if self.config.run.plots:
-                self.plot()
+            if run.plots:
+                self.metrics.plot(run.out_dir)
             self.export()
         dist.barrier()
-        return {"best": self.best, "last": next((r for r in reversed(self.history) if r["kind"] == "val"), None),
-                "steps": self.step, "skipped_steps": self.skipped_steps, "parameters": self.parameter_count}
+        return {**result, "last": self.metrics.last("val")}
 
     def max_steps_reached(self) -> bool:
         return bool(self.config.run.max_steps) and self.step >= self.config.run.max_steps
@@ -252,7 +232,7 @@ class Trainer:
                 samples = timed_steps * self.config.data.batch_size * self.grad_accum * self.env.world_size
                 window = self.log_window
                 mean_loss = dist.all_reduce_mean(window["loss_sum"] / window["steps"] if window["steps"] else float("nan"))
-                self.record({"kind": "train", "step": self.step, "epoch": epoch,
+                self.metrics.record({"kind": "train", "step": self.step, "epoch": epoch,
                              "loss": mean_loss, "lr": self.learning_rate(),
                              "samples_per_s": samples / elapsed})
                 self.log_window = {"loss_sum": 0.0, "steps": 0}
@@ -265,12 +245,12 @@ class Trainer:
                 self.save_checkpoint()
             if stopping:
                 return True
-            if dist.stop_requested():  # preemption or time limit (promoter_dist.launch): save and stop here
+            if self.stop_requested():  # preemption or time limit: save this step and stop here
                 if not periodic:
                     self.save_checkpoint()
-                dist.STOP.honoured_at_step = self.step
+                self.stopped_at_step = self.step
                 log.warning("stop requested (%s): checkpoint step%08d written; stopping before step %d",
-                            dist.STOP.signal_name or "another rank", self.step, self.step + 1)
+                            self.stop.signal_name or "another rank", self.step, self.step + 1)
                 return True
         for _ in batches:  # micro batches that do not fill a step: consumed so the epoch advances
             pass
@@ -279,8 +259,12 @@ class Trainer:
         if not (run.checkpoint_every and self.step % run.checkpoint_every == 0):
             self.save_checkpoint()
         if self.env.is_main and self.config.run.plots:
-            self.plot()
+            self.metrics.plot(run.out_dir)
         return False
+
+    def stop_requested(self) -> bool:
+        """True on every rank when some rank got a stop request (no collective when none can come)."""
+        return self.stop is not None and dist.any_rank(self.stop.requested)
 
     # -- validation -----------------------------------------------------------------------
 
@@ -319,7 +303,7 @@ class Trainer:
         if self.plateau is not None:
             self.plateau.update(metrics.get(self.config.schedule.plateau_metric, float("nan")))
             record["lr_scale"] = self.plateau.scale
-        self.record(record)
+        self.metrics.record(record)
         key = self.config.run.best_metric
         value = metrics.get(key, float("nan"))
         better = self.best is None or (value < self.best[key] if key == "loss" else value > self.best[key])
@@ -349,43 +333,13 @@ class Trainer:
         stage without gathering partitions. NAD's model has no portable form beyond the
         checkpoint; BERT models save as Hugging Face folders with their tokenizer.
         """
-        from .checkpoints import fp32_state_dict
-
-        which = "best" if self.read_pointer("best") else "latest"
-        if self.read_pointer(which) is None or self.config.model.name != "bert":
+        which = BEST if self.checkpoints.pointer(BEST) else LATEST
+        if self.checkpoints.pointer(which) is None or self.config.model.name != "bert":
             return
         model = self.task.build_model()
         model.load_state_dict(fp32_state_dict(self.out_dir, which), strict=True)
         self.task.export(model, self.out_dir / "export")
         log.info("exported the %s checkpoint to %s", which, self.out_dir / "export")
-
-    # -- records and plots ----------------------------------------------------------------
-
-    def record(self, record: dict[str, Any]) -> None:
-        """Log a record: console/file, metrics.jsonl and DeepSpeed's monitor (TensorBoard, CSV)."""
-        self.history.append(record)
-        text = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-        log.info("%s", text)
-        if not self.env.is_main:
-            return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:  # non-finite values as null: strict JSON
-            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                for k, v in record.items()}) + "\n")
-        monitor = getattr(self.engine, "monitor", None)
-        if monitor is not None and monitor.enabled:
-            events = [(f"{record['kind']}/{k}", float(v), record["step"]) for k, v in record.items()
-                      if k not in ("kind", "step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v)]
-            monitor.write_events(events)
-
-    def plot(self) -> None:
-        from .plots import plot_curves
-
-        flat = [{"step": r["step"], **{f"{r['kind']}_{k}": v for k, v in r.items() if k not in ("kind", "step", "epoch")}}
-                for r in self.history]
-        keys = [k for k in ("train_loss", "val_loss", "val_pearson", "val_spearman", "val_accuracy", "train_lr")
-                if any(k in r for r in flat)]
-        if keys:
-            plot_curves(flat, self.out_dir / "curves.png", keys, title=self.config.run.out_dir)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -406,107 +360,29 @@ class Trainer:
             self.gsam.load_state_dict(state["gsam"])
 
     def rank_state(self) -> dict[str, Any]:
-        """What differs by rank: loader position and RNG state (save_checkpoint adds the rank's BatchNorm statistics)."""
+        """What differs by rank: loader position, RNG state and the loss window."""
         return {"loader": self.train_loader.state_dict(), "rng": _rng_state(), "rank": self.env.rank,
                 "log_window": dict(self.log_window)}
 
     def save_checkpoint(self, best: bool = False) -> None:
-        """A DeepSpeed checkpoint plus trainer state; the pointer file moves only once all ranks wrote."""
-        if dist.all_reduce_max(0.0 if parameters_finite(self.engine) else 1.0) > 0:
-            raise UserError(f"step {self.step}: the weights hold NaN/inf; refusing to write a checkpoint "
-                            f"(the last good one in {self.ckpt_dir} is kept)")
-        # The checkpoint's weights hold the ranks' average BatchNorm statistics (what evaluation and
-        # export use); each rank keeps training on its own, saved beside them for an exact resume.
-        own_statistics = [b.detach().clone() for b in dist.norm_statistics(self.engine.module)]
-        dist.average_norm_statistics(self.engine.module)
-        tag = f"{'best-' if best else ''}step{self.step:08d}"
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"trainer": self.state_dict()},
-                                    save_latest=False)
-        with atomic_open(self.ckpt_dir / tag / f"trainer-rank{self.env.rank}.pt", "wb") as f:
-            torch.save({**self.rank_state(), "norm_statistics": own_statistics}, f)
-        with torch.no_grad():
-            for buffer, own in zip(dist.norm_statistics(self.engine.module), own_statistics):
-                buffer.copy_(own)
-        dist.barrier()
-        if self.env.is_main:
-            pointer = "best" if best else "latest"
-            with atomic_open(self.ckpt_dir / pointer, "w") as f:
-                f.write(tag)
-            self.prune_checkpoints()
-        dist.barrier()
-
-    def prune_checkpoints(self) -> None:
-        """Keep the newest ``keep_checkpoints`` periodic tags and the current best one."""
-        keep = {self.read_pointer("latest"), self.read_pointer("best")}
-        periodic = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
-        keep.update(periodic[-self.config.run.keep_checkpoints:])
-        for path in self.ckpt_dir.iterdir():
-            if path.is_dir() and (path.name.startswith("step") or path.name.startswith("best-")) and path.name not in keep:
-                shutil.rmtree(path, ignore_errors=True)
-
-    def read_pointer(self, name: str) -> str | None:
-        path = self.ckpt_dir / name
-        return path.read_text().strip() if path.exists() else None
+        """This step's checkpoint on every rank (the best one carries its validation record)."""
+        self.checkpoints.save(self.engine, self.step, self.state_dict(), self.rank_state(),
+                              best=best, best_record=self.best if best else None)
 
     def resume(self) -> None:
         """Continue from <out_dir>/checkpoints/latest when it exists (run.resume=auto)."""
-        tag = self.read_pointer("latest")
-        if tag is None:
-            if self.env.is_main:
-                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        latest = self.checkpoints.pointer(LATEST)
+        if latest is None:
+            self.metrics.start_fresh()
             return
         if self.config.run.resume == "never":
-            raise UserError(f"{self.ckpt_dir}: holds checkpoint {tag}; use a new run.out_dir or run.resume=auto")
-        rank_file = self.ckpt_dir / tag / f"trainer-rank{self.env.rank}.pt"
-        if not rank_file.exists():
-            raise UserError(f"{rank_file}: missing; checkpoint {tag} was written by a run of another world size "
-                            "(exact resume needs the same number of ranks)")
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
-        state = client["trainer"]
-        if state["world_size"] != self.env.world_size:
-            raise UserError(f"{self.ckpt_dir / tag}: saved with {state['world_size']} ranks, now {self.env.world_size}")
-        self.warn_config_changes(state["config"])
-        self.load_state_dict(state)
-        rank_state = torch.load(rank_file, weights_only=False)
-        with torch.no_grad():
-            for buffer, own in zip(dist.norm_statistics(self.engine.module), rank_state.get("norm_statistics", [])):
-                buffer.copy_(own)
-        self.train_loader.load_state_dict(rank_state["loader"])
-        self.log_window = dict(rank_state.get("log_window", self.log_window))
-        _set_rng_state(rank_state["rng"])
-        self.history = self.read_history()
-        log.info("resumed from %s: step %d, epoch %d, batch %d", tag, self.step, self.train_loader.epoch,
+            raise UserError(f"{self.checkpoints.dir}: holds checkpoint {latest}; use a new run.out_dir or "
+                            "run.resume=auto")
+        resumed = self.checkpoints.resume(self.engine, config_dict(self.config))
+        self.load_state_dict(resumed.trainer_state)
+        self.train_loader.load_state_dict(resumed.rank_state["loader"])
+        self.log_window = dict(resumed.rank_state.get("log_window", self.log_window))
+        _set_rng_state(resumed.rank_state["rng"])
+        self.metrics.resume_at(self.step)
+        log.info("resumed from %s: step %d, epoch %d, batch %d", resumed.tag, self.step, self.train_loader.epoch,
                  self.train_loader.step)
-
-    def warn_config_changes(self, saved: dict[str, Any]) -> None:
-        now = config_dict(self.config)
-
-        def diff(a: Any, b: Any, prefix: str) -> Iterator[str]:
-            if isinstance(a, dict) and isinstance(b, dict):
-                for key in a.keys() | b.keys():
-                    yield from diff(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-            elif a != b:
-                yield prefix
-
-        changed = sorted(diff(saved, now, ""))
-        if changed:
-            log.warning("config differs from the checkpoint's in: %s", ", ".join(changed))
-
-    def read_history(self) -> list[dict[str, Any]]:
-        """metrics.jsonl up to the resumed step (records written after the checkpoint are dropped)."""
-        path = self.out_dir / "metrics.jsonl"
-        records = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by the kill
-                    continue
-                if record["step"] <= self.step:
-                    records.append(record)
-        dist.barrier()
-        if self.env.is_main:
-            with atomic_open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-        return records

@@ -239,6 +239,49 @@ def test_shards_verify_missing_folder(tmp_path):
     assert_user_error(done, "no manifest")
 
 
+# --------------------------------------------------------------------------- shard options
+
+
+SHARD_COMMANDS = [["shards", "build"], ["submit", "shards"]]
+
+
+@pytest.mark.parametrize("command", SHARD_COMMANDS, ids=" ".join)
+def test_shard_commands_default_to_shard_options_defaults(command):
+    from promoter_dist.cli import build_parser, shard_options_from_args
+    from promoter_dist.data.dream import ReadOptions
+    from promoter_dist.data.shards import ShardOptions
+
+    args = build_parser().parse_args([*command, "train.txt"])
+    assert shard_options_from_args(args) == ShardOptions()
+    assert (args.labels, args.strict, args.max_length, args.max_bad_fraction) == (
+        ReadOptions.labels, ReadOptions.strict, ReadOptions.max_length, ReadOptions.max_bad_fraction)
+
+
+@pytest.mark.parametrize("command", SHARD_COMMANDS, ids=" ".join)
+def test_shard_commands_show_the_defaults_in_help(command):
+    done = run_cli(*command, "--help")
+    assert done.returncode == 0, output(done)
+    help_text = " ".join(done.stdout.split())  # argparse wraps lines where the terminal ends
+    for shown in ["hash (default: 90/10)", "split hash (default: 1)", "sample (default: 1024)",
+                  "tar file (default: 32)", "pretraining (default: 0.2)", "(default: required)", "bp (default: 300)",
+                  "bad rows (default: 0.05)"]:
+        assert shown in help_text, (shown, done.stdout)
+
+
+@pytest.mark.parametrize("command", SHARD_COMMANDS, ids=" ".join)
+@pytest.mark.parametrize(
+    "splits, message",
+    [("train=0.5", "splits: fractions must sum to 1, got 0.5"),
+     ("train", "--splits: expected name=fraction pairs like train=0.9,val=0.1, got 'train'")],
+)
+def test_shard_commands_refuse_bad_splits_before_any_work(tmp_path, command, splits, message):
+    path = write(tmp_path, "ok.txt", good_rows(3))
+    out = tmp_path / "shards"
+    done = run_cli(*command, path, "--out", out, "--splits", splits, cwd=tmp_path)
+    assert_user_error(done, message)
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- help
 
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
 from promoter_dist.config import TrainConfig, config_dict, dump_yaml, load_config, parse_override, to_deepspeed
-from promoter_dist.errors import UserError
+from promoter_dist.data.loader import LoaderConfig, View
+from promoter_dist.data.shards import VIEWS
+from promoter_dist.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "configs").rglob("*.yml"))
 
 
 def error_of(*overrides: str, path: Path | None = None) -> str:
-    with pytest.raises(UserError) as caught:
+    with pytest.raises(ConfigError) as caught:  # one error type for every config problem, a UserError
         load_config(path, list(overrides))
     message = str(caught.value)
     assert "\n" not in message, message  # one line for the user
@@ -169,6 +172,66 @@ def test_wrong_type_names_the_key(override, key):
 def test_bad_value_names_the_key(override, key):
     message = error_of(override)
     assert key in message, message
+
+
+# Settings typed Literal[...]: the coercer checks them against the type, the message names key and choices.
+CHOICES = [
+    ("run", "resume", "sometimes", ["auto", "never"]),
+    ("data", "view", "short", ["", "all", "nad", "top"]),
+    ("data", "kmer_frame", 3, [0, 1, 2]),
+    ("model", "name", "cnn", ["nad", "bert"]),
+    ("task", "name", "ranking", ["regression", "mlm"]),
+    ("task", "loss", "l1", ["smooth_l1", "mse"]),
+    ("task", "label_map", "log", ["nad", "none"]),
+    ("optim", "name", "sgd", ["adamw", "adam"]),
+    ("schedule", "name", "step", ["linear", "cosine", "constant", "plateau"]),
+    ("engine", "zero_stage", 4, [0, 1, 2, 3]),
+    ("engine", "precision", "fp8", ["fp32", "bf16", "fp16"]),
+    ("engine", "nonfinite", "ignore", ["stop", "skip"]),
+    ("engine", "offload_optimizer", "nvme", ["none", "cpu"]),
+]
+
+
+def assert_names_key_and_choices(message: str, key: str, bad, choices: list) -> None:
+    assert f"{key} must be one of {choices}, not {bad!r}" in message, message
+
+
+@pytest.mark.parametrize("section, name, bad, choices", CHOICES, ids=lambda v: str(v))
+def test_a_choice_override_outside_its_type_names_key_and_choices(section, name, bad, choices):
+    assert_names_key_and_choices(error_of(f"{section}.{name}={bad}"), f"{section}.{name}", bad, choices)
+
+
+@pytest.mark.parametrize("section, name, bad, choices", CHOICES, ids=lambda v: str(v))
+def test_a_choice_in_a_file_outside_its_type_names_file_key_and_choices(tmp_path, section, name, bad, choices):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{section}:\n  {name}: {bad}\n")
+    message = error_of(path=path)
+    assert message.startswith(f"{path}: "), message
+    assert_names_key_and_choices(message, f"{section}.{name}", bad, choices)
+
+
+@pytest.mark.parametrize("override, bad", [
+    ("engine.zero_stage=true", True),  # True == 1, but a bool is no ZeRO stage
+    ("engine.zero_stage=2.0", 2.0),
+    ("data.kmer_frame='1'", "1"),
+    ("engine.precision=null", None),
+])
+def test_a_choice_must_match_in_type_too(override, bad):
+    key = override.split("=")[0]
+    message = error_of(override)
+    assert f"{key} must be one of" in message and message.endswith(f"not {bad!r}"), message
+
+
+def test_every_allowed_choice_loads():
+    for section, name, _, choices in CHOICES:
+        for choice in choices:
+            overrides = [f"{section}.{name}={choice!r}" if isinstance(choice, str) else f"{section}.{name}={choice}"]
+            if (section, name, choice) in {("data", "view", "all"), ("data", "view", "top"), ("model", "name", "bert"),
+                                           ("task", "name", "mlm"), ("engine", "precision", "fp16")}:
+                overrides.append("model.name=bert")  # NAD reads only its own view, fp32 or bf16
+            if (section, name, choice) == ("engine", "offload_optimizer", "cpu"):
+                overrides.append("engine.zero_stage=1")
+            assert getattr(getattr(load_config(overrides=overrides), section), name) == choice
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -340,3 +403,62 @@ def test_to_deepspeed_monitors_write_under_the_run_folder(tmp_path, monkeypatch)
 def test_to_deepspeed_offload():
     ds = to_deepspeed(load_config(overrides=["engine.offload_optimizer=cpu", "engine.zero_stage=2"]), 1)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+# --------------------------------------------------------------------------- the loader's settings
+
+
+def test_loader_config_for_training_and_evaluation_follows_the_run():
+    config = load_config(overrides=["model.name=bert", "data.batch_size=12", "data.eval_batch_size=5",
+                                    "data.shuffle_buffer=300", "data.num_workers=2", "data.kmer_frame=1",
+                                    "data.kmer_all_frames=true", "run.seed=7"])
+    train = config.loader_config("train", training=True)
+    assert train == LoaderConfig(split="train", view="all", tokens="kmer", batch_size=12, shuffle=True,
+                                 shuffle_buffer=300, drop_last=True, seed=7, num_workers=2, kmer_frame=1,
+                                 kmer_all_frames=True)
+    val = config.loader_config("val", training=False)  # every row once, in order, in this process
+    assert val == dataclasses.replace(train, split="val", batch_size=5, shuffle=False, drop_last=False, num_workers=0)
+
+
+def test_loader_config_takes_the_models_view_and_tokens_and_the_training_batch_for_evaluation():
+    nad = load_config().loader_config("val", training=False)
+    assert (nad.view, nad.tokens, nad.batch_size, nad.kmer_frame) == ("nad", "nad", 64, 0)
+    mlm = load_config(overrides=["model.name=bert", "task.name=mlm"]).loader_config("train", training=True)
+    assert (mlm.view, mlm.tokens) == ("top", "kmer")
+    chosen = load_config(overrides=["model.name=bert", "data.view=nad"]).loader_config("train", training=True)
+    assert chosen.view == "nad"
+
+
+def test_the_loaders_view_type_is_the_shards_views():
+    assert set(typing.get_args(View)) == set(VIEWS)
+
+
+@pytest.mark.parametrize("settings, key, bad, choices", [
+    ({"view": "short"}, "loader.view", "short", ["all", "nad", "top"]),
+    ({"tokens": "chars"}, "loader.tokens", "chars", ["nad", "kmer", "bases"]),
+    ({"tokens": "kmer", "kmer_frame": 3}, "loader.kmer_frame", 3, [0, 1, 2]),
+    ({"tokens": "kmer", "kmer_frame": True}, "loader.kmer_frame", True, [0, 1, 2]),
+])
+def test_a_loader_config_built_in_code_checks_its_choices_from_the_same_types(settings, key, bad, choices):
+    with pytest.raises(ConfigError) as caught:
+        LoaderConfig(**settings)
+    assert_names_key_and_choices(str(caught.value), key, bad, choices)
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"batch_size": 0}, "loader.batch_size"),
+    ({"shuffle_buffer": 0}, "loader.shuffle_buffer"),
+    ({"chunk_blocks": 0}, "loader.chunk_blocks"),
+    ({"num_workers": -1}, "loader.num_workers"),
+    ({"tokens": "nad", "view": "all"}, "loader.view='nad'"),
+])
+def test_a_loader_config_built_in_code_names_loader_keys(settings, key):
+    with pytest.raises(ConfigError) as caught:
+        LoaderConfig(**settings)
+    assert key in str(caught.value), caught.value
+
+
+def test_a_run_configs_loader_errors_name_the_data_keys():
+    assert error_of("data.batch_size=0").startswith("data.batch_size must be >= 1")
+    assert error_of("data.shuffle_buffer=0").startswith("data.shuffle_buffer must be >= 1")
+    assert error_of("data.num_workers=-1").startswith("data.num_workers must be >= 0")

@@ -8,6 +8,7 @@ NaN are never written into a checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,13 +32,14 @@ def env():
     import deepspeed.comm as ds_comm
 
     from promoter_dist import distributed as dist
+    from promoter_dist.launch.environment import from_launcher
 
     saved, threads = dict(os.environ), torch.get_num_threads()
     for key in LAUNCHER_KEYS:
         os.environ.pop(key, None)
     started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
-        resolved = dist.resolve_environment()
+        resolved = from_launcher()
         assert (resolved.rank, resolved.world_size) == (0, 1)
         dist.init_distributed(resolved)
         yield resolved
@@ -108,7 +110,7 @@ def tag_dirs(out: Path) -> set[str]:
 
 
 def test_stop_raises_naming_the_step_and_keeps_the_checkpoint_before(env, small_shards, tmp_path):
-    from promoter_dist.checkpoints import fp32_state_dict
+    from promoter_dist.checkpointing import fp32_state_dict
 
     out = tmp_path / "run"
     trainer = make_trainer(env, tiny_config(small_shards, out, "engine.nonfinite=stop"))
@@ -144,7 +146,7 @@ def skipped_run(env, small_shards, tmp_path_factory):
 
 
 def test_skip_leaves_the_weights_of_the_skipped_step_and_trains_on(skipped_run):
-    from promoter_dist.checkpoints import fp32_state_dict
+    from promoter_dist.checkpointing import fp32_state_dict
 
     trainer, result, out = skipped_run
     assert result["steps"] == 6 and result["skipped_steps"] == 1
@@ -207,3 +209,37 @@ def test_nan_weights_are_never_checkpointed(skipped_run):
     assert latest.read_text() == latest_before
     assert (best.read_text() if best.exists() else None) == best_before
     assert tag_dirs(out) == dirs_before
+
+
+# --------------------------------------------------------------------------- stop requests
+
+
+def test_a_stop_request_checkpoints_the_step_in_progress_and_the_rerun_continues(env, small_shards, tmp_path):
+    """A request set during step 2 (as a signal handler would) stops after step 2 with its checkpoint;
+    the same config run again resumes there and finishes; the best record is the trainer's own."""
+    from promoter_dist.checkpointing import read_best_record
+    from promoter_dist.stopping import StopRequest
+    from promoter_dist.trainer import Trainer
+
+    out = tmp_path / "run"
+    config = tiny_config(small_shards, out, "run.checkpoint_every=0", "run.eval_every=3")
+    stop = StopRequest()
+
+    class SignalledTrainer(Trainer):
+        def train_step(self, micro_batches):
+            if self.step == 1:
+                stop.request()
+            return super().train_step(micro_batches)
+
+    first = SignalledTrainer(config, env, stop).train()
+    assert first["stopped_at_step"] == 2 and first["steps"] == 2 and first["last"] is None
+    assert stop.signal_name == "request"
+    assert (out / "checkpoints" / "latest").read_text() == "step00000002"
+
+    second = Trainer(config, env).train()  # no request object: never checks
+    assert second["stopped_at_step"] is None and second["steps"] == 6
+    assert second["last"]["step"] == 6
+    assert read_best_record(out) == second["best"]
+    assert second["best"]["pearson"] == max(r["pearson"] for r in
+                                            (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+                                            if r["kind"] == "val")

@@ -4,7 +4,8 @@ Every stage encodes bases the same way: A=0 C=1 G=2 T=3 N=4, with PAD=5 filling
 rows shorter than their block's width. Lower case folds to upper case; any other
 byte maps to INVALID so a reader can name it.
 
-Facts (../shared/reference/models.md; de Boer lab plasmid.json): the training
+Facts (Rafi et al., Nature Biotechnology 2024, doi:10.1038/s41587-024-02414-w; the de Boer
+lab's data/plasmid.json, GitHub de-Boer-Lab/random-promoter-dream-challenge-2022): the training
 rows carry a 17-bp 5' adapter and a 13-bp 3' adapter around a nominally 80-bp
 random region, and the vector's 150 bp either side of the insert end/start with
 those adapters.

@@ -1,6 +1,7 @@
 """GloVe vectors for Team NAD's 5-mer words: counting, fitting, saving, loading.
 
-Recipe (../shared/reference/models.md, NAD section): each row of 80 word ids
+Recipe (Team NAD's DREAM 2022 report and code, GitHub
+de-Boer-Lab/random-promoter-dream-challenge-2022): each row of 80 word ids
 (:mod:`promoter_dist.data.nad_words`) is one sentence; co-occurrences are counted
 with a window of 10 words of LEFT context only (GloVe's ``-symmetric 0``), each pair
 weighted 1/distance; words seen fewer than ``min_count`` times are dropped; the
@@ -68,6 +69,7 @@ from ..io import atomic_open, write_json_atomic
 from .nad_words import NUM_WORDS, VOCABULARY, word_id
 
 if TYPE_CHECKING:  # gensim and torch are imported where used: counting needs neither.
+    import torch
     from gensim.models import KeyedVectors
 
 KV_FILE = "vectors.kv"
@@ -664,3 +666,29 @@ def train_glove(
     }
     write_json_atomic(out / INFO_FILE, info)
     return info
+
+
+def load_embedding_tensor(path: str | os.PathLike) -> torch.Tensor:
+    """The (1024, dim) float32 embedding table of a vector file as a tensor, in word-id order.
+
+    Reads any format :func:`load_vectors` reads (NAD's ``vectors.txt`` included); every
+    5-mer must have a vector (else :class:`UserError`, see :func:`embedding_matrix`).
+    """
+    import torch
+
+    return torch.from_numpy(embedding_matrix(load_vectors(path)))
+
+
+def nad_word_batches(
+    shard_dir: str | os.PathLike, split: str = "train", batch_size: int = 65536
+) -> Iterable[np.ndarray]:
+    """Word arrays (n, 80) int16 of every NAD-eligible row of a shard split, once each, in shard order.
+
+    The sentences :func:`train_glove` counts, read by the shard loader.
+    """
+    from .loader import LoaderConfig, ShardLoader  # the loader needs torch; counting does not
+
+    config = LoaderConfig(split=split, view="nad", tokens="nad", batch_size=batch_size, shuffle=False, drop_last=False)
+    loader = ShardLoader(shard_dir, config, rank=0, world_size=1)
+    for batch in loader:
+        yield batch["words"].numpy().astype("int16")

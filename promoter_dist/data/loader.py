@@ -1,29 +1,36 @@
 """Streaming loader: block shards -> model-ready batches, equal steps on every rank.
 
-The pipeline is a chain of small generator stages (composed with
-``webdataset.DataPipeline``); each consumer (one DataLoader worker of one rank) runs
-it over its own share of the data:
+The caller says which rank this is and how many there are (``ShardLoader(shard_dir,
+config, rank, world_size)``); the loader reads no environment. The pipeline is a chain
+of small generator stages (composed with ``webdataset.DataPipeline``); each consumer
+(one DataLoader worker of one rank) runs it over its own share of the data:
 
     units of `chunk_blocks` consecutive blocks, permuted per epoch (same on every rank)
     -> split over ranks, then over workers  (explicit: balanced_split by row count)
-    -> read_units     (one seek + read per unit; tar parsed by webdataset)
-    -> select_view    (all rows / NAD-eligible / top-expression subset)
-    -> shuffle_rows   (a vectorised shuffle buffer of `shuffle_buffer` rows)
-    -> batch_rows     (exactly this worker's quota of full batches)
+    -> read_units     (one seek + read per unit; tar parsed by shards.read_block_range)
+    -> select_view    (all rows / NAD-eligible / top-expression subset, padded to one width)
+    -> shuffle_rows   (a vectorised shuffle buffer of `shuffle_buffer` rows; off without shuffle)
+    -> batch_rows     (exactly this worker's quota of batches)
     -> to_model_inputs (NAD words, 3-mer BERT ids or raw codes, as torch tensors)
 
-Equal steps: the number of batches per epoch is computed from the manifest's row
-counts alone, identically on every rank, as the largest count that every worker of
-every rank can fill; no rank ever waits on another that ran dry. Rows beyond it
-(at most about one block per worker plus a batch) are skipped for that epoch only:
-the next epoch permutes differently.
+Units come from the manifest's block index (``shards.BlockIndex``): its row count
+of the view, byte offset and size; webdataset only chains the stages.
 
-Determinism and exact resume: everything is a function of (seed, epoch, rank,
-world size, workers). Worker w yields batches w, w+W, w+2W, ... of its rank's
-sequence (quotas never increase with w, so torch's in-order round robin delivers
-exactly that order). ``state_dict()`` is (epoch, batches consumed); a resumed loader
-replays each worker's stream up to its position without building tensors, and
-rotates worker roles so the next batch is the one that would have come next.
+Equal steps (``drop_last``, training): the number of batches per epoch is computed
+from the manifest's row counts alone, identically on every rank, as the largest count
+that every worker of every rank can fill; no rank ever waits on another that ran dry.
+Rows beyond it (at most about one block per worker plus a batch) are skipped for that
+epoch only: the next epoch permutes differently. Without ``drop_last`` (evaluation)
+every row comes once, each worker's last batch may be partial and ranks may differ
+by a few batches.
+
+Determinism and exact resume: everything is a function of the shards, the config,
+epoch, rank and world size. With ``drop_last``, worker w yields batches w, w+W,
+w+2W, ... of its rank's sequence (quotas never increase with w, so torch's in-order
+round robin delivers exactly that order). ``state_dict()`` is (epoch, batches
+consumed); a resumed loader replays each worker's stream up to its position without
+building tensors, and rotates worker roles so the next batch is the one that would
+have come next.
 """
 
 from __future__ import annotations
@@ -31,19 +38,24 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import UserError
+from ..choices import check_choice_fields
+from ..errors import ConfigError, UserError
 from .alphabet import NOMINAL_LENGTH
 from .nad_words import words_from_codes
-from .shards import VIEWS, load_manifest, padded_codes, read_block_range
+from .shards import MANIFEST, VIEWS, load_manifest, padded_codes, read_block_range, shard_blocks
 
-TOKENS = ("nad", "kmer", "bases")
-_VIEW_COLUMN = {"all": 2, "nad": 3, "top": 4}  # column of the manifest's per-block index
+View = Literal["all", "nad", "top"]
+"""Row subsets a loader streams: the keys of ``shards.VIEWS``."""
+Tokens = Literal["nad", "kmer", "bases"]
+"""Model inputs a loader makes: NAD 5-mer word ids, 3-mer BERT ids or base codes."""
+KmerFrame = Literal[0, 1, 2]
+"""Reading frame of the 3-mer tokens."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +64,9 @@ class LoaderConfig:
 
     split: str = "train"
     """Split folder entry in the manifest (train / val / test)."""
-    view: str = "all"
+    view: View = "all"
     """Row subset: 'all', 'nad' (110 bp, no N) or 'top' (top-expression subset)."""
-    tokens: str = "bases"
+    tokens: Tokens = "bases"
     """Model inputs: 'nad' (5-mer word ids), 'kmer' (3-mer BERT ids) or 'bases' (codes)."""
     batch_size: int = 256
     """Rows per batch on each rank."""
@@ -70,34 +82,21 @@ class LoaderConfig:
     """Seed of the permutation and the shuffle buffer."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0: stream in the training process)."""
-    kmer_frame: int = 0
+    kmer_frame: KmerFrame = 0
     """Reading frame of the 3-mer tokens."""
     kmer_all_frames: bool = False
     """3-mer tokens in all three frames: input_ids and attention_mask (B, 3, T) instead of (B, T)."""
 
     def __post_init__(self) -> None:
-        if self.view not in VIEWS:
-            raise UserError(f"loader.view: {self.view!r} is not one of {sorted(VIEWS)}")
-        if self.tokens not in TOKENS:
-            raise UserError(f"loader.tokens: {self.tokens!r} is not one of {list(TOKENS)}")
+        # Built in code, not through the config coercer: the choices are checked here, from the types.
+        check_choice_fields(self, "loader")
         if self.tokens == "nad" and self.view != "nad":
-            raise UserError("loader.tokens='nad' needs loader.view='nad' (NAD words exist only for 110-bp rows without N)")
+            raise ConfigError("loader.tokens='nad' needs loader.view='nad' (NAD words exist only for 110-bp rows without N)")
         for key in ("batch_size", "shuffle_buffer", "chunk_blocks"):
             if getattr(self, key) < 1:
-                raise UserError(f"loader.{key} must be >= 1, not {getattr(self, key)}")
+                raise ConfigError(f"loader.{key} must be >= 1, not {getattr(self, key)}")
         if self.num_workers < 0:
-            raise UserError(f"loader.num_workers must be >= 0, not {self.num_workers}")
-
-
-def world_from_env() -> tuple[int, int]:
-    """(rank, world size) from RANK / WORLD_SIZE, defaulting to a single process."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise UserError("RANK and WORLD_SIZE must be integers") from None
-    if not 0 <= rank < world:
-        raise UserError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, world
+            raise ConfigError(f"loader.num_workers must be >= 0, not {self.num_workers}")
 
 
 # --------------------------------------------------------------------------- planning
@@ -117,15 +116,14 @@ def epoch_units(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int
     """All units of the split, permuted for ``epoch`` when shuffling (same on every rank)."""
     if config.split not in manifest["splits"]:
         raise UserError(f"split {config.split!r} not in the shards (have: {', '.join(manifest['splits'])})")
-    column = _VIEW_COLUMN[config.view]
     units = []
     for shard in manifest["splits"][config.split]["shards"]:
-        blocks = shard["blocks"]
+        blocks = shard_blocks(shard, Path(shard_dir) / MANIFEST)
         for i in range(0, len(blocks), config.chunk_blocks):
             run = blocks[i : i + config.chunk_blocks]
-            rows = sum(b[column] for b in run)
+            rows = sum(b.rows_in_view(config.view) for b in run)
             if rows:
-                units.append(Unit(str(Path(shard_dir) / shard["file"]), run[0][0], sum(b[1] for b in run), rows))
+                units.append(Unit(str(Path(shard_dir) / shard["file"]), run[0].offset, sum(b.nbytes for b in run), rows))
     if config.shuffle:
         order = np.random.default_rng([config.seed, epoch, 0x5EED]).permutation(len(units))
         units = [units[i] for i in order]
@@ -359,18 +357,18 @@ class _RankStream(IterableDataset):
 
 
 class ShardLoader:
-    """Iterable over model-ready batches of one split, for this rank, epoch after epoch.
+    """Iterable over model-ready batches of one split, for rank ``rank`` of ``world_size``, epoch after epoch.
 
     ``for batch in loader`` runs the current epoch from its current position and then
     advances to the next epoch. ``state_dict()`` after any batch and
     ``load_state_dict()`` on a fresh loader continue exactly from that batch.
     """
 
-    def __init__(self, shard_dir: str | os.PathLike, config: LoaderConfig = LoaderConfig(),
-                 rank: int | None = None, world_size: int | None = None):
-        env_rank, env_world = world_from_env()
-        self.rank = env_rank if rank is None else rank
-        self.world_size = env_world if world_size is None else world_size
+    def __init__(self, shard_dir: str | os.PathLike, config: LoaderConfig, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise UserError(f"loader: rank {rank} is not in [0, world_size={world_size})")
+        self.rank = rank
+        self.world_size = world_size
         self.shard_dir = str(shard_dir)
         self.config = config
         self.manifest = load_manifest(shard_dir)

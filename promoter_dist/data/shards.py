@@ -1,4 +1,4 @@
-"""Tokenized WebDataset shards: build, read back, verify.
+"""Block shards (WebDataset-compatible tar files of base codes): build, read back, verify.
 
 A shard is a plain POSIX tar. Each WebDataset sample in it is a BLOCK of up to
 ``rows_per_block`` rows, stored column-wise as ``.npy`` members (one tar member per
@@ -28,6 +28,15 @@ keep file order. The build is deterministic to the byte: tar headers carry fixed
 owner, mode and mtime 0. Every file is written to a temporary name and renamed;
 ``build-state.jsonl`` logs finished shards (one appended line each), so a killed
 build resumes and ends byte-identical to an uninterrupted one. ``manifest.json`` is written last.
+
+Writing uses python's ``tarfile`` (USTAR). Reading back does not: ``read_block_range``
+seeks to a block's offset from the manifest, parses the USTAR headers itself
+(:func:`iter_tar_members`) and maps each ``.npy`` body without copying
+(:func:`_load_npy`). Stock ``webdataset`` and ``tar`` read the shards too.
+
+The manifest lists, per shard, where each block lies and how many rows of each view it
+holds: one :class:`BlockIndex` per block, stored in JSON as the list
+``[offset, nbytes, rows, rows_nad, rows_top, max_length]`` (:data:`BLOCK_INDEX_FIELDS`).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import os
 import re
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -72,6 +81,65 @@ SCHEMA = {
     "line.npy": "uint32, 1-based line of the row in the source file",
     "flags.npy": "uint8, bit0 integer label (singleton), bit1 NAD-eligible (110 bp, no N), bit2 top-expression subset",
 }
+
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    """Where one block lies in its shard and how many rows of each view it holds.
+
+    The manifest stores it as the JSON list of its fields in this order
+    (:meth:`to_list`, :data:`BLOCK_INDEX_FIELDS`); the writer (:func:`encode_shard`)
+    and every reader go through this class, never through list positions.
+    """
+
+    offset: int
+    """Byte offset of the block's first tar header in the shard."""
+    nbytes: int
+    """Bytes of the block's tar members (headers and padded bodies)."""
+    rows: int
+    """Rows in the block (view 'all')."""
+    rows_nad: int
+    """Rows with the NAD-eligible flag (view 'nad')."""
+    rows_top: int
+    """Rows in the top-expression subset (view 'top')."""
+    max_length: int
+    """Longest row of the block (bp)."""
+
+    def to_list(self) -> list[int]:
+        """The manifest's JSON form: the fields in declaration order."""
+        return [getattr(self, name) for name in BLOCK_INDEX_FIELDS]
+
+    @classmethod
+    def from_list(cls, entry: object, manifest: str | os.PathLike, shard: str, block: int) -> BlockIndex:
+        """Parse one manifest entry; UserError naming the manifest file, shard and block if malformed."""
+        if (not isinstance(entry, list) or len(entry) != len(BLOCK_INDEX_FIELDS)
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry)):
+            raise UserError(
+                f"{manifest}: shard {shard} block {block}: malformed block index {entry!r}; expected "
+                f"[{', '.join(BLOCK_INDEX_FIELDS)}] as {len(BLOCK_INDEX_FIELDS)} integers"
+            )
+        return cls(*entry)
+
+    def rows_in_view(self, view: str) -> int:
+        """Rows of ``view`` (a key of :data:`VIEWS`) in the block."""
+        if view == "all":
+            return self.rows
+        if view == "nad":
+            return self.rows_nad
+        if view == "top":
+            return self.rows_top
+        raise ValueError(f"unknown view {view!r}; expected one of {sorted(VIEWS)}")
+
+
+BLOCK_INDEX_FIELDS = tuple(f.name for f in fields(BlockIndex))
+"""Field order of a manifest block entry: offset, nbytes, rows, rows_nad, rows_top, max_length."""
+
+
+def shard_blocks(shard: dict, manifest: str | os.PathLike) -> list[BlockIndex]:
+    """The checked block index of one shard entry of the manifest at ``manifest``."""
+    return [BlockIndex.from_list(entry, manifest, shard["name"], i) for i, entry in enumerate(shard["blocks"])]
+
 
 TOKENIZERS = {
     "bases": {"alphabet": {b: i for i, b in enumerate(BASES)} | {"PAD": PAD}, "stored": True},
@@ -180,10 +248,10 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def encode_shard(name: str, blocks: list[dict[str, np.ndarray]]) -> tuple[bytes, list[list[int]]]:
-    """Tar bytes of one shard and, per block, [offset, nbytes, rows, rows_nad, rows_top, max_length]."""
+def encode_shard(name: str, blocks: list[dict[str, np.ndarray]]) -> tuple[bytes, list[BlockIndex]]:
+    """Tar bytes of one shard and the index of each of its blocks."""
     buf = io.BytesIO()
-    index: list[list[int]] = []
+    index: list[BlockIndex] = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for b, block in enumerate(blocks):
             start = tar.offset
@@ -191,10 +259,14 @@ def encode_shard(name: str, blocks: list[dict[str, np.ndarray]]) -> tuple[bytes,
             for member in MEMBERS:
                 _add_member(tar, f"{key}.{member}.npy", _npy_bytes(block[member]))
             flags = block["flags"]
-            index.append([
-                start, tar.offset - start, len(flags), int((flags & FLAG_NAD > 0).sum()),
-                int((flags & FLAG_TOP > 0).sum()), int(block["len"].max(initial=0)),
-            ])
+            index.append(BlockIndex(
+                offset=start,
+                nbytes=tar.offset - start,
+                rows=len(flags),
+                rows_nad=int((flags & FLAG_NAD > 0).sum()),
+                rows_top=int((flags & FLAG_TOP > 0).sum()),
+                max_length=int(block["len"].max(initial=0)),
+            ))
     return buf.getvalue(), index
 
 
@@ -229,7 +301,7 @@ def _write_shard_task(task: tuple[str, str, np.ndarray]) -> dict:
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
         "rows": int(len(idx)),
-        "blocks": index,
+        "blocks": [b.to_list() for b in index],
     }
 
 
@@ -295,11 +367,15 @@ def _log_shard(path: Path, entry: dict) -> None:
 
 
 def _reusable(out_dir: Path, state: dict, name: str) -> dict | None:
-    """A finished shard from an interrupted build, if its bytes are still intact."""
+    """A finished shard from an interrupted build, if its log entry is well formed and its bytes intact."""
     entry = state.get("shards", {}).get(name)
     path = out_dir / f"{name}.tar"
     if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"]:
         return None
+    try:
+        shard_blocks(entry, out_dir / BUILD_STATE)
+    except UserError:
+        return None  # a damaged log line: the shard is simply written again
     return entry if sha256_file(path) == entry["sha256"] else None
 
 
@@ -411,14 +487,16 @@ def _write_rejected(path: Path, report: ReadReport) -> None:
 
 
 def _manifest(source, source_sha, fingerprint, report, options, threshold, flags, plan, results) -> dict:
+    # Entries were written by encode_shard or checked by _reusable: well formed.
+    blocks = {name: shard_blocks(entry, MANIFEST) for name, entry in results.items()}
     splits = {}
     for split, _ in options.splits:
-        shards = [results[name] for name, _ in plan if name.startswith(f"{split}-")]
+        names = [name for name, _ in plan if name.startswith(f"{split}-")]
         splits[split] = {
-            "rows": sum(s["rows"] for s in shards),
-            "rows_nad": sum(b[3] for s in shards for b in s["blocks"]),
-            "rows_top": sum(b[4] for s in shards for b in s["blocks"]),
-            "shards": shards,
+            "rows": sum(results[name]["rows"] for name in names),
+            "rows_nad": sum(b.rows_nad for name in names for b in blocks[name]),
+            "rows_top": sum(b.rows_top for name in names for b in blocks[name]),
+            "shards": [results[name] for name in names],
         }
     return {
         "format": FORMAT,
@@ -439,7 +517,7 @@ def _manifest(source, source_sha, fingerprint, report, options, threshold, flags
             "rows_nad": int((flags & FLAG_NAD > 0).sum()),
         },
         "rows": int(len(flags)),
-        "max_row_length": int(max((max(b[5] for b in s["blocks"]) for s in results.values()), default=0)),
+        "max_row_length": int(max((b.max_length for index in blocks.values() for b in index), default=0)),
         "splits": splits,
     }
 
@@ -510,7 +588,8 @@ def read_block_range(path: str | os.PathLike, offset: int, nbytes: int) -> Itera
     """Decode the blocks stored in ``nbytes`` bytes of a shard starting at ``offset``.
 
     Any block boundary is a valid tar start, so one seek and one read fetch a run of
-    consecutive blocks.
+    consecutive blocks. The tar is parsed by :func:`iter_tar_members` (not ``tarfile``
+    nor webdataset) and each ``.npy`` member by :func:`_load_npy`.
     """
     with open(path, "rb") as handle:
         handle.seek(offset)
@@ -560,6 +639,7 @@ def verify_shards(shard_dir: str | os.PathLike, deep: bool = True) -> VerifyResu
     manifest = load_manifest(shard_dir)
     problems: list[str] = []
     shards_checked = rows_checked = 0
+    manifest_path = shard_dir / MANIFEST
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
             path = shard_dir / shard["file"]
@@ -576,12 +656,17 @@ def verify_shards(shard_dir: str | os.PathLike, deep: bool = True) -> VerifyResu
                 continue
             if deep:
                 try:
+                    index = shard_blocks(shard, manifest_path)
+                except UserError as exc:
+                    problems.append(str(exc))
+                    continue
+                try:
                     rows = 0
-                    for offset, nbytes, n_rows, *_ in shard["blocks"]:
-                        for block in read_block_range(path, offset, nbytes):
-                            if len(block["len"]) != n_rows or int(block["len"].sum()) != len(block["seq"]):
-                                raise ValueError(f"block at byte {offset} has inconsistent row counts")
-                            rows += n_rows
+                    for entry in index:
+                        for block in read_block_range(path, entry.offset, entry.nbytes):
+                            if len(block["len"]) != entry.rows or int(block["len"].sum()) != len(block["seq"]):
+                                raise ValueError(f"block at byte {entry.offset} has inconsistent row counts")
+                            rows += entry.rows
                     if rows != shard["rows"]:
                         raise ValueError(f"{rows} rows in blocks, manifest says {shard['rows']}")
                     rows_checked += rows

@@ -1,9 +1,11 @@
-"""The distributed environment of one task of a submitted job.
+"""Where a process sits in its job: one :class:`DistEnv`, whoever started the process.
 
 Training reads the usual ``torch.distributed`` variables (``RANK``, ``LOCAL_RANK``,
-``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), exactly as under
-the ``deepspeed`` launcher. Inside a submitted job nothing sets them: this module derives
-them from what the job system does set and exports them before the trainer starts.
+``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) with
+:func:`from_launcher`, exactly as the ``deepspeed`` launcher and ``torchrun`` export them;
+a plain ``python train.py`` finds none and runs as one process. Inside a submitted job
+nothing sets them: :func:`setup` derives them from what the job system does set and
+exports them before the trainer starts.
 
 =====================  ==================================  ==================================
 variable               SLURM task (``srun``)               submitit ``local`` executor
@@ -40,10 +42,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, MutableMapping
+
+from ..errors import UserError
 
 # Ports below Linux's ephemeral range (32768-60999), so an outgoing connection can never
 # already hold the port, and above the well-known/registered services usually running on
@@ -66,19 +71,34 @@ VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"
 
 
 @dataclass(frozen=True)
-class DistributedEnv:
-    """Where one task sits in its job, and how the tasks find each other."""
+class DistEnv:
+    """Where one process sits in its job, and how the processes find each other."""
 
     rank: int
+    """Global rank, 0 .. world_size - 1."""
     local_rank: int
+    """Rank among the processes of this node (the GPU index when each process sees the node's GPUs)."""
     world_size: int
+    """Processes in the job."""
     local_world_size: int
+    """Processes of the job on this node."""
     node_rank: int
+    """This node's index in the job."""
     num_nodes: int
+    """Nodes in the job."""
     master_addr: str
+    """Host of rank 0 (the rendezvous)."""
     master_port: int
-    job_id: str
-    source: str  # "slurm", "local" or "single": where the values came from
+    """TCP port of the rendezvous."""
+    job_id: str = ""
+    """The job system's id ('' under a plain launcher)."""
+    source: str = "launcher"
+    """Where the values came from: "launcher", "slurm", "local" or "single"."""
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints and writes shared files."""
+        return self.rank == 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -244,7 +264,7 @@ def _int(environ: Mapping[str, str], *names: str) -> int:
     raise KeyError(f"none of {', '.join(names)} is set")
 
 
-def from_slurm(environ: Mapping[str, str], expand: Callable[[str], list[str]] = expand_nodelist) -> DistributedEnv:
+def from_slurm(environ: Mapping[str, str], expand: Callable[[str], list[str]] = expand_nodelist) -> DistEnv:
     """The environment of one SLURM task (started by ``srun``), from its ``SLURM_*`` variables.
 
     ``expand`` turns the node list into hosts (:func:`expand_nodelist` by default, which
@@ -277,29 +297,27 @@ def from_slurm(environ: Mapping[str, str], expand: Callable[[str], list[str]] = 
     job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
     if not job_id:
         raise KeyError("SLURM_JOB_ID is not set")
-    return DistributedEnv(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
-                          node_rank=node, num_nodes=len(hosts),
-                          master_addr=environ.get(MASTER_ADDR_OVERRIDE) or hosts[0],
-                          master_port=master_port(job_id), job_id=job_id, source="slurm")
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
+                   node_rank=node, num_nodes=len(hosts), master_addr=environ.get(MASTER_ADDR_OVERRIDE) or hosts[0],
+                   master_port=master_port(job_id), job_id=job_id, source="slurm")
 
 
-def from_submitit_local(environ: Mapping[str, str]) -> DistributedEnv:
+def from_submitit_local(environ: Mapping[str, str]) -> DistEnv:
     """The environment of one task of submitit's ``local`` executor (all tasks on this machine)."""
     world = _int(environ, "SUBMITIT_LOCAL_NTASKS")
     job_id = environ.get("SUBMITIT_LOCAL_JOB_ID", "0")
-    return DistributedEnv(rank=_int(environ, "SUBMITIT_LOCAL_GLOBALID"),
-                          local_rank=_int(environ, "SUBMITIT_LOCAL_LOCALID"),
-                          world_size=world, local_world_size=world, node_rank=0, num_nodes=1,
-                          master_addr="127.0.0.1", master_port=master_port(job_id), job_id=job_id, source="local")
+    return DistEnv(rank=_int(environ, "SUBMITIT_LOCAL_GLOBALID"), local_rank=_int(environ, "SUBMITIT_LOCAL_LOCALID"),
+                   world_size=world, local_world_size=world, node_rank=0, num_nodes=1, master_addr="127.0.0.1",
+                   master_port=master_port(job_id), job_id=job_id, source="local")
 
 
-def single_process(job_id: str = "0") -> DistributedEnv:
+def single_process(job_id: str = "0") -> DistEnv:
     """One process alone: rank 0 of 1 on this machine."""
-    return DistributedEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0, num_nodes=1,
-                          master_addr="127.0.0.1", master_port=master_port(job_id), job_id=job_id, source="single")
+    return DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0, num_nodes=1,
+                   master_addr="127.0.0.1", master_port=master_port(job_id), job_id=job_id, source="single")
 
 
-def derive(environ: Mapping[str, str] | None = None, prefer_scontrol: bool = False) -> DistributedEnv:
+def derive(environ: Mapping[str, str] | None = None, prefer_scontrol: bool = False) -> DistEnv:
     """The environment of the current task, whichever executor started it.
 
     submitit's own marker decides first (a ``local`` job started inside a SLURM allocation
@@ -316,9 +334,67 @@ def derive(environ: Mapping[str, str] | None = None, prefer_scontrol: bool = Fal
     return single_process(environ.get("SUBMITIT_DEBUG_JOB_ID", "0"))
 
 
-def setup(environ: MutableMapping[str, str] | None = None, prefer_scontrol: bool = True) -> DistributedEnv:
+def setup(environ: MutableMapping[str, str] | None = None, prefer_scontrol: bool = True) -> DistEnv:
     """Derive this task's environment and export it; returns what was exported."""
     environ = os.environ if environ is None else environ
     dist = derive(environ, prefer_scontrol=prefer_scontrol)
     dist.export(environ)
     return dist
+
+
+# --------------------------------------------------------------------------- a launcher's variables
+
+LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What ``deepspeed``, ``torchrun`` and :func:`setup` export for every process."""
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def from_launcher(local_rank_arg: int | None = None, environ: MutableMapping[str, str] | None = None) -> DistEnv:
+    """This process's place from the launcher's variables, or one process alone when there are none.
+
+    A lone process gets the variables DeepSpeed needs written into ``environ`` (it would
+    otherwise try MPI discovery). ``local_rank_arg`` is the ``--local_rank`` the deepspeed
+    launcher passes. Bad or partial variables raise :class:`UserError`.
+    """
+    environ = os.environ if environ is None else environ
+    present = [k for k in LAUNCHER_KEYS if k in environ]
+    if not present:
+        environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank_arg or 0),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    elif "RANK" in environ and "WORLD_SIZE" in environ:
+        environ.setdefault("LOCAL_RANK", str(local_rank_arg if local_rank_arg is not None else 0))
+        environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in environ:
+            if int(environ["WORLD_SIZE"]) > 1:
+                raise UserError("MASTER_PORT is not set: a multi-process run needs MASTER_ADDR and MASTER_PORT")
+            environ["MASTER_PORT"] = str(free_port())
+    else:
+        missing = [k for k in ("RANK", "WORLD_SIZE") if k not in environ]
+        raise UserError(f"launcher environment is incomplete: {', '.join(present)} set but {', '.join(missing)} missing")
+    try:
+        rank, world = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+        local_rank, port = int(environ["LOCAL_RANK"]), int(environ["MASTER_PORT"])
+        # deepspeed exports LOCAL_SIZE, torchrun and setup() LOCAL_WORLD_SIZE.
+        local_world = next((int(environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if environ.get(k, "").isdigit()),
+                           None)
+    except ValueError as error:
+        raise UserError(f"launcher environment: {error}") from None
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    if not local_world:  # not exported: assume every rank on this node
+        local_world = world
+    num_nodes = -(-world // local_world)
+    node = int(environ["NODE_RANK"]) if environ.get("NODE_RANK", "").isdigit() else rank // local_world
+    try:
+        return DistEnv(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
+                       node_rank=node, num_nodes=num_nodes, master_addr=environ["MASTER_ADDR"],
+                       master_port=port, job_id=environ.get("SLURM_JOB_ID", ""), source="launcher")
+    except ValueError as error:
+        raise UserError(f"launcher environment: {error}") from None
+

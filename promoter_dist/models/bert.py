@@ -1,20 +1,24 @@
 """Team SYSU-SAIL's 3-mer BERT: masked-LM pretraining model and expression regressor.
 
 Both are stock Hugging Face modules (``BertForMaskedLM`` / ``BertForSequenceClassification``)
-over the 130-token vocabulary of :mod:`promoter_dist.data.kmer_tokenizer`, so an export
-reloads with ``AutoTokenizer`` / ``AutoModelForMaskedLM`` /
-``AutoModelForSequenceClassification`` and no code from this package. Nothing here
-knows about DeepSpeed: the trainer wraps the module.
+over a token vocabulary the task passes in (SYSU-SAIL's 130 3-mer tokens of
+:mod:`promoter_dist.data.kmer_tokenizer` by default), so an export reloads with
+``AutoTokenizer`` / ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification`` and
+no code from this package (the export with its tokenizer: :mod:`promoter_dist.tasks.bert_io`).
+Nothing here knows about DeepSpeed: the trainer wraps the module.
 
-Published architecture (team report; ``/work/shared/reference/models.md``)
+Published architecture (Team SYSU-SAIL's DREAM 2022 challenge report and published code,
+GitHub de-Boer-Lab/random-promoter-dream-challenge-2022, ``dream_submissions/``; the
+challenge: Rafi et al., Nature Biotechnology 2024, doi:10.1038/s41587-024-02414-w)
     BertEmbeddings, 3 BertLayers (hidden 512, 8 heads, intermediate 2048), then for
     fine-tuning BertPooler -> Dropout -> Linear(1), about 10.05M parameters.
     ``BertForSequenceClassification`` with ``num_labels=1`` is exactly that head:
     pooler (dense + tanh on [CLS]) -> dropout -> linear to one output.
 
-Parameter counts (measured with :func:`count_parameters`; the MLM model has no pooler but
-an MLM transform (dense + LayerNorm) and a 130-wide decoder bias, its decoder weight
-being tied to the word embeddings)::
+Parameter counts (:func:`promoter_dist.models.common.count_parameters` with
+``trainable_only=False``; the MLM model has no pooler but an MLM transform (dense +
+LayerNorm) and a 130-wide decoder bias, its decoder weight being tied to the word
+embeddings)::
 
     max_tokens   regression   masked LM
     512          10,051,073   10,051,714   <- default: the published "about 10.05M"
@@ -22,9 +26,9 @@ being tied to the word embeddings)::
     128           9,854,465    9,855,106   (a nominal 110-bp row)
 
 The published count is matched to the parameter by 512 position embeddings, the
-Hugging Face ``BertConfig`` default, with 2 token-type embeddings (also the default;
+``transformers.BertConfig`` default, with 2 token-type embeddings (also the default;
 they are never used, every token has type 0). So SYSU evidently kept the default
-position table; :attr:`BertSettings.max_tokens` defaults to 512 for that reason. Only
+position table; :attr:`BertConfig.max_tokens` defaults to 512 for that reason. Only
 positions ``0 .. T-1`` of a batch of ``T`` tokens are ever looked up, so a longer table
 costs 512 parameters per unused position (163,840 between 512 and 192) and no compute.
 
@@ -45,57 +49,48 @@ Reading frames
 
 Attention implementation
     ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``) by default,
-    selectable with :attr:`BertSettings.attention`. Measured on this project's CPU
-    (2 cores shared with other jobs, so timings vary by 10% or more) for a batch of
-    64 x 128 tokens with the published sizes, the two interleaved: a forward pass takes
-    the same time either way (bf16 autocast: best 1.54 s eager vs 1.56 s sdpa; fp32:
-    1.87 s vs 1.85 s); forward + backward medians were 7.2 vs 7.6 s (bf16) and 11.2 vs
-    12.1 s (fp32), within the noise. Attention scores cost about T / 6H of the linear
-    layers' FLOPs (4% at T = 128, H = 512), so the choice barely shows. The attention
-    core alone (forward + backward, 64 x 8 heads x 128 x 64) is 2x faster with sdpa in
-    fp32 (106 vs 202 ms) and somewhat slower in bf16 (495 vs 404 ms). sdpa wins on
-    the other counts:
-    it is what ``from_pretrained`` picks when nothing is said (the implementation is
-    not stored in ``config.json``), so a reloaded export runs the same code path, and
-    on a GPU it dispatches to the fused flash / memory-efficient kernels. Outputs of
-    the two agreed exactly (max abs diff 0.0 in fp32 on CPU).
+    selectable with :attr:`BertConfig.attention`. Attention scores cost about T / 6H of
+    the linear layers' FLOPs (4% at T = 128, H = 512), so the choice barely shows in a
+    training step (CPU timings of both: benchmarks/README.md, "Figures moved from model
+    docstrings"). sdpa wins on the other counts: it is what ``from_pretrained`` picks
+    when nothing is said (the implementation is not stored in ``config.json``), so a
+    reloaded export runs the same code path, and on a GPU it dispatches to the fused
+    flash / memory-efficient kernels. Outputs of the two agree exactly (max abs diff 0.0
+    in fp32 on CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+
 if TYPE_CHECKING:  # transformers is imported where used: reading a config must not pay for it
+    import transformers
     from transformers import (
-        BertConfig,
         BertForMaskedLM,
         BertForSequenceClassification,
         PreTrainedModel,
-        PreTrainedTokenizerBase,
     )
 
-from ..data.alphabet import NOMINAL_LENGTH
-from ..data.dream import ReadOptions
-from ..data.kmer_tokenizer import PAD_ID, VOCAB_SIZE, build_tokenizer, kmer_count
-from ..errors import UserError
+from ..errors import ConfigError
 
-#: Tokens of a nominal 110-bp row (380-bp context): 126 3-mers + [CLS] + [SEP] = 128.
-#: Frame 0 gives the most 3-mers, so this holds for every frame.
-NOMINAL_TOKENS = int(kmer_count(NOMINAL_LENGTH, 0)) + 2
-#: Tokens of the longest row the DREAM reader accepts by default (300 bp): 192.
-READER_MAX_TOKENS = int(kmer_count(ReadOptions().max_length, 0)) + 2
+#: SYSU-SAIL's vocabulary, the default of the builders' ``vocab_size`` and ``pad_token_id``:
+#: five special tokens ([PAD] = 0, [CLS], [UNK], [SEP], [MASK]) and the 125 3-mers over ACGTN.
+#: The tokenizer is data (:mod:`promoter_dist.data.kmer_tokenizer`); the tasks pass its sizes.
+DEFAULT_VOCAB_SIZE = 130
+DEFAULT_PAD_ID = 0
+#: Tokens of a nominal 110-bp row (380-bp context): 126 3-mers + [CLS] + [SEP] = 128, in every
+#: reading frame; the smallest position table :attr:`BertConfig.max_tokens` accepts.
+NOMINAL_TOKENS = 128
 
 ATTENTION = ("sdpa", "eager")
 INITS = ("bert", "local")
-_ARCH_KEYS = {  # BertConfig attribute -> BertSettings field, compared with a pretrained export
+_ARCH_KEYS = {  # transformers.BertConfig attribute -> BertConfig field, compared with a pretrained export
     "vocab_size": None,
     "hidden_size": "hidden",
     "num_hidden_layers": "layers",
@@ -106,7 +101,7 @@ _ARCH_KEYS = {  # BertConfig attribute -> BertSettings field, compared with a pr
 
 
 @dataclass
-class BertSettings:
+class BertConfig:
     """SYSU-SAIL's BERT size (published values as defaults) and its initialisation."""
 
     hidden: int = 512
@@ -122,7 +117,7 @@ class BertSettings:
     max_tokens: int = 512
     """Position-table length, [CLS]/[SEP] included: >= 128 (110-bp row); 192 covers 300-bp rows; 512 = published size."""
     pretrained: str = ""
-    """Folder of a masked-LM export (export_pretrained) to initialise the encoder from; '' = random init."""
+    """Folder of a masked-LM export (written by the mlm task) to initialise the encoder from; '' = random init."""
     attention: str = "sdpa"
     """Attention implementation: 'sdpa' (torch fused attention; default) or 'eager' (plain matmuls)."""
     init: str = "bert"
@@ -132,29 +127,29 @@ class BertSettings:
         for key in ("hidden", "layers", "heads", "intermediate"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.bert.{key} must be a positive integer, not {value!r}")
+                raise ConfigError(f"model.bert.{key} must be a positive integer, not {value!r}")
         if self.hidden % self.heads:
-            raise ValueError(f"model.bert.heads ({self.heads}) must divide model.bert.hidden ({self.hidden})")
+            raise ConfigError(f"model.bert.heads ({self.heads}) must divide model.bert.hidden ({self.hidden})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.bert.dropout must be in [0, 1), not {self.dropout!r}")
+            raise ConfigError(f"model.bert.dropout must be in [0, 1), not {self.dropout!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < NOMINAL_TOKENS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.bert.max_tokens must be an integer >= {NOMINAL_TOKENS} (the tokens of a 110-bp row), "
                 f"not {self.max_tokens!r}"
             )
         if not isinstance(self.pretrained, str):
-            raise ValueError(f"model.bert.pretrained must be a folder path or '', not {self.pretrained!r}")
+            raise ConfigError(f"model.bert.pretrained must be a folder path or '', not {self.pretrained!r}")
         if self.attention not in ATTENTION:
-            raise ValueError(f"model.bert.attention must be one of {list(ATTENTION)}, not {self.attention!r}")
+            raise ConfigError(f"model.bert.attention must be one of {list(ATTENTION)}, not {self.attention!r}")
         if self.init not in INITS:
-            raise ValueError(f"model.bert.init must be one of {list(INITS)}, not {self.init!r}")
+            raise ConfigError(f"model.bert.init must be one of {list(INITS)}, not {self.init!r}")
 
-    def bert_config(self, **extra: object) -> BertConfig:
-        """The Hugging Face config for these settings (``extra`` adds head options)."""
-        from transformers import BertConfig
+    def transformers_config(self, vocab_size: int, pad_token_id: int, **extra: object) -> transformers.BertConfig:
+        """The Hugging Face config for these settings and vocabulary (``extra`` adds head options)."""
+        from transformers import BertConfig as TransformersBertConfig
 
-        return BertConfig(
-            vocab_size=VOCAB_SIZE,
+        return TransformersBertConfig(
+            vocab_size=vocab_size,
             hidden_size=self.hidden,
             num_hidden_layers=self.layers,
             num_attention_heads=self.heads,
@@ -162,7 +157,7 @@ class BertSettings:
             hidden_dropout_prob=self.dropout,
             attention_probs_dropout_prob=self.dropout,
             max_position_embeddings=self.max_tokens,
-            pad_token_id=PAD_ID,
+            pad_token_id=pad_token_id,
             attn_implementation=self.attention,
             **extra,
         )
@@ -171,43 +166,50 @@ class BertSettings:
 # --------------------------------------------------------------------------- building
 
 
-def build_mlm_model(settings: BertSettings) -> BertForMaskedLM:
-    """A masked-LM BERT: random init, or the whole model (head included) from ``settings.pretrained``.
+def build_mlm_model(
+    config: BertConfig, vocab_size: int = DEFAULT_VOCAB_SIZE, pad_token_id: int = DEFAULT_PAD_ID
+) -> BertForMaskedLM:
+    """A masked-LM BERT: random init, or the whole model (head included) from ``config.pretrained``.
 
-    Loading a pretrained MLM export here continues pretraining from it.
+    Loading a pretrained MLM export here continues pretraining from it. ``vocab_size`` and
+    ``pad_token_id`` are the tokenizer's (a pretrained export must have the same vocabulary size).
     """
     from transformers import BertForMaskedLM
 
-    if settings.pretrained:
-        model = _load_pretrained(settings, BertForMaskedLM, allowed_missing=())
+    if config.pretrained:
+        model = _load_pretrained(config, BertForMaskedLM, allowed_missing=(), vocab_size=vocab_size)
     else:
-        model = BertForMaskedLM(settings.bert_config())
-        if settings.init == "local":
+        model = BertForMaskedLM(config.transformers_config(vocab_size, pad_token_id))
+        if config.init == "local":
             local_attention_init(model)
     return model.train()
 
 
-def build_regression_model(settings: BertSettings) -> BertForSequenceClassification:
+def build_regression_model(
+    config: BertConfig, vocab_size: int = DEFAULT_VOCAB_SIZE, pad_token_id: int = DEFAULT_PAD_ID
+) -> BertForSequenceClassification:
     """The expression regressor: BERT -> pooler -> dropout -> linear(1).
 
-    With ``settings.pretrained`` the embeddings and encoder come from that masked-LM
+    With ``config.pretrained`` the embeddings and encoder come from that masked-LM
     export; the pooler and the linear head are newly initialised (an MLM model has
-    neither) and the MLM head is dropped. Dropout comes from ``settings``; the sizes
+    neither) and the MLM head is dropped. Dropout comes from ``config``; the sizes
     must agree with the export (a clear error names the keys that differ).
+    ``vocab_size`` and ``pad_token_id`` are the tokenizer's.
     """
     from transformers import BertForSequenceClassification
 
     head = {"num_labels": 1, "problem_type": "regression"}
-    if settings.pretrained:
+    if config.pretrained:
         model = _load_pretrained(
-            settings,
+            config,
             BertForSequenceClassification,
             allowed_missing=("bert.pooler.", "classifier."),
+            vocab_size=vocab_size,
             **head,
         )
     else:
-        model = BertForSequenceClassification(settings.bert_config(**head))
-        if settings.init == "local":
+        model = BertForSequenceClassification(config.transformers_config(vocab_size, pad_token_id, **head))
+        if config.init == "local":
             local_attention_init(model)
     return model.train()
 
@@ -278,65 +280,64 @@ def local_attention_init(model: PreTrainedModel, offsets: tuple[int, ...] = LOCA
         attention.key.weight[rows[1::2], cos_dims] = sharpness
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters, tied weights counted once (``model.parameters()`` dedups them)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def _load_pretrained(
-    settings: BertSettings, cls: type[PreTrainedModel], allowed_missing: tuple[str, ...], **head: object
+    config: BertConfig,
+    cls: type[PreTrainedModel],
+    allowed_missing: tuple[str, ...],
+    vocab_size: int,
+    **head: object,
 ) -> PreTrainedModel:
-    """``cls.from_pretrained(settings.pretrained)`` after checking it is a matching BERT MLM export."""
+    """``cls.from_pretrained(config.pretrained)`` after checking it is a BERT MLM export of matching sizes."""
     from transformers import AutoConfig
 
-    path = Path(settings.pretrained).expanduser()
-    where = f"model.bert.pretrained={settings.pretrained!r}"
+    path = Path(config.pretrained).expanduser()
+    where = f"model.bert.pretrained={config.pretrained!r}"
     if not path.is_dir():
-        raise UserError(f"{where}: no such folder (expected a masked-LM export written by the mlm task)")
+        raise ConfigError(f"{where}: no such folder (expected a masked-LM export written by the mlm task)")
     if not (path / "config.json").is_file():
-        raise UserError(f"{where}: not a model export (no config.json in {path})")
+        raise ConfigError(f"{where}: not a model export (no config.json in {path})")
     try:
-        config = AutoConfig.from_pretrained(path)
+        exported = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise UserError(f"{where}: config.json cannot be read ({error})") from None
-    architectures = getattr(config, "architectures", None) or []
-    if config.model_type != "bert" or "BertForMaskedLM" not in architectures:
-        raise UserError(
-            f"{where}: not a BERT masked-LM export (model_type={config.model_type!r}, "
+        raise ConfigError(f"{where}: config.json cannot be read ({error})") from None
+    architectures = getattr(exported, "architectures", None) or []
+    if exported.model_type != "bert" or "BertForMaskedLM" not in architectures:
+        raise ConfigError(
+            f"{where}: not a BERT masked-LM export (model_type={exported.model_type!r}, "
             f"architectures={architectures}); pretrain with task.name=mlm first"
         )
-    wanted = {key: VOCAB_SIZE if field is None else getattr(settings, field) for key, field in _ARCH_KEYS.items()}
+    wanted = {key: vocab_size if field is None else getattr(config, field) for key, field in _ARCH_KEYS.items()}
     differ = [
-        f"{'vocab_size' if field is None else 'model.bert.' + field}: settings {wanted[key]}, export {getattr(config, key)}"
+        f"{'vocab_size' if field is None else 'model.bert.' + field}: settings {wanted[key]}, export {getattr(exported, key)}"
         for key, field in _ARCH_KEYS.items()
-        if getattr(config, key) != wanted[key]
+        if getattr(exported, key) != wanted[key]
     ]
     if differ:
-        raise UserError(f"{where}: the export's sizes differ from the settings ({'; '.join(differ)})")
+        raise ConfigError(f"{where}: the export's sizes differ from the settings ({'; '.join(differ)})")
     try:
-        with _quiet_hf():
+        with quiet_transformers():
             model, info = cls.from_pretrained(
                 path,
-                hidden_dropout_prob=settings.dropout,
-                attention_probs_dropout_prob=settings.dropout,
-                attn_implementation=settings.attention,
+                hidden_dropout_prob=config.dropout,
+                attention_probs_dropout_prob=config.dropout,
+                attn_implementation=config.attention,
                 dtype=torch.float32,  # fp32 master weights whatever precision the export was saved in
                 output_loading_info=True,
                 **head,
             )
     except (OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"{where}: weights cannot be loaded ({error})") from None
+        raise ConfigError(f"{where}: weights cannot be loaded ({error})") from None
     # The encoder must come from the file: anything missing beyond the new head is an error.
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(allowed_missing))
     if missing or info["mismatched_keys"]:
         problem = missing[:3] or sorted(map(str, info["mismatched_keys"]))[:3]
-        raise UserError(f"{where}: not a complete BERT masked-LM export (missing or mismatched: {', '.join(problem)} ...)")
+        raise ConfigError(f"{where}: not a complete BERT masked-LM export (missing or mismatched: {', '.join(problem)} ...)")
     return model
 
 
 @contextlib.contextmanager
-def _quiet_hf() -> Iterator[None]:
-    """Hide the loader's progress bars and its load report (the caller checks the report itself)."""
+def quiet_transformers() -> Iterator[None]:
+    """Hide Hugging Face's progress bars and load reports inside the block (callers check the report themselves)."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -349,83 +350,3 @@ def _quiet_hf() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------- export / reload
-
-
-def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int) -> Path:
-    """Save ``model`` (``save_pretrained``) and the frame's tokenizer into ``out_dir``, atomically.
-
-    Everything is written into a hidden sibling folder first and renamed into place, so
-    a reader never sees a half-written export. An existing export at ``out_dir`` is
-    replaced (it is moved aside, the new one renamed in, then the old one deleted; a
-    crash between the two renames leaves the old export in ``.<name>.old-*``). A folder
-    there that is neither empty nor an export (no config.json) is refused, not deleted.
-    Returns the export folder.
-    """
-    model = _unwrap(model)
-    out_dir = Path(out_dir)
-    replaceable = out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "config.json").is_file())
-    if out_dir.exists() and not replaceable:
-        raise UserError(f"{out_dir}: exists and is not a model export; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    try:
-        with _quiet_hf():
-            model.save_pretrained(tmp)
-        # The tokenizer's position limit follows the model's position table.
-        build_tokenizer(frame, model_max_length=model.config.max_position_embeddings).save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def load_exported(
-    out_dir: str | os.PathLike, kind: Literal["mlm", "regression"]
-) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """(tokenizer, model) of an export, through the ``Auto*`` classes; the model is in eval mode.
-
-    ``kind`` is 'mlm' (``AutoModelForMaskedLM``) or 'regression'
-    (``AutoModelForSequenceClassification``; the export must be a fine-tuned regressor:
-    to start a regressor from a masked-LM export use :func:`build_regression_model`).
-    """
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    auto = {
-        "mlm": (AutoModelForMaskedLM, "BertForMaskedLM"),
-        "regression": (AutoModelForSequenceClassification, "BertForSequenceClassification"),
-    }
-    if kind not in auto:
-        raise ValueError(f"kind must be 'mlm' or 'regression', not {kind!r}")
-    path = Path(out_dir)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a model export (no config.json)")
-    architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
-    model_cls, arch = auto[kind]
-    if arch not in architectures:
-        raise UserError(f"{path}: holds {architectures}, not a {arch} export (kind={kind!r})")
-    with _quiet_hf():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = model_cls.from_pretrained(path)
-    return tokenizer, model.eval()
-
-
-def _unwrap(model: nn.Module) -> PreTrainedModel:
-    """The Hugging Face model inside generic wrappers that keep it as ``.module``."""
-    from transformers import BertForMaskedLM, BertForSequenceClassification, PreTrainedModel
-
-    while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    if not isinstance(model, (BertForMaskedLM, BertForSequenceClassification)):
-        raise TypeError(f"expected a BertForMaskedLM or BertForSequenceClassification, got {type(model).__name__}")
-    return model

@@ -1,13 +1,15 @@
 """Team NAD's model: frozen GloVe words -> 1-D CNN + FPN -> one transformer per level.
 
-Sources: ``../shared/reference/models.md`` (section "NAD"), NAD's team report
-(``../shared/reference/seeds/nad_team_report.txt``) and its model figure
-(``../shared/reference/nad_model_figure.png``). Plain single-device torch: no
-distributed-training code, no global state; runs under ``torch.autocast`` (bf16 on
-CPU is tested) and traces as one graph under ``torch.compile`` (checked with
-``fullgraph=True`` on the ``aot_eager`` backend).
+Sources: Team NAD's DREAM 2022 challenge report ("Predicting gene expression using
+millions of random promoter sequences", with its model figure) and the team's published
+code (GitHub de-Boer-Lab/random-promoter-dream-challenge-2022, ``dream_submissions/``);
+the challenge: Rafi et al., Nature Biotechnology 2024, doi:10.1038/s41587-024-02414-w.
+Plain single-device torch: no distributed-training code, no global state; runs under
+``torch.autocast`` (bf16 on CPU is tested) and traces as one graph under
+``torch.compile`` (checked with ``fullgraph=True`` on the ``aot_eager`` backend).
 
-Data flow for a batch of word ids ``(B, 80)`` (:mod:`promoter_dist.data.nad_words`):
+Data flow for a batch of word ids ``(B, 80)`` (the 5-mer words of
+:mod:`promoter_dist.data.nad_words`; the task hands the model their vocabulary size):
 
 1. Frozen GloVe lookup, ``(1024, 128)`` table -> ``(B, 128, 80)``. The table is a
    persistent buffer, not a parameter, so no optimizer (or optimizer-state
@@ -20,8 +22,9 @@ Data flow for a batch of word ids ``(B, 80)`` (:mod:`promoter_dist.data.nad_word
    level, each longer level is its lateral plus the level below it upsampled by a
    ``ConvTranspose1d(256, 256, k3, stride 2, padding 1, output_padding 1)``, whose
    output length is (L - 1) * 2 - 2 + 3 + 1 = 2L exactly. No 3x3 smoothing convs:
-   models.md lists none, and they would add 0.79M parameters past the published size.
-4. The original's quirk, kept (models.md): the three longer levels pass a depthwise
+   the published description lists none, and they would add 0.79M parameters past the
+   published size.
+4. The original's quirk, kept: the three longer levels pass a depthwise
    ``Conv1d k3`` + BatchNorm + ELU applied to the ``(B, L, 256)`` layout, so the L
    positions are the conv's channels and the kernel slides along the 256 features.
    Its sizes therefore depend on the level's length (80, 40, 20).
@@ -36,19 +39,19 @@ Data flow for a batch of word ids ``(B, 80)`` (:mod:`promoter_dist.data.nad_word
 6. Per level: final LayerNorm, mean over positions, Linear(256, 1). ``forward``
    returns the four level predictions ``(B, 4)`` ordered like ``depths`` (shortest
    level first); the prediction is their mean (:meth:`NADModel.combine`). All four
-   are trained on the same label (models.md).
+   are trained on the same label (as published).
 
 Parameter count (published configuration, measured by ``tests/models/test_nad.py``):
-14,183,312 trainable parameters, 0.1% below the "about 14.2M" of models.md. The
+14,183,312 trainable parameters, 0.1% below the published "about 14.2M". The
 frozen embedding (1024 x 128 = 131,072 values) is a buffer and is *not* counted
 (with it: 14,314,384); BatchNorm running statistics are buffers too. Breakdown:
 backbone 2,848,128; FPN 804,608; depthwise quirk 700; transformers and heads 10,529,876, i.e.
 1,052,160 per layer plus its bias table (8 x (2L - 1): 152 to 1,272), plus 769 per
 level for the final LayerNorm and head.
 
-The one inference needed to reach that size is the attention width. models.md gives
-dim 256 and 8 heads but not the head width; with 256 / 8 = 32 per head the model has
-11,561,872 parameters, 19% short. With 64 per head (inner width 512, the default
+The one inference needed to reach that size is the attention width. The published
+description gives dim 256 and 8 heads but not the head width; with 256 / 8 = 32 per
+head the model has 11,561,872 parameters, 19% short. With 64 per head (inner width 512, the default
 head width of common transformer libraries, e.g. x-transformers, which also offers
 the "sandwich norm" and "relative position bias" options by those names) the count
 lands within 0.2% of 14.2M, so ``head_dim = 64`` is the default. The remaining
@@ -59,7 +62,7 @@ feed-forward, FPN and heads) and whether the bias table is shared across layers
 offsets grouped into log-spaced buckets; with at most 80 positions a table with one
 entry per exact offset is simpler and at least as expressive, at a similar size.
 
-Dropout: neither the report nor models.md mentions any, so the default is 0.
+Dropout: the report mentions none, so the default is 0.
 
 A small debug configuration (602,784 parameters) for fast tests::
 
@@ -71,35 +74,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.glove import embedding_matrix, load_vectors
-from ..data.nad_words import NUM_WORDS, WORDS_PER_ROW
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 _FIELD = "model.nad."  # prefix of every config field named in an error message
+
+#: Words in NAD's vocabulary, the 4^5 5-mers over ACGT: the default of ``num_words``. The words
+#: themselves are data (:mod:`promoter_dist.data.nad_words`); the task passes their count.
+DEFAULT_NUM_WORDS = 1024
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     # bool is an int subclass; a stray True in a config file is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{_FIELD}{name} must be an integer, got {value!r}")
+        raise ConfigError(f"{_FIELD}{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise UserError(f"{_FIELD}{name} must be >= {minimum}, got {value}")
+        raise ConfigError(f"{_FIELD}{name} must be >= {minimum}, got {value}")
 
 
 @dataclass
 class NADConfig:
-    """NAD's architecture; defaults are the published configuration (models.md)."""
+    """NAD's architecture; defaults are the published configuration."""
 
     embed_dim: int = 128
     """Width of the GloVe word vectors; the embedding table is (1024, embed_dim)."""
-    length: int = WORDS_PER_ROW
-    """Words per row; must be divisible by the product of ``strides``."""
+    length: int = 80
+    """Words per row (80: one per random-region position); must be divisible by the product of ``strides``."""
     channels: tuple[int, ...] = (128, 160, 192, 224, 256)
     """Output channels of each conv stage, in order."""
     strides: tuple[int, ...] = (1, 1, 2, 2, 2)
@@ -126,9 +130,9 @@ class NADConfig:
         for name in ("channels", "strides", "depths"):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)):
-                raise UserError(f"{_FIELD}{name} must be a list of integers, got {value!r}")
+                raise ConfigError(f"{_FIELD}{name} must be a list of integers, got {value!r}")
             if not value:
-                raise UserError(f"{_FIELD}{name} must not be empty")
+                raise ConfigError(f"{_FIELD}{name} must not be empty")
             for index, item in enumerate(value):
                 _check_int(f"{name}[{index}]", item, 1)
             setattr(self, name, tuple(value))
@@ -143,37 +147,37 @@ class NADConfig:
             _check_int(name, getattr(self, name), minimum)
         if self.head_dim is None:
             if self.fpn_dim % self.heads:
-                raise UserError(
+                raise ConfigError(
                     f"{_FIELD}heads must divide fpn_dim when head_dim is null "
                     f"(heads {self.heads}, fpn_dim {self.fpn_dim}); or set head_dim"
                 )
         else:
             _check_int("head_dim", self.head_dim, 1)
         if not isinstance(self.positional_depthwise, bool):
-            raise UserError(f"{_FIELD}positional_depthwise must be true or false, got {self.positional_depthwise!r}")
+            raise ConfigError(f"{_FIELD}positional_depthwise must be true or false, got {self.positional_depthwise!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise UserError(f"{_FIELD}dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"{_FIELD}dropout must be a number in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         if len(self.strides) != len(self.channels):
-            raise UserError(
+            raise ConfigError(
                 f"{_FIELD}strides must have one entry per conv stage: "
                 f"{len(self.strides)} strides for {len(self.channels)} channels"
             )
         levels = len(self.depths)
         if levels > len(self.channels):
-            raise UserError(
+            raise ConfigError(
                 f"{_FIELD}depths has {levels} FPN levels but there are only {len(self.channels)} conv stages"
             )
         # Each level is upsampled x2 into the next longer one by a stride-2 transposed conv.
         level_strides = self.strides[len(self.strides) - levels + 1 :]
         if any(s != 2 for s in level_strides):
-            raise UserError(
+            raise ConfigError(
                 f"{_FIELD}strides: the last {levels - 1} stages feed FPN levels and must have stride 2, "
                 f"got {list(level_strides)}"
             )
         total = math.prod(self.strides)
         if self.length % total:
-            raise UserError(f"{_FIELD}length ({self.length}) must be divisible by the product of strides ({total})")
+            raise ConfigError(f"{_FIELD}length ({self.length}) must be divisible by the product of strides ({total})")
 
     @property
     def stage_lengths(self) -> tuple[int, ...]:
@@ -358,30 +362,34 @@ class LevelEncoder(nn.Module):
 # ---------------------------------------------------------------- model
 
 
-def random_embedding(dim: int, seed: int = 0) -> torch.Tensor:
-    """A deterministic (1024, dim) stand-in for GloVe vectors (tests, smoke runs)."""
+def random_embedding(dim: int, seed: int = 0, num_words: int = DEFAULT_NUM_WORDS) -> torch.Tensor:
+    """A deterministic (num_words, dim) stand-in for GloVe vectors (tests, smoke runs)."""
     generator = torch.Generator().manual_seed(seed)
     # Scale 0.3: about the standard deviation of NAD's published vectors (0.32).
-    return 0.3 * torch.randn(NUM_WORDS, dim, generator=generator)
+    return 0.3 * torch.randn(num_words, dim, generator=generator)
 
 
 class NADModel(nn.Module):
     """NAD's model: word ids (B, length) -> per-level predictions (B, levels).
 
-    ``embedding`` is the (1024, embed_dim) GloVe table in word-id order (see
-    :func:`load_glove_embedding`); None gives :func:`random_embedding`. It is kept
-    frozen as the persistent buffer ``embedding``.
+    ``embedding`` is the (num_words, embed_dim) GloVe table in word-id order (the
+    regression task reads it with :func:`promoter_dist.data.glove.load_embedding_tensor`);
+    None gives :func:`random_embedding`. It is kept frozen as the persistent buffer
+    ``embedding``. ``num_words`` is the vocabulary size, which the task takes from
+    :mod:`promoter_dist.data.nad_words` (1,024).
     """
 
-    def __init__(self, config: NADConfig, embedding: torch.Tensor | None = None):
+    def __init__(
+        self, config: NADConfig, embedding: torch.Tensor | None = None, num_words: int = DEFAULT_NUM_WORDS
+    ):
         super().__init__()
         self.config = config
         if embedding is None:
-            embedding = random_embedding(config.embed_dim)
-        if not isinstance(embedding, torch.Tensor) or tuple(embedding.shape) != (NUM_WORDS, config.embed_dim):
+            embedding = random_embedding(config.embed_dim, num_words=num_words)
+        if not isinstance(embedding, torch.Tensor) or tuple(embedding.shape) != (num_words, config.embed_dim):
             shape = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
             raise UserError(
-                f"NAD embedding must be a ({NUM_WORDS}, {config.embed_dim}) tensor "
+                f"NAD embedding must be a ({num_words}, {config.embed_dim}) tensor "
                 f"(model.nad.embed_dim), got {shape}"
             )
         if not embedding.is_floating_point():
@@ -436,16 +444,3 @@ class NADModel(nn.Module):
         """The prediction: the mean of the level predictions, (B, levels) -> (B,)."""
         return heads.mean(dim=-1)
 
-
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of parameter values (buffers such as the frozen embedding are never counted)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def load_glove_embedding(path: str | Path) -> torch.Tensor:
-    """The (1024, dim) float32 embedding table from a vector file, in word-id order.
-
-    Reads any format :func:`promoter_dist.data.glove.load_vectors` reads (NAD's
-    ``vectors.txt`` included); every 5-mer must have a vector (else UserError).
-    """
-    return torch.from_numpy(embedding_matrix(load_vectors(path)))

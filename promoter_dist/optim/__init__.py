@@ -1,14 +1,6 @@
-"""Optimizer wrappers: GSAM around a plain torch optimizer or a DeepSpeed engine."""
+"""Optimizer wrappers.
 
-from .engine_grads import all_ranks_finite, zero_engine_gradients
-from .gsam import DeepSpeedGSAM, GSAMConfig, NonFiniteGradientError, ReferenceGSAM, rho_at
-
-__all__ = [
-    "DeepSpeedGSAM",
-    "GSAMConfig",
-    "NonFiniteGradientError",
-    "ReferenceGSAM",
-    "all_ranks_finite",
-    "rho_at",
-    "zero_engine_gradients",
-]
+- :mod:`promoter_dist.optim.gsam`: GSAM settings, the update rule and a one-process reference.
+- :mod:`promoter_dist.optim.gsam_deepspeed`: GSAM driving a DeepSpeed engine (ZeRO 0-3).
+- :mod:`promoter_dist.optim.engine_grads`: where each ZeRO stage keeps the accumulated gradient.
+"""

@@ -1,6 +1,7 @@
-"""Stage-aware access to the gradient a DeepSpeed engine has accumulated, and small collectives.
+"""Stage-aware access to the gradient a DeepSpeed engine has accumulated.
 
-Shared by the GSAM driver and the trainer. Everything here works for ZeRO stages 0-3 with fp32
+Shared by the GSAM driver and the trainer; the collectives they use are in
+:mod:`promoter_dist.distributed`. Everything here works for ZeRO stages 0-3 with fp32
 weights (bf16 only through autocast), data parallelism only (no tensor or pipeline parallelism), and
 also in a single process where ``torch.distributed`` was never initialised.
 
@@ -21,48 +22,13 @@ a window abandoned before its boundary (1.42 at stage 2); stage 3 needs ``engine
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def world_size() -> int:
-    """Number of data-parallel ranks (1 without ``torch.distributed``)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:
-    """Sum ``values`` over all ranks in place and return it; a no-op in a single process."""
-    if _distributed():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def finite_global_sum(value: torch.Tensor) -> tuple[bool, float]:
-    """One scalar all-reduce: whether ``value`` is finite on every rank, and its sum over ranks.
-
-    The sum is NaN when some rank's value is not finite.
-    """
-    local = value.detach().reshape(()).float()
-    # The flag travels with the value, so one collective and one device sync answer both questions.
-    packed = torch.stack([(~torch.isfinite(local)).float(), local])
-    all_reduce_sum_(packed)
-    nonfinite_ranks, total = packed.tolist()
-    if nonfinite_ranks > 0:
-        return False, math.nan
-    return True, total
-
-
-def all_ranks_finite(value: torch.Tensor) -> bool:
-    """True when the scalar ``value`` is finite on every rank (one scalar all-reduce)."""
-    return finite_global_sum(value)[0]
+from ..distributed import all_reduce_sum_, several_ranks
 
 
 def zero_engine_gradients(engine) -> None:
@@ -159,7 +125,7 @@ def stage12_fragment(param: torch.nn.Parameter) -> tuple[int, torch.Tensor] | No
 def stage3_owned_numel(param: torch.nn.Parameter) -> int:
     """How many real (non-padding) elements of ``param`` this rank's ZeRO-3 partition holds."""
     partition_numel = param.ds_tensor.numel()
-    partition_rank = dist.get_rank(group=param.ds_process_group) if _distributed() else 0
+    partition_rank = torch_dist.get_rank(group=param.ds_process_group) if several_ranks() else 0
     return max(0, min(param.ds_numel - partition_rank * partition_numel, partition_numel))
 
 
@@ -189,7 +155,7 @@ def local_gradient(engine, params: list[torch.nn.Parameter] | None = None) -> Lo
             owned = stage12_fragment(p)
             if owned is not None:
                 pieces.append(owned[1])
-        return LocalGradient(pieces, partitioned=_distributed())
+        return LocalGradient(pieces, partitioned=several_ranks())
     if stage == 3:
         partitions = [safe_get_local_grad(p) for p in params]
         # Without offload the API hands out the stored partition itself; otherwise write back.
@@ -201,7 +167,7 @@ def local_gradient(engine, params: list[torch.nn.Parameter] | None = None) -> Lo
                 for p, g in zip(params, partitions):
                     safe_set_local_grad(p, g)
 
-        return LocalGradient(pieces, partitioned=_distributed(), writeback=writeback)
+        return LocalGradient(pieces, partitioned=several_ranks(), writeback=writeback)
     raise ValueError(f"unknown ZeRO stage {stage}")
 
 

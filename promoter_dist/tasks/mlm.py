@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.kmer_tokenizer import K, MASK_ID, SPECIAL_TOKENS, UPSTREAM_FLANK, VOCAB_SIZE
+from ..data.kmer_tokenizer import K, MASK_ID, PAD_ID, SPECIAL_TOKENS, UPSTREAM_FLANK, VOCAB_SIZE
 from ..errors import UserError
-from ..models.bert import build_mlm_model, export_pretrained
+from ..models.bert import build_mlm_model
+from .bert_io import export_pretrained
 
 IGNORE = -100  # label of positions not predicted (torch cross_entropy's default ignore_index)
 FIRST_KMER = len(SPECIAL_TOKENS)  # 5: ids FIRST_KMER..VOCAB_SIZE-1 are the 125 3-mers
@@ -187,7 +188,7 @@ class MLMTask:
 
     def build_model(self) -> nn.Module:
         """A ``BertForMaskedLM`` (random init, or continued from ``model.bert.pretrained``)."""
-        return build_mlm_model(self.settings)
+        return build_mlm_model(self.settings, vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID)
 
     @staticmethod
     def _one_sequence_per_row(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,9 +2,9 @@
 
 Targets follow NAD's recipe when ``task.label_map='nad'``: y <= 8 maps to 5 + 3y/8, then
 (y - 5)/12, which puts the 0..17 expression range on [0, 1] and compresses the low,
-noisy end (models.md, "NAD"). Training targets get N(0, label_noise) noise, clipped to
-[0, 1]. Each of NAD's heads is trained on the label (the loss is the mean over heads);
-the prediction is the mean of the heads. Predictions are reported on the original
+noisy end (Team NAD's DREAM 2022 report). Training targets get N(0, label_noise)
+noise, clipped to [0, 1]. Each of NAD's heads is trained on the label (the loss is the
+mean over heads); the prediction is the mean of the heads. Predictions are reported on the original
 expression scale (the inverse map), so metrics compare with the measured values.
 """
 
@@ -46,14 +46,17 @@ class RegressionTask:
     def build_model(self) -> nn.Module:
         """A fresh single-device model for ``config.model``."""
         if self.model_name == "nad":
-            from ..models.nad import NADModel, load_glove_embedding
+            from ..data.glove import load_embedding_tensor
+            from ..data.nad_words import NUM_WORDS
+            from ..models.nad import NADModel
 
             glove = self.config.data.glove
-            embedding = load_glove_embedding(glove) if glove else None
-            return NADModel(self.config.model.nad, embedding)
+            embedding = load_embedding_tensor(glove) if glove else None
+            return NADModel(self.config.model.nad, embedding, num_words=NUM_WORDS)
+        from ..data.kmer_tokenizer import PAD_ID, VOCAB_SIZE
         from ..models.bert import build_regression_model
 
-        return build_regression_model(self.config.model.bert)
+        return build_regression_model(self.config.model.bert, vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID)
 
     def heads(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, heads) predictions on the target scale, in float32."""
@@ -124,6 +127,6 @@ class RegressionTask:
     def export(self, model: nn.Module, out_dir: Path) -> None:
         """BERT regression models save in Hugging Face form; NAD's model lives in the checkpoint."""
         if self.model_name == "bert":
-            from ..models.bert import export_pretrained
+            from .bert_io import export_pretrained
 
             export_pretrained(model, out_dir, frame=self.config.data.kmer_frame)

@@ -53,16 +53,19 @@ def test_uneven_shards_two_ranks_equal_steps_no_duplicates(small_shards: Path, w
     assert nad_rows - len(seen) <= workers_total * (128 + 32)
 
 
-def test_rank_and_world_size_come_from_the_environment(small_shards: Path, monkeypatch) -> None:
+def test_rank_and_world_size_come_from_the_caller_only(small_shards: Path, monkeypatch) -> None:
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    from_env = ShardLoader(small_shards, NAD)
-    explicit = ShardLoader(small_shards, NAD, rank=1, world_size=2)
-    assert (from_env.rank, from_env.world_size) == (1, 2)
-    assert all(np.array_equal(a, b) for a, b in zip(_lines(from_env), _lines(explicit)))
-    monkeypatch.setenv("RANK", "2")
-    with pytest.raises(UserError, match="RANK=2"):
-        ShardLoader(small_shards, NAD)
+    with pytest.raises(TypeError):
+        ShardLoader(small_shards, NAD)  # no fallback to the environment
+    with pytest.raises(TypeError):
+        ShardLoader(small_shards, NAD, rank=0)
+    positional = ShardLoader(small_shards, NAD, 1, 2)
+    keyword = ShardLoader(small_shards, NAD, rank=1, world_size=2)
+    assert (positional.rank, positional.world_size) == (1, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(_lines(positional), _lines(keyword)))
+    with pytest.raises(UserError, match=r"rank 2 is not in \[0, world_size=2\)"):
+        ShardLoader(small_shards, NAD, rank=2, world_size=2)
 
 
 def test_deterministic_for_a_seed_and_new_order_each_epoch(small_shards: Path) -> None:

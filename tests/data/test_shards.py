@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,15 +22,18 @@ from promoter_dist.data.alphabet import decode
 from promoter_dist.data.dream import ReadOptions, read_dream
 from promoter_dist.data.hashing import sequence_hash
 from promoter_dist.data.shards import (
+    BLOCK_INDEX_FIELDS,
     FLAG_INTEGER,
     FLAG_NAD,
     FLAG_TOP,
     MANIFEST,
+    BlockIndex,
     ShardOptions,
     build_shards,
     load_manifest,
     padded_codes,
     read_block_range,
+    shard_blocks,
     verify_shards,
 )
 from promoter_dist.errors import UserError
@@ -85,6 +90,47 @@ def test_split_fractions_and_sizes(small_shards: Path) -> None:
     # block-level counts add up to the shard's
     for shard in train["shards"]:
         assert sum(b[2] for b in shard["blocks"]) == shard["rows"]
+
+
+def test_block_index_round_trips_the_manifest_lists(small_shards: Path) -> None:
+    assert BLOCK_INDEX_FIELDS == ("offset", "nbytes", "rows", "rows_nad", "rows_top", "max_length")
+    index = BlockIndex(offset=0, nbytes=5120, rows=128, rows_nad=100, rows_top=30, max_length=110)
+    assert index.to_list() == [0, 5120, 128, 100, 30, 110]
+    assert BlockIndex.from_list(index.to_list(), MANIFEST, "train-000000", 0) == index
+    assert [index.rows_in_view(v) for v in ("all", "nad", "top")] == [128, 100, 30]
+    manifest = load_manifest(small_shards)
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            blocks = shard_blocks(shard, small_shards / MANIFEST)
+            assert [b.to_list() for b in blocks] == shard["blocks"]  # the JSON form is unchanged
+            assert blocks[0].offset == 0 and sum(b.nbytes for b in blocks) + 1024 <= shard["bytes"]
+            assert all(a.offset + a.nbytes == b.offset for a, b in zip(blocks, blocks[1:]))
+        assert sum(b.rows_nad for s in info["shards"] for b in shard_blocks(s, MANIFEST)) == info["rows_nad"]
+    assert max(b.max_length for info in manifest["splits"].values() for s in info["shards"]
+               for b in shard_blocks(s, MANIFEST)) == manifest["max_row_length"]
+
+
+@pytest.mark.parametrize("entry", [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6], [0, 1, 2.0, 3, 4, 5],
+                                   [0, 1, True, 3, 4, 5], {"offset": 0}, "0,1,2,3,4,5"])
+def test_malformed_block_index_names_file_shard_and_block(entry, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"manifest\.json: shard train-000003 block 7: malformed block index"):
+        BlockIndex.from_list(entry, tmp_path / MANIFEST, "train-000003", 7)
+
+
+def test_loader_and_verify_report_a_malformed_block_index(tmp_path: Path, small_shards: Path) -> None:
+    from promoter_dist.data.loader import LoaderConfig, ShardLoader
+
+    work = tmp_path / "copy"
+    shutil.copytree(small_shards, work)
+    manifest = json.loads((work / MANIFEST).read_text())
+    shard = manifest["splits"]["train"]["shards"][1]
+    shard["blocks"][2] = shard["blocks"][2][:4]
+    (work / MANIFEST).write_text(json.dumps(manifest))
+    where = rf"{re.escape(str(work / MANIFEST))}: shard {shard['name']} block 2: malformed"
+    with pytest.raises(UserError, match=where):
+        ShardLoader(work, LoaderConfig(), rank=0, world_size=1)
+    result = verify_shards(work)
+    assert not result.ok and len(result.problems) == 1 and re.match(where, result.problems[0])
 
 
 def test_top_subset_threshold_is_over_the_whole_file(small_shards: Path) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from promoter_dist import distributed as dist
 from promoter_dist.config import load_config
 from promoter_dist.engine import build_engine, set_learning_rate
+from promoter_dist.launch.environment import DistEnv, from_launcher
 
 MICRO, ACCUM, FEATURES, STEPS, CLIP = 3, 2, 5, 4, 0.5
 CASES = [(stage, "fp32") for stage in range(4)] + [(stage, "bf16") for stage in range(4)]
@@ -68,7 +69,7 @@ def reference(model: nn.Module, world: int) -> tuple[nn.Module, int]:
     return model, clipped
 
 
-def run_case(stage: int, precision: str, env: dist.DistEnv) -> dict:
+def run_case(stage: int, precision: str, env: DistEnv) -> dict:
     config = load_config(None, [f"engine.zero_stage={stage}", f"engine.precision={precision}",
                                 f"engine.grad_accum={ACCUM}", f"engine.gradient_clipping={CLIP}",
                                 f"data.batch_size={MICRO}", "optim.weight_decay=0.05", "engine.tensorboard=false",
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
-    env = dist.resolve_environment(args.local_rank)
+    env = from_launcher(args.local_rank)
     dist.init_distributed(env)
     results = {f"stage{stage}_{precision}": run_case(stage, precision, env) for stage, precision in CASES}
     if env.is_main:

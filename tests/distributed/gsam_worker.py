@@ -139,7 +139,8 @@ def full_params(engine) -> list[torch.Tensor]:
 def run_case(case: Case, steps: int) -> dict:
     import deepspeed
 
-    from promoter_dist.optim import DeepSpeedGSAM, GSAMConfig, ReferenceGSAM
+    from promoter_dist.optim.gsam import GSAMConfig, ReferenceGSAM
+    from promoter_dist.optim.gsam_deepspeed import DeepSpeedGSAM
 
     world, rank = dist.get_world_size(), dist.get_rank()
     config = GSAMConfig(
@@ -257,7 +258,8 @@ def run_checks() -> dict:
     import deepspeed
 
     from promoter_dist.errors import NonFiniteLossError, UserError
-    from promoter_dist.optim import DeepSpeedGSAM, GSAMConfig, ReferenceGSAM
+    from promoter_dist.optim.gsam import GSAMConfig, ReferenceGSAM
+    from promoter_dist.optim.gsam_deepspeed import DeepSpeedGSAM
 
     world, rank = dist.get_world_size(), dist.get_rank()
     config = GSAMConfig(enabled=True)

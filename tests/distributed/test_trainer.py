@@ -105,7 +105,7 @@ def test_killed_run_resumes_with_the_same_losses(uninterrupted, small_shards, tm
 
 def test_zero_checkpoint_converts_to_plain_fp32_weights(uninterrupted, small_shards):
     """The exported best weights load into a fresh model and reproduce the saved validation predictions."""
-    from promoter_dist.checkpoints import fp32_state_dict
+    from promoter_dist.checkpointing import fp32_state_dict
     from promoter_dist.config import load_config
     from promoter_dist.data.loader import LoaderConfig, ShardLoader
     from promoter_dist.tasks import build_task

@@ -1,12 +1,13 @@
-"""TEST FIXTURE, not product code: a stand-in for ``promoter_dist.train:main``.
+"""TEST FIXTURE, not product code: a stand-in for ``promoter_dist.train:run_task``.
 
-It behaves like the trainer as far as launching is concerned: ``main(argv)`` with
-``argv = ["--config", PATH, "key=value", ...]``, reads RANK/WORLD_SIZE/... from the
-environment, writes under ``run.out_dir``, saves a checkpoint every
-``run.checkpoint_every`` steps on every rank and resumes from
+It behaves like the trainer as far as launching is concerned: ``main(argv, stop)`` with
+``argv = ["--config", PATH, "key=value", ...]`` and the task's stop request (or None),
+reads RANK/WORLD_SIZE/... from the environment, writes under ``run.out_dir``, saves a
+checkpoint every ``run.checkpoint_every`` steps on every rank and resumes from
 ``<run.out_dir>/checkpoints/latest`` when it exists. Its "training" is a step counter and a
 deterministic running value, so an interrupted and resumed run can be compared with an
-uninterrupted one.
+uninterrupted one. It returns ``{"status": 0, "stopped_at_step": step}``, the step None
+unless it stopped early on request.
 
 Overrides it understands (all optional but ``run.out_dir``):
 
@@ -28,6 +29,9 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
+
+from promoter_dist.stopping import StopRequest
 
 ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
             "CUDA_VISIBLE_DEVICES", "SLURM_RESTART_COUNT", "SLURM_JOB_ID", "SLURMD_NODENAME")
@@ -72,9 +76,8 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str]) -> int:
-    from promoter_dist.distributed import STOP
-
+def main(argv: list[str], stop: StopRequest | None) -> dict[str, Any]:
+    """Count ``standin.steps`` steps with checkpoints, resuming from the latest; stop early when ``stop`` is set."""
     o = parse(argv)
     out = Path(o["run.out_dir"])
     every = int(o.get("run.checkpoint_every", 1))
@@ -118,11 +121,10 @@ def main(argv: list[str]) -> int:
             _write_json(ckpt, {"step": step, "value": value})
         with open(progress, "a") as log:
             log.write(f"step {step}\n")
-        if honour_stop and STOP.requested and step < steps:
+        if honour_stop and stop is not None and stop.requested and step < steps:
             _write_json(ckpt, {"step": step, "value": value})
-            STOP.honoured_at_step = step
             print(f"stand-in trainer: rank {rank} stopped on request at step {step}", flush=True)
-            return 0
+            return {"status": 0, "stopped_at_step": step}
     _write_json(out / f"final-rank{rank}.json", {"step": step, "value": value, "resumed_from": start})
     print(f"stand-in trainer: rank {rank} done at step {step}", flush=True)
-    return 0
+    return {"status": 0, "stopped_at_step": None}

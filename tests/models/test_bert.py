@@ -1,5 +1,6 @@
-"""SYSU-SAIL's 3-mer BERT: size against the report, export and reload through the Auto*
-classes, fine-tuning init from a masked-LM export, errors, settings validation."""
+"""SYSU-SAIL's 3-mer BERT: size against the report, defaults against the tokenizer's
+constants, fine-tuning init from a masked-LM model folder, errors, settings validation.
+The export with its tokenizer is tested in tests/tasks/test_bert_io.py."""
 
 from __future__ import annotations
 
@@ -8,25 +9,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from promoter_dist.config import load_config
+from promoter_dist.data.alphabet import NOMINAL_LENGTH
 from promoter_dist.data.dream import ReadOptions, read_dream
-from promoter_dist.data.kmer_tokenizer import PAD_ID, VOCAB_SIZE, encode_codes
-from promoter_dist.errors import UserError
+from promoter_dist.data.kmer_tokenizer import (
+    PAD_ID,
+    VOCAB_SIZE,
+    encode_codes,
+    kmer_count,
+)
+from promoter_dist.errors import ConfigError, UserError
 from promoter_dist.models.bert import (
+    DEFAULT_PAD_ID,
+    DEFAULT_VOCAB_SIZE,
     NOMINAL_TOKENS,
-    READER_MAX_TOKENS,
-    BertSettings,
+    BertConfig,
     build_mlm_model,
     build_regression_model,
-    count_parameters,
-    export_pretrained,
-    load_exported,
 )
+from promoter_dist.models.common import count_parameters
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "dream2022" / "samples" / "train_first1000.txt"
-PUBLISHED_SIZE = 10.05e6  # models.md, SYSU-SAIL section: "about 10.05M parameters"
+#: Tokens of the longest row the DREAM reader accepts by default (300 bp): 192.
+READER_MAX_TOKENS = int(kmer_count(ReadOptions().max_length, 0)) + 2
+PUBLISHED_SIZE = 10.05e6  # SYSU-SAIL's report: "about 10.05M parameters"
 # The report gives three significant figures after the point: anything that rounds to
 # 10.05M (+-5,000 parameters, 0.05%) matches it.
 PUBLISHED_TOLERANCE = 5_000
@@ -53,16 +60,30 @@ def test_published_parameter_count():
     sizes = {}
     for max_tokens in (512, READER_MAX_TOKENS, NOMINAL_TOKENS):
         with torch.device("meta"):  # counts only: no memory, no init
-            settings = BertSettings(max_tokens=max_tokens)
+            settings = BertConfig(max_tokens=max_tokens)
             regression, mlm = build_regression_model(settings), build_mlm_model(settings)
-            sizes[max_tokens] = (count_parameters(regression), count_parameters(mlm))
+            sizes[max_tokens] = (
+                count_parameters(regression, trainable_only=False),
+                count_parameters(mlm, trainable_only=False),
+            )
         print(f"max_tokens={max_tokens}: regression {sizes[max_tokens][0]:,}, masked LM {sizes[max_tokens][1]:,}")
     # The defaults (512 positions) reproduce the published size; the docstring's table holds.
-    assert BertSettings().max_tokens == 512
+    assert BertConfig().max_tokens == 512
     assert abs(sizes[512][0] - PUBLISHED_SIZE) <= PUBLISHED_TOLERANCE
     assert sizes == {512: (10_051_073, 10_051_714), 192: (9_887_233, 9_887_874), 128: (9_854_465, 9_855_106)}
     # Only the position table depends on max_tokens: hidden (512) parameters per position.
     assert sizes[512][0] - sizes[192][0] == (512 - 192) * 512
+
+
+def test_defaults_equal_the_tokenizer_constants():
+    """The model knows the vocabulary and the nominal row's tokens only as plain defaults."""
+    assert (DEFAULT_VOCAB_SIZE, DEFAULT_PAD_ID) == (VOCAB_SIZE, PAD_ID) == (130, 0)
+    assert NOMINAL_TOKENS == int(kmer_count(NOMINAL_LENGTH, 0)) + 2 == 128
+    # Passed sizes reach the Hugging Face config.
+    with torch.device("meta"):
+        model = build_mlm_model(BertConfig(**TINY), vocab_size=VOCAB_SIZE + 3, pad_token_id=2)
+    assert model.config.vocab_size == VOCAB_SIZE + 3 and model.config.pad_token_id == 2
+    assert model.cls.predictions.decoder.out_features == VOCAB_SIZE + 3
 
 
 def test_token_limits_follow_the_tokenizer(sample):
@@ -75,7 +96,7 @@ def test_token_limits_follow_the_tokenizer(sample):
 
 def test_models_are_plain_hf_modules_and_run_under_bf16_autocast(sample):
     torch.manual_seed(0)
-    settings = BertSettings(**TINY)
+    settings = BertConfig(**TINY)
     ids, mask = tokens(sample)
     mlm, reg = build_mlm_model(settings), build_regression_model(settings)
     assert mlm.training and reg.training
@@ -97,42 +118,17 @@ def test_eager_and_sdpa_agree(sample):
     outputs = []
     for attention in ("eager", "sdpa"):
         torch.manual_seed(0)
-        model = build_mlm_model(BertSettings(**TINY, attention=attention)).eval()
+        model = build_mlm_model(BertConfig(**TINY, attention=attention)).eval()
         with torch.no_grad():
             outputs.append(model(input_ids=ids, attention_mask=mask).logits)
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("frame", [0, 2])
-def test_export_reloads_with_auto_classes_identically(sample, tmp_path, frame):
-    sequences = sample[0]
-    ids, mask = tokens(sample, frame)
-    torch.manual_seed(1)
-    mlm = build_mlm_model(BertSettings(**TINY)).eval()
-    reg = build_regression_model(BertSettings(**TINY)).eval()
-    export_pretrained(mlm, tmp_path / "mlm", frame=frame)
-    export_pretrained(reg, tmp_path / "reg", frame=frame)
-
-    for kind, model, auto in (("mlm", mlm, AutoModelForMaskedLM), ("regression", reg, AutoModelForSequenceClassification)):
-        folder = tmp_path / ("mlm" if kind == "mlm" else "reg")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        # The saved tokenizer on the raw rows gives exactly the loader's ids.
-        enc = tokenizer(sequences, padding=True, return_tensors="pt")
-        assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["attention_mask"], mask)
-        reloaded = [auto.from_pretrained(folder).eval(), load_exported(folder, kind)[1]]
-        with torch.no_grad():
-            expected = model(input_ids=ids, attention_mask=mask).logits
-            for other in reloaded:
-                assert not other.training
-                got = other(**enc).logits
-                assert (got - expected).abs().max().item() == 0.0
-
-
 def test_regression_from_pretrained_keeps_encoder_and_starts_a_fresh_head(tmp_path):
     torch.manual_seed(2)
-    mlm = build_mlm_model(BertSettings(**TINY))
-    export_pretrained(mlm, tmp_path / "pre", frame=0)
-    settings = BertSettings(**TINY, dropout=0.2, pretrained=str(tmp_path / "pre"))
+    mlm = build_mlm_model(BertConfig(**TINY))
+    mlm.save_pretrained(tmp_path / "pre")  # the model part of an export (tests/tasks/test_bert_io.py)
+    settings = BertConfig(**TINY, dropout=0.2, pretrained=str(tmp_path / "pre"))
     heads = []
     for seed in (3, 4):
         torch.manual_seed(seed)
@@ -151,44 +147,21 @@ def test_regression_from_pretrained_keeps_encoder_and_starts_a_fresh_head(tmp_pa
 
 def test_bad_pretrained_paths_give_clear_errors(tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(UserError, match=r"model\.bert\.pretrained=.*nowhere.*no such folder"):
-        build_regression_model(BertSettings(**TINY, pretrained=str(missing)))
+    with pytest.raises(ConfigError, match=r"model\.bert\.pretrained=.*nowhere.*no such folder"):
+        build_regression_model(BertConfig(**TINY, pretrained=str(missing)))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"empty.*no config\.json"):
-        build_regression_model(BertSettings(**TINY, pretrained=str(tmp_path / "empty")))
+    with pytest.raises(ConfigError, match=r"empty.*no config\.json"):
+        build_regression_model(BertConfig(**TINY, pretrained=str(tmp_path / "empty")))
     # A fine-tuned regressor is not a masked-LM export.
-    export_pretrained(build_regression_model(BertSettings(**TINY)), tmp_path / "reg", frame=0)
-    with pytest.raises(UserError, match=r"reg.*not a BERT masked-LM export"):
-        build_regression_model(BertSettings(**TINY, pretrained=str(tmp_path / "reg")))
-    with pytest.raises(UserError, match=r"not a BertForMaskedLM export"):
-        load_exported(tmp_path / "reg", "mlm")
-    # Sizes that differ from the settings are named.
-    export_pretrained(build_mlm_model(BertSettings(**TINY)), tmp_path / "mlm", frame=0)
-    with pytest.raises(UserError, match=r"model\.bert\.layers: settings 3, export 2"):
-        build_regression_model(BertSettings(**{**TINY, "layers": 3}, pretrained=str(tmp_path / "mlm")))
-    with pytest.raises(UserError, match="no config.json"):
-        load_exported(missing, "mlm")
-    with pytest.raises(ValueError, match="kind"):
-        load_exported(tmp_path / "mlm", "classifier")
-
-
-def test_export_replaces_an_export_but_never_other_folders(tmp_path):
-    torch.manual_seed(5)
-    first, second = build_mlm_model(BertSettings(**TINY)), build_mlm_model(BertSettings(**TINY))
-    out = tmp_path / "export"
-    export_pretrained(first, out, frame=0)
-    export_pretrained(second, out, frame=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp or old folders left
-    _, loaded = load_exported(out, "mlm")
-    assert torch.equal(loaded.bert.embeddings.word_embeddings.weight, second.bert.embeddings.word_embeddings.weight)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer("A")["input_ids"] == encode_codes(np.zeros((1, 1), np.uint8), np.array([1]), frame=1)[0][0].tolist()
-    other = tmp_path / "notes"
-    other.mkdir()
-    (other / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a model export"):
-        export_pretrained(first, other, frame=0)
-    assert (other / "keep.txt").read_text() == "mine"
+    build_regression_model(BertConfig(**TINY)).save_pretrained(tmp_path / "reg")
+    with pytest.raises(ConfigError, match=r"reg.*not a BERT masked-LM export"):
+        build_regression_model(BertConfig(**TINY, pretrained=str(tmp_path / "reg")))
+    # Sizes that differ from the settings are named, the vocabulary too.
+    build_mlm_model(BertConfig(**TINY)).save_pretrained(tmp_path / "mlm")
+    with pytest.raises(ConfigError, match=r"model\.bert\.layers: settings 3, export 2"):
+        build_regression_model(BertConfig(**{**TINY, "layers": 3}, pretrained=str(tmp_path / "mlm")))
+    with pytest.raises(ConfigError, match=r"vocab_size: settings 131, export 130"):
+        build_regression_model(BertConfig(**TINY, pretrained=str(tmp_path / "mlm")), vocab_size=131)
 
 
 @pytest.mark.parametrize(
@@ -204,8 +177,8 @@ def test_export_replaces_an_export_but_never_other_folders(tmp_path):
     ],
 )
 def test_settings_validation_names_the_key(bad, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        BertSettings(**bad)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        BertConfig(**bad)
     # Through the config loader the same message reaches the user as a UserError.
     overrides = [f"model.bert.{name}={value}" for name, value in bad.items()]
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
@@ -218,7 +191,7 @@ def test_every_setting_has_a_docstring():
 
     import promoter_dist.models.bert as module
 
-    tree = ast.parse(inspect.getsource(module.BertSettings))
+    tree = ast.parse(inspect.getsource(module.BertConfig))
     body = tree.body[0].body
     fields = [node.target.id for node in body if isinstance(node, ast.AnnAssign)]
     documented = [
@@ -234,7 +207,7 @@ def test_local_init_first_layer_heads_attend_to_their_neighbour(sample):
     from promoter_dist.models.bert import LOCAL_OFFSETS
 
     torch.manual_seed(0)
-    settings = BertSettings(**TINY, init="local", dropout=0.0, attention="eager")
+    settings = BertConfig(**TINY, init="local", dropout=0.0, attention="eager")
     model = build_regression_model(settings).eval()
     ids, mask = tokens(sample)
     with torch.no_grad():
@@ -249,9 +222,9 @@ def test_local_init_first_layer_heads_attend_to_their_neighbour(sample):
         print(f"head {head} (offset {offset:+d}): {on_neighbour[attended].mean():.3f} of the attention on its neighbour")
         assert on_neighbour[attended].mean() > 0.6, (head, on_neighbour[attended].mean())
     # The stock init spreads attention: no head prefers one neighbour like that.
-    stock = build_regression_model(BertSettings(**TINY, dropout=0.0, attention="eager")).eval()
+    stock = build_regression_model(BertConfig(**TINY, dropout=0.0, attention="eager")).eval()
     with torch.no_grad():
         spread = stock.bert(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[0]
     assert spread[:, :, torch.arange(2, n - 2), torch.arange(3, n - 1)].mean() < 0.1
-    with pytest.raises(ValueError, match="model.bert.init"):
-        BertSettings(init="sinusoid")
+    with pytest.raises(ConfigError, match="model.bert.init"):
+        BertConfig(init="sinusoid")

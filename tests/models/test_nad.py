@@ -1,5 +1,6 @@
 """Team NAD's model: shapes, size, frozen embedding, BatchNorm modes, GloVe loading,
-config errors, a debug-size training step, and the relative position bias."""
+config errors, defaults against the data's constants, a debug-size training step, and the
+relative position bias."""
 
 from __future__ import annotations
 
@@ -8,20 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from promoter_dist.data.nad_words import NUM_WORDS, word_id
-from promoter_dist.errors import UserError
+from promoter_dist.data.glove import load_embedding_tensor
+from promoter_dist.data.nad_words import NUM_WORDS, WORDS_PER_ROW, word_id
+from promoter_dist.errors import ConfigError, UserError
+from promoter_dist.models.common import count_parameters
 from promoter_dist.models.nad import (
+    DEFAULT_NUM_WORDS,
     LevelEncoder,
     NADConfig,
     NADModel,
     PositionDepthwise,
     SandwichLayer,
-    count_parameters,
-    load_glove_embedding,
+    random_embedding,
 )
 
 NAD_VECTORS = Path(__file__).resolve().parents[2] / "data" / "dream2022" / "nad_glove" / "vectors.txt"
-PUBLISHED_SIZE = 14.2e6  # models.md, NAD section: "about 14.2M parameters"
+PUBLISHED_SIZE = 14.2e6  # NAD's published model: "about 14.2M parameters"
 DEBUG = dict(channels=(32, 48, 64, 80, 96), fpn_dim=64, heads=4, head_dim=16, depths=(1, 1, 1, 1))
 
 
@@ -63,10 +66,11 @@ def test_fpn_levels_have_exact_lengths(debug: NADModel) -> None:
 
 
 def test_published_parameter_count(published: NADModel) -> None:
-    trainable = count_parameters(published)
+    trainable = count_parameters(published, trainable_only=True)
     print(f"NAD published configuration: {trainable:,} trainable parameters "
           f"(+{published.embedding.numel():,} frozen embedding values, not counted)")
     assert abs(trainable - PUBLISHED_SIZE) / PUBLISHED_SIZE < 0.02
+    assert trainable == 14_183_312  # the module docstring's figure
     # The frozen table is a buffer, so counting all parameters adds nothing.
     assert count_parameters(published, trainable_only=False) == trainable
     assert published.embedding.numel() == 1024 * 128
@@ -122,8 +126,8 @@ def test_batchnorm_train_versus_eval(debug: NADModel) -> None:
     torch.testing.assert_close(first_eval, mixed_eval, rtol=1e-5, atol=1e-5)
 
 
-def test_load_glove_embedding_matches_file() -> None:
-    table = load_glove_embedding(NAD_VECTORS)
+def test_load_embedding_tensor_matches_file() -> None:
+    table = load_embedding_tensor(NAD_VECTORS)
     assert table.shape == (1024, 128) and table.dtype == torch.float32
     lines = NAD_VECTORS.read_text().splitlines()
     for line in (lines[2], lines[500]):  # TGGGG and a word from the middle of the file
@@ -152,8 +156,20 @@ def test_load_glove_embedding_matches_file() -> None:
     ],
 )
 def test_config_errors_name_the_field(changes: dict, field: str) -> None:
-    with pytest.raises(UserError, match=field):
+    with pytest.raises(ConfigError, match=field):
         NADConfig(**{**DEBUG, **changes})
+
+
+def test_defaults_equal_the_data_constants() -> None:
+    """The model knows its vocabulary and row length only as plain defaults; they match the words."""
+    assert DEFAULT_NUM_WORDS == NUM_WORDS == 1024
+    assert NADConfig().length == WORDS_PER_ROW == 80
+    assert random_embedding(16).shape == (NUM_WORDS, 16)
+    # A vocabulary passed in sizes the random table and the check of a given one.
+    model = NADModel(NADConfig(**DEBUG), num_words=12)
+    assert model.embedding.shape == (12, NADConfig().embed_dim)
+    with pytest.raises(UserError, match=r"\(12, 128\)"):
+        NADModel(NADConfig(**DEBUG), embedding=torch.zeros(NUM_WORDS, 128), num_words=12)
 
 
 def test_config_lists_become_tuples_and_bad_embedding_is_named() -> None:

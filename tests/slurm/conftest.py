@@ -57,7 +57,7 @@ def release_if_held(job_id: str) -> None:
     revoked to the second, so a rerun started within the same second as the requeue is killed
     as "non-startable: Job credential revoked" and the job ends FAILED.
     """
-    from promoter_dist.launch.slurm import slurm_job_info
+    from promoter_dist.launch.monitor import slurm_job_info
 
     info = slurm_job_info(job_id) or {}
     if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":

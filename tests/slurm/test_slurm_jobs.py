@@ -16,7 +16,9 @@ import pytest
 from promoter_dist import cli
 from promoter_dist.errors import UserError
 from promoter_dist.launch import environment as E
-from promoter_dist.launch import slurm as S
+from promoter_dist.launch.monitor import JobFailed, slurm_job_info, wait
+from promoter_dist.launch.options import ClusterOptions
+from promoter_dist.launch.submit import submit_training
 from tests.conftest import DEMO_TRAIN
 from tests.launch import standin_trainer
 from tests.slurm.conftest import SETUP, release_if_held, wait_for_lines
@@ -30,12 +32,12 @@ def _config(tmp_path: Path) -> Path:
     return config
 
 
-def _options(**kwargs) -> S.ClusterOptions:
-    return S.ClusterOptions(cluster="slurm", time="10", setup=list(SETUP), **kwargs)
+def _options(**kwargs) -> ClusterOptions:
+    return ClusterOptions(cluster="slurm", time="10", setup=list(SETUP), **kwargs)
 
 
 def _wait(job, **kwargs):
-    return S.wait(job, poll_s=0.5, on_poll=lambda state: release_if_held(job.job_id), timeout_s=240, **kwargs)
+    return wait(job, poll_s=0.5, on_poll=lambda state: release_if_held(job.job_id), timeout_s=240, **kwargs)
 
 
 @pytest.mark.parametrize("nodelist", ["gpu[01-04,07]", "a1,b[2-3]", "r[1-2]n[01-02]", "n[8-10],m[098-101]", "n-[1-2]"])
@@ -64,8 +66,8 @@ def test_shards_job_uses_the_whole_node_and_verifies(tmp_path, capsys):
 
 def test_two_tasks_get_their_ranks_and_a_working_master(tmp_path):
     out = tmp_path / "run"
-    job = S.submit_training(_config(tmp_path), ["standin.steps=3", "standin.collective=1"],
-                            _options(tasks_per_node=2), entry=STANDIN)
+    job = submit_training(_config(tmp_path), ["standin.steps=3", "standin.collective=1"],
+                          _options(tasks_per_node=2), entry=STANDIN)
     assert job.paths.folder == out / "slurm" / job.job_id
     assert [r["rank"] for r in _wait(job)] == [0, 1]
     envs = [json.loads((out / "env" / f"rank{rank}-restart0.json").read_text()) for rank in (0, 1)]
@@ -81,8 +83,8 @@ def test_two_tasks_get_their_ranks_and_a_working_master(tmp_path):
 def test_two_nodes_by_two_tasks(tmp_path):
     """A job across both nodes: ranks 0-1 on n1, 2-3 on n2, all meeting at n1's MASTER_PORT."""
     out = tmp_path / "run"
-    job = S.submit_training(_config(tmp_path), ["standin.steps=3", "standin.collective=1"],
-                            _options(nodes=2, tasks_per_node=2), entry=STANDIN)
+    job = submit_training(_config(tmp_path), ["standin.steps=3", "standin.collective=1"],
+                          _options(nodes=2, tasks_per_node=2), entry=STANDIN)
     assert [r["rank"] for r in _wait(job)] == [0, 1, 2, 3]
     envs = [json.loads((out / "env" / f"rank{rank}-restart0.json").read_text()) for rank in range(4)]
     assert [e["SLURMD_NODENAME"] for e in envs] == ["n1", "n1", "n2", "n2"]
@@ -94,15 +96,15 @@ def test_two_nodes_by_two_tasks(tmp_path):
 
 
 def _preemptible_job(tmp_path: Path, steps: int):
-    job = S.submit_training(_config(tmp_path), [f"standin.steps={steps}", "standin.step_seconds=0.2",
-                                                "run.checkpoint_every=5"], _options(tasks_per_node=2), entry=STANDIN)
+    job = submit_training(_config(tmp_path), [f"standin.steps={steps}", "standin.step_seconds=0.2",
+                                              "run.checkpoint_every=5"], _options(tasks_per_node=2), entry=STANDIN)
     wait_for_lines(tmp_path / "run" / "progress-rank0.log", "step ", 12)
     return job
 
 
 def _assert_resumed_to_the_same_end(tmp_path: Path, job, steps: int) -> list[str]:
     """Both ranks ended where an uninterrupted run ends, after a SLURM requeue and a resume."""
-    info = S.slurm_job_info(job.job_id)
+    info = slurm_job_info(job.job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1"
     reference = standin_trainer.expected(steps)
     for rank in (0, 1):
@@ -138,7 +140,7 @@ def test_external_requeue_reruns_and_resumes(tmp_path):
 
 def test_bad_partition_is_a_user_error_with_sbatchs_message(tmp_path):
     with pytest.raises(UserError, match="sbatch refused the job: .*[Ii]nvalid partition"):
-        S.submit_training(_config(tmp_path), [], _options(partition="no-such-partition"), entry=STANDIN)
+        submit_training(_config(tmp_path), [], _options(partition="no-such-partition"), entry=STANDIN)
 
 
 def test_bad_partition_from_the_command_line(tmp_path, capsys):
@@ -149,8 +151,8 @@ def test_bad_partition_from_the_command_line(tmp_path, capsys):
 
 
 def test_failing_job_reports_its_error_and_log_tail(tmp_path):
-    job = S.submit_training(_config(tmp_path), ["standin.fail_at=2"], _options(tasks_per_node=2), entry=STANDIN)
-    with pytest.raises(S.JobFailed) as info:
+    job = submit_training(_config(tmp_path), ["standin.fail_at=2"], _options(tasks_per_node=2), entry=STANDIN)
+    with pytest.raises(JobFailed) as info:
         _wait(job)
     message = str(info.value)
     assert f"job {job.job_id} failed on task 0: RuntimeError: stand-in trainer: planned failure at step 2" in message
@@ -159,8 +161,8 @@ def test_failing_job_reports_its_error_and_log_tail(tmp_path):
 
 
 def test_job_killed_without_a_result_reports_the_log_tail(tmp_path):
-    job = S.submit_training(_config(tmp_path), ["standin.exit_at=1"], _options(), entry=STANDIN)
-    with pytest.raises(S.JobFailed) as info:
+    job = submit_training(_config(tmp_path), ["standin.exit_at=1"], _options(), entry=STANDIN)
+    with pytest.raises(JobFailed) as info:
         _wait(job)
     message = str(info.value)
     assert f"job {job.job_id} ended FAILED without a result from task 0" in message

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from promoter_dist.launch import slurm as S
+from promoter_dist.launch import monitor
+from promoter_dist.launch.options import ClusterOptions
+from promoter_dist.launch.submit import submit_training
 from tests.conftest import REPO
 from tests.distributed.launch import run_deepspeed
 from tests.slurm.conftest import SETUP, release_if_held
@@ -88,12 +90,12 @@ def deepspeed_reference(shards: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 def submit(shards: Path, out: Path):
     # time=30: above submitit's 10-minute rule, so USR2 counts as a preemption, not a time limit.
-    options = S.ClusterOptions(cluster="slurm", tasks_per_node=2, time="30", setup=list(SETUP))
-    return S.submit_training(CONFIG, overrides(shards, out), options)
+    options = ClusterOptions(cluster="slurm", tasks_per_node=2, time="30", setup=list(SETUP))
+    return submit_training(CONFIG, overrides(shards, out), options)
 
 
 def wait(job) -> list[dict]:
-    results = S.wait(job, poll_s=0.5, on_poll=lambda state: release_if_held(job.job_id), timeout_s=400)
+    results = monitor.wait(job, poll_s=0.5, on_poll=lambda state: release_if_held(job.job_id), timeout_s=400)
     assert [r["rank"] for r in results] == [0, 1] and {r["world_size"] for r in results} == {2}
     return results
 
@@ -187,7 +189,7 @@ def test_slurm_job_trains_like_the_deepspeed_launcher(small_shards, tmp_path, tm
     log = job_log(job, 0) + job_log(job, 1)
     assert "task rank 0/2 (local 0/2, node 0/1)" in log and "task rank 1/2 (local 1/2, node 0/1)" in log
     assert "resumed from" not in log
-    assert S.slurm_job_info(job.job_id)["Restarts"] == "0"
+    assert monitor.slurm_job_info(job.job_id)["Restarts"] == "0"
     assert (out / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
     assert_same_run(out, reference)
 
@@ -199,7 +201,7 @@ def test_preempted_job_requeues_resumes_and_trains_like_the_deepspeed_launcher(s
     preempted_at = preempt_after_first_checkpoint(job, out)
     wait(job)
 
-    info = S.slurm_job_info(job.job_id)
+    info = monitor.slurm_job_info(job.job_id)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1
     rank0, rank1 = job_log(job, 0), job_log(job, 1)
     # Both ranks got the signal and wrote the checkpoint of the same step; then rank 0 requeued.

@@ -14,7 +14,7 @@ from promoter_dist.config import load_config
 from promoter_dist.data.dream import ReadOptions, read_dream
 from promoter_dist.data.kmer_tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, VOCAB_SIZE, encode_codes
 from promoter_dist.errors import UserError
-from promoter_dist.models.bert import load_exported
+from promoter_dist.tasks.bert_io import load_exported
 from promoter_dist.tasks.mlm import IGNORE, MLMTask, mask_tokens, mask_tokens_keyed
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "dream2022" / "samples" / "train_first1000.txt"

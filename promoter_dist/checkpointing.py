@@ -1,0 +1,231 @@
+"""A run's checkpoints: the one module that writes and reads ``<run>/checkpoints/``.
+
+Layout::
+
+    latest                 text: tag of the newest periodic checkpoint (moved only after every rank wrote)
+    best                   text: tag of the best validation checkpoint
+    best.json              the validation record that made it the best (as a metrics.jsonl line)
+    step00001200/          DeepSpeed tag folder: model states, ZeRO optimizer partitions, the trainer's
+                           shared state (client state), and trainer-rank<r>.pt: rank r's loader position,
+                           RNG state, loss window and own BatchNorm statistics
+    best-step00001100/     the same, for the best checkpoint
+
+:class:`CheckpointManager` writes a checkpoint collectively from a training engine and
+resumes one; the read-only functions below (:func:`checkpoint_tag`, :func:`fp32_state_dict`,
+:func:`export_fp32`, :func:`read_best_record`) need no engine and serve ``predict`` and
+``export``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import distributed as dist
+from .engine import parameters_finite
+from .errors import UserError
+from .io import atomic_open, write_json_atomic
+
+log = logging.getLogger("promoter_dist")
+
+LATEST, BEST = "latest", "best"
+"""The two pointer files."""
+BEST_RECORD = "best.json"
+"""The best checkpoint's validation record, beside the ``best`` pointer."""
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    """``<run_dir>/checkpoints``."""
+    return Path(run_dir) / "checkpoints"
+
+
+def read_pointer(run_dir: str | os.PathLike, name: str) -> str | None:
+    """The tag a pointer file ('latest' or 'best') holds, or None when there is none yet."""
+    path = checkpoints_dir(run_dir) / name
+    return path.read_text().strip() if path.is_file() else None
+
+
+def checkpoint_tag(run_dir: str | os.PathLike, which: str = BEST) -> str:
+    """The tag ``which`` ('best', 'latest' or a tag name) names in a run folder."""
+    ckpt = checkpoints_dir(run_dir)
+    if (ckpt / which).is_dir():
+        return which
+    tag = read_pointer(run_dir, which)
+    if tag is None:
+        known = sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else []
+        raise UserError(f"{ckpt / which}: no such checkpoint pointer or tag (found: {', '.join(known) or 'nothing'})")
+    return tag
+
+
+def fp32_state_dict(run_dir: str | os.PathLike, which: str = BEST) -> dict[str, torch.Tensor]:
+    """Plain fp32 weights of a checkpoint, for any ZeRO stage: loads with ``model.load_state_dict``."""
+    ckpt = checkpoints_dir(run_dir)
+    tag = checkpoint_tag(run_dir, which)
+    folder = ckpt / tag
+    if (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").exists() or list(folder.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+        except (ValueError, KeyError, FileNotFoundError):
+            state = None  # ZeRO-0 checkpoints hold optimizer files too but no partitioned weights
+        if state is not None:
+            return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model_file = folder / "mp_rank_00_model_states.pt"
+    if not model_file.exists():
+        raise UserError(f"{folder}: not a DeepSpeed checkpoint (no model states file)")
+    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+def export_fp32(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = BEST) -> Path:
+    """Write a checkpoint's fp32 weights as one ``torch.save`` file (atomically)."""
+    state = fp32_state_dict(run_dir, which)
+    out = Path(out)
+    with atomic_open(out, "wb") as f:
+        torch.save(state, f)
+    return out
+
+
+def read_best_record(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The validation record (a ``val`` line of metrics.jsonl) of the run's best checkpoint.
+
+    The trainer chose it by ``run.best_metric``; nobody chooses again.
+    """
+    path = checkpoints_dir(run_dir) / BEST_RECORD
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; the run kept no best checkpoint (no validation metric was finite)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a readable best-checkpoint record ({error})") from None
+    record = payload.get("record") if isinstance(payload, dict) else None
+    if not isinstance(record, dict) or record.get("kind") != "val":
+        raise UserError(f"{path}: not a best-checkpoint record (no validation record in it)")
+    return record
+
+
+def changed_keys(saved: Any, now: Any, prefix: str = "") -> Iterator[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in saved.keys() | now.keys():
+            yield from changed_keys(saved.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
+    elif saved != now:
+        yield prefix
+
+
+@dataclass
+class Resumed:
+    """What a resumed checkpoint gives back to the trainer."""
+
+    tag: str
+    """The checkpoint's tag."""
+    trainer_state: dict[str, Any]
+    """The state shared by all ranks (step, best record, schedules, GSAM, config, world size)."""
+    rank_state: dict[str, Any]
+    """This rank's own state (loader position, RNG state, loss window)."""
+
+
+class CheckpointManager:
+    """Saves, prunes and resumes the checkpoints of one run, on every rank together.
+
+    ``save`` and ``resume`` are collective (every rank calls them); pointers, the best record
+    and pruning are rank 0's. A checkpoint's weights hold the ranks' average BatchNorm
+    statistics (what evaluation and export use); each rank's own statistics are saved beside
+    them, and put back after saving and on resume, so training continues exactly.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, keep: int):
+        self.run_dir = Path(run_dir)
+        self.dir = checkpoints_dir(run_dir)
+        self.rank, self.world_size, self.keep = rank, world_size, keep
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def pointer(self, name: str) -> str | None:
+        """The tag of pointer ``name`` ('latest' or 'best'), or None."""
+        return read_pointer(self.run_dir, name)
+
+    def rank_file(self, tag: str) -> Path:
+        return self.dir / tag / f"trainer-rank{self.rank}.pt"
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def save(self, engine: Any, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any],
+             best: bool = False, best_record: dict[str, Any] | None = None) -> str:
+        """Write checkpoint ``step<N>`` (``best-step<N>`` when ``best``) on every rank; returns its tag.
+
+        The pointer moves only after every rank wrote; a best checkpoint's validation record is
+        written beside its pointer. Refuses (on every rank) to write weights that hold NaN/inf,
+        keeping the last good checkpoint.
+        """
+        if dist.any_rank(not parameters_finite(engine)):
+            raise UserError(f"step {step}: the weights hold NaN/inf; refusing to write a checkpoint "
+                            f"(the last good one in {self.dir} is kept)")
+        own_statistics = [b.detach().clone() for b in dist.norm_statistics(engine.module)]
+        dist.average_norm_statistics(engine.module)
+        tag = f"{'best-' if best else ''}step{step:08d}"
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+        with atomic_open(self.rank_file(tag), "wb") as f:
+            torch.save({**rank_state, "norm_statistics": own_statistics}, f)
+        _copy_into(dist.norm_statistics(engine.module), own_statistics)
+        dist.barrier()
+        if self.is_main:
+            if best and best_record is not None:
+                write_json_atomic(self.dir / BEST_RECORD, {"tag": tag, "record": best_record})
+            with atomic_open(self.dir / (BEST if best else LATEST), "w") as f:
+                f.write(tag)
+            self.prune()
+        dist.barrier()
+        return tag
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` periodic tags and the current best one."""
+        keep = {self.pointer(LATEST), self.pointer(BEST)}
+        periodic = sorted(p.name for p in self.dir.glob("step*") if p.is_dir())
+        keep.update(periodic[-self.keep:])
+        for path in self.dir.iterdir():
+            if path.is_dir() and path.name.startswith(("step", "best-")) and path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def resume(self, engine: Any, config: dict[str, Any]) -> Resumed | None:
+        """Load ``latest`` into ``engine`` (model, optimizer, own BatchNorm statistics), or None.
+
+        ``config`` is the run's resolved config as a dict: a checkpoint written under another
+        one resumes with a warning naming the keys that differ.
+        """
+        tag = self.pointer(LATEST)
+        if tag is None:
+            return None
+        rank_file = self.rank_file(tag)
+        if not rank_file.exists():
+            raise UserError(f"{rank_file}: missing; checkpoint {tag} was written by a run of another world size "
+                            "(exact resume needs the same number of ranks)")
+        _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        state = client["trainer"]
+        if state["world_size"] != self.world_size:
+            raise UserError(f"{self.dir / tag}: saved with {state['world_size']} ranks, now {self.world_size}")
+        changed = sorted(changed_keys(state["config"], config))
+        if changed:
+            log.warning("config differs from the checkpoint's in: %s", ", ".join(changed))
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        _copy_into(dist.norm_statistics(engine.module), rank_state.pop("norm_statistics", []))
+        return Resumed(tag, state, rank_state)
+
+
+def _copy_into(buffers: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buffer, value in zip(buffers, values):
+            buffer.copy_(value)

@@ -1,0 +1,112 @@
+"""A BERT model and its 3-mer tokenizer as one Hugging Face folder: export and reload.
+
+An export holds ``save_pretrained`` of the model and of the tokenizer of the reading frame
+the run trained on, so it reloads with ``AutoTokenizer`` and ``AutoModelForMaskedLM`` /
+``AutoModelForSequenceClassification`` and no code from this package. The model lives in
+:mod:`promoter_dist.models.bert`, the tokenizer in :mod:`promoter_dist.data.kmer_tokenizer`;
+the tasks join them here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from torch import nn
+
+from ..data.kmer_tokenizer import build_tokenizer
+from ..errors import UserError
+from ..models.bert import quiet_transformers
+
+if TYPE_CHECKING:  # transformers is imported where used
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int) -> Path:
+    """Save ``model`` (``save_pretrained``) and the frame's tokenizer into ``out_dir``, atomically.
+
+    Everything is written into a hidden sibling folder first and renamed into place, so
+    a reader never sees a half-written export. An existing export at ``out_dir`` is
+    replaced (it is moved aside, the new one renamed in, then the old one deleted; a
+    crash between the two renames leaves the old export in ``.<name>.old-*``). A folder
+    there that is neither empty nor an export (no config.json) is refused, not deleted.
+    Returns the export folder.
+    """
+    model = _unwrap(model)
+    out_dir = Path(out_dir)
+    replaceable = out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "config.json").is_file())
+    if out_dir.exists() and not replaceable:
+        raise UserError(f"{out_dir}: exists and is not a model export; refusing to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
+    try:
+        with quiet_transformers():
+            model.save_pretrained(tmp)
+        # The tokenizer's position limit follows the model's position table.
+        build_tokenizer(frame, model_max_length=model.config.max_position_embeddings).save_pretrained(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_exported(
+    out_dir: str | os.PathLike, kind: Literal["mlm", "regression"]
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """(tokenizer, model) of an export, through the ``Auto*`` classes; the model is in eval mode.
+
+    ``kind`` is 'mlm' (``AutoModelForMaskedLM``) or 'regression'
+    (``AutoModelForSequenceClassification``; the export must be a fine-tuned regressor:
+    to start a regressor from a masked-LM export use
+    :func:`promoter_dist.models.bert.build_regression_model`).
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    auto = {
+        "mlm": (AutoModelForMaskedLM, "BertForMaskedLM"),
+        "regression": (AutoModelForSequenceClassification, "BertForSequenceClassification"),
+    }
+    if kind not in auto:
+        raise ValueError(f"kind must be 'mlm' or 'regression', not {kind!r}")
+    path = Path(out_dir)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a model export (no config.json)")
+    architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    model_cls, arch = auto[kind]
+    if arch not in architectures:
+        raise UserError(f"{path}: holds {architectures}, not a {arch} export (kind={kind!r})")
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = model_cls.from_pretrained(path)
+    return tokenizer, model.eval()
+
+
+def _unwrap(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model inside generic wrappers that keep it as ``.module``."""
+    from transformers import (
+        BertForMaskedLM,
+        BertForSequenceClassification,
+        PreTrainedModel,
+    )
+
+    while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    if not isinstance(model, (BertForMaskedLM, BertForSequenceClassification)):
+        raise TypeError(f"expected a BertForMaskedLM or BertForSequenceClassification, got {type(model).__name__}")
+    return model

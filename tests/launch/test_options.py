@@ -1,0 +1,53 @@
+"""Cluster options: SLURM times, validation, and the submitit keywords they map to (pure, no SLURM)."""
+
+from __future__ import annotations
+
+import pytest
+
+from promoter_dist.errors import UserError
+from promoter_dist.launch.options import ClusterOptions, executor_parameters, parse_time
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("90", 90), ("1:30", 2), ("24:00:00", 1440), ("0:00:59", 1), ("2-0", 2880), ("1-12:30", 2190),
+    ("1-00:00:01", 1441), (45, 45),
+])
+def test_parse_time(text, minutes):
+    assert parse_time(text) == minutes
+
+
+@pytest.mark.parametrize("bad", ["", "1h", "00:00:00", "1:2:3:4", "-5"])
+def test_parse_time_rejects(bad):
+    with pytest.raises(UserError, match="--time"):
+        parse_time(bad)
+
+
+def test_cluster_options_validation():
+    with pytest.raises(UserError, match="--cluster"):
+        ClusterOptions(cluster="kubernetes")
+    with pytest.raises(UserError, match="--nodes 1"):
+        ClusterOptions(cluster="local", nodes=2)
+    with pytest.raises(UserError, match="--cluster local"):
+        ClusterOptions(cluster="debug", tasks_per_node=2)
+    with pytest.raises(UserError, match="--gpus-per-node"):
+        ClusterOptions(gpus_per_node=-1)
+    assert ClusterOptions(gpus_per_node=8).tasks == 8
+    assert ClusterOptions(gpus_per_node=8, tasks_per_node=1).tasks == 1
+    assert ClusterOptions().tasks == 1
+
+
+def test_executor_parameters_maps_every_knob():
+    options = ClusterOptions(
+        nodes=4, gpus_per_node=8, cpus_per_task=10, mem_gb=480, partition="gpu", account="bio", qos="high",
+        constraint="a100|h100", time="1-00:00:00", job_name="nad", signal_delay_s=180, max_timeouts=5,
+        exclusive=True, setup=["module load cuda"], additional={"mail-type": "END"})
+    assert executor_parameters(options) == {
+        "name": "nad", "timeout_min": 1440, "nodes": 4, "tasks_per_node": 8, "gpus_per_node": 8,
+        "cpus_per_task": 10, "mem_gb": 480, "slurm_partition": "gpu", "slurm_account": "bio", "slurm_qos": "high",
+        "slurm_constraint": "a100|h100", "slurm_signal_delay_s": 180, "slurm_exclusive": True,
+        "slurm_setup": ["module load cuda"], "local_setup": ["module load cuda"],
+        "slurm_additional_parameters": {"mail-type": "END"}, "slurm_srun_args": ["--cpus-per-task", "10"],
+    }
+    # Unset knobs are left to the cluster; a CPU job asks for no GPUs at all.
+    assert executor_parameters(ClusterOptions(time="10")) == {
+        "name": "promoter-dist", "timeout_min": 10, "nodes": 1, "tasks_per_node": 1, "slurm_signal_delay_s": 120}
