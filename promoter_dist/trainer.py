@@ -30,6 +30,7 @@ from .engine import build_engine, set_learning_rate
 from .errors import NonFiniteLossError, UserError
 from .io import atomic_open
 from .launch.environment import DistEnv
+from .models.common import count_parameters
 from .optim.engine_grads import zero_engine_gradients
 from .records import MetricsLog, setup_logging
 from .schedules import Plateau, lr_at
@@ -70,9 +71,9 @@ class Trainer:
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
         self.task = build_task(config)
         model = self.task.build_model()
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("model %s for task %s: %s trainable parameters", config.model.name, config.task.name, f"{trainable:,}")
-        self.parameter_count = trainable
+        self.parameter_count = count_parameters(model, trainable_only=True)
+        log.info("model %s for task %s: %s trainable parameters", config.model.name, config.task.name,
+                 f"{self.parameter_count:,}")
         self.engine = build_engine(model, config, env.world_size)
         self.device = dist.device()
         # Label noise and dropout differ by rank, as independent workers' would.
