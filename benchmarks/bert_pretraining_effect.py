@@ -33,18 +33,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def read_records(run: Path) -> list[dict[str, Any]]:
-    """The validation records of a finished run."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "val"]
+def best_record(run: Path) -> dict[str, Any]:
+    """The validation record of the run's best checkpoint, the one that was exported.
 
+    The trainer chose it by ``run.best_metric`` (masked-LM: loss; regression: Pearson).
+    """
+    from promoter_dist.checkpointing import read_best_record
+    from promoter_dist.errors import UserError
 
-def best_record(run: Path, key: str, higher: bool) -> dict[str, Any]:
-    """The validation record with the best ``key`` (the one whose checkpoint was exported)."""
-    records = [r for r in read_records(run) if r.get(key) is not None]
-    if not records:
-        raise SystemExit(f"{run}: no validation record with {key!r}")
-    return (max if higher else min)(records, key=lambda r: r[key])
+    try:
+        return read_best_record(run)
+    except UserError as error:
+        raise SystemExit(str(error)) from None
 
 
 def launch(config: Path, overrides: list[str], procs: int, out: Path) -> float:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[1/3] masked-LM pretraining -> {out / 'pretrain'}")
         figures["pretrain_seconds"] = launch(args.pretrain_config, data, args.procs, out / "pretrain")
-        best = best_record(out / "pretrain", "loss", higher=False)
+        best = best_record(out / "pretrain")
         figures.update(pretrain_accuracy=best["accuracy"], pretrain_row_accuracy=best.get("row_accuracy"),
                        pretrain_loss=best["loss"], pretrain_step=best["step"])
         export = out / "pretrain" / "export"
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         start = f"the export {export}" if name == "pretrained" else "a random initialisation"
         print(f"[{i}/3] fine-tuning from {start} -> {out / name}")
         figures[f"{name}_seconds"] = launch(args.finetune_config, [*data, *init], args.procs, out / name)
-        best = best_record(out / name, "pearson", higher=True)
+        best = best_record(out / name)
         figures.update({f"{name}_pearson": best["pearson"], f"{name}_spearman": best["spearman"],
                         f"{name}_step": best["step"]})
         oracle = oracle_pearson(shards, out / name)

@@ -1,18 +1,19 @@
 """Step cost of GSAM against the plain optimizer under DeepSpeed, measured side by side.
 
-Two engines on the same model, built from the shipped config exactly as ``train_step.py`` builds them
-(``configs/nad/debug.yaml`` by default: NAD's debug model, its batch, AdamW, the chosen ZeRO stage,
-gradient clipping on): one takes ordinary DeepSpeed steps, the other is driven by
-``promoter_dist.optim.DeepSpeedGSAM`` with NAD's settings (rho 0.1, alpha 0.05). Both compute the loss
-with the task's ``training_loss``, as the trainer does. Blocks of steps alternate (plain, GSAM, GSAM,
-plain, ...) so that a change in machine load hits both alike.
+Two engines on the same model, built from the shipped config exactly as ``train_step.py`` builds
+them (``_common.bench_config``, ``promoter_dist.engine.build_engine``; ``configs/nad/debug.yaml`` by
+default: NAD's debug model, its batch, AdamW, the chosen ZeRO stage, gradient clipping on): one takes
+ordinary DeepSpeed steps, the other is driven by ``promoter_dist.optim.gsam_deepspeed.DeepSpeedGSAM``
+with NAD's settings (rho 0.1, alpha 0.05). Both compute the loss with the task's ``training_loss``, as
+the trainer does. Blocks of steps alternate (plain, GSAM, GSAM, plain, ...) so that a change in
+machine load hits both alike.
 
 GSAM takes two forward/backward passes per optimizer step, so the ideal ratio of step times is about
 2.0 (a little less: the optimizer step itself is not repeated); the target is <= 2.1. The script also
 times the engine's own work inside the GSAM steps (forward, backward, optimizer step): the rest is the
 driver's overhead (gradient copies, perturbation, inner products, RNG and BatchNorm snapshots).
 
-One process, no launcher (``promoter_dist.distributed.resolve_environment`` sets it up). Printed on
+One process, no launcher (``promoter_dist.launch.environment.from_launcher`` sets it up). Printed on
 both clocks (``wall``: elapsed; ``cpu``: this process's CPU time, much steadier on a shared machine):
 samples/s of each, the ratio of medians and the median of per-round paired ratios. Example::
 
@@ -32,15 +33,17 @@ from typing import Any, Callable
 
 import torch
 
-from train_step import (CLOCKS, bench_config, build_task, compute_device, make_batches, median, quiet_deepspeed,
-                        set_threads, synchronize)
-
-
-def clocks() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
+from _common import (CLOCKS, autocast, bench_config, default_precision, default_threads, make_batches, median,
+                     median_paired_ratio, read_clocks, start_process, synchronize)
+from promoter_dist.engine import build_engine, set_learning_rate
+from promoter_dist.models.common import count_parameters
+from promoter_dist.optim.gsam import GSAMConfig
+from promoter_dist.optim.gsam_deepspeed import DeepSpeedGSAM
+from promoter_dist.tasks import build_task
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Time plain and GSAM steps in alternating blocks and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="nad", choices=["nad", "bert-regression", "bert-mlm"],
                         help="model and its config file (default: nad)")
@@ -58,15 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
-    from promoter_dist.distributed import init_distributed, resolve_environment
-    from promoter_dist.engine import build_engine, set_learning_rate
-    from promoter_dist.optim import DeepSpeedGSAM, GSAMConfig
-
-    init_distributed(resolve_environment())
-    quiet_deepspeed()
-    device = compute_device()
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    set_threads(args.threads if args.threads >= 0 else (0 if device.type == "cuda" else 1))
+    precision = default_precision(args.precision)
+    _, device = start_process(default_threads(args.threads if args.threads >= 0 else None))
 
     with tempfile.TemporaryDirectory(prefix="gsam-bench-") as out_dir:
         config = bench_config(args.model, args.size, precision, args.stage, args.batch, 0, out_dir)
@@ -75,16 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         task = build_task(config)
         torch.manual_seed(config.run.seed)
         model = task.build_model()
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        params = count_parameters(model, trainable_only=True)
         plain = build_engine(copy.deepcopy(model), config, world_size=1)
         engine = build_engine(model, config, world_size=1)
     lr = config.optim.lr
     gsam = DeepSpeedGSAM(engine, GSAMConfig(enabled=True), lr_max=lr, lr_min=lr * config.schedule.final_factor)
     micro_batches = make_batches(args.model, config.data.batch_size, args.accumulation, device)
-    autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def loss_of(model_engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast():
+        with autocast(device, precision):
             return task.training_loss(model_engine, batch)
 
     def plain_step() -> None:
@@ -122,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     def block(kind: str, count: int) -> tuple[float, float]:
         """Seconds of ``count`` steps of one kind on each clock."""
         synchronize(device)
-        start = clocks()
+        start = read_clocks()
         for _ in range(count):
             steps[kind]()
         synchronize(device)
-        end = clocks()
+        end = read_clocks()
         return end[0] - start[0], end[1] - start[1]
 
     for kind in steps:
@@ -150,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'clock':<6}{'plain samples/s':>17}{'GSAM samples/s':>16}{'GSAM / plain step time':>24}{'paired':>9}")
     for clock in CLOCKS:
         plain_s, gsam_s = median(seconds["plain"][clock]), median(seconds["gsam"][clock])
-        paired = median([g / p for g, p in zip(seconds["gsam"][clock], seconds["plain"][clock])])
+        paired = median_paired_ratio(seconds["gsam"][clock], seconds["plain"][clock])
         figures[clock] = {"plain_samples_per_s": samples / plain_s, "gsam_samples_per_s": samples / gsam_s,
                           "ratio_of_medians": gsam_s / plain_s, "median_paired_ratio": paired,
                           "plain_step_s": seconds["plain"][clock], "gsam_step_s": seconds["gsam"][clock]}

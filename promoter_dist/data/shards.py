@@ -83,7 +83,6 @@ SCHEMA = {
 }
 
 
-
 @dataclass(frozen=True)
 class BlockIndex:
     """Where one block lies in its shard and how many rows of each view it holds.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -99,12 +100,12 @@ def test_block_index_round_trips_the_manifest_lists(small_shards: Path) -> None:
     assert BlockIndex.from_list(index.to_list(), MANIFEST, "train-000000", 0) == index
     assert [index.rows_in_view(v) for v in ("all", "nad", "top")] == [128, 100, 30]
     manifest = load_manifest(small_shards)
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for shard in info["shards"]:
             blocks = shard_blocks(shard, small_shards / MANIFEST)
             assert [b.to_list() for b in blocks] == shard["blocks"]  # the JSON form is unchanged
             assert blocks[0].offset == 0 and sum(b.nbytes for b in blocks) + 1024 <= shard["bytes"]
-            assert all(a.offset + a.nbytes == b.offset for a, b in zip(blocks, blocks[1:]))
+            assert all(a.offset + a.nbytes == b.offset for a, b in itertools.pairwise(blocks))
         assert sum(b.rows_nad for s in info["shards"] for b in shard_blocks(s, MANIFEST)) == info["rows_nad"]
     assert max(b.max_length for info in manifest["splits"].values() for s in info["shards"]
                for b in shard_blocks(s, MANIFEST)) == manifest["max_row_length"]
