@@ -15,7 +15,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -88,7 +88,7 @@ def make_batches(model: str, batch: int, count: int, device: torch.device,
     return out
 
 
-def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """bf16 compute over fp32 weights for ``precision`` bf16, as the trainer runs ``engine.precision=bf16``."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -29,17 +29,19 @@ import json
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from _common import (CLOCKS, autocast, bench_config, default_precision, default_threads, make_batches, median,
-                     median_paired_ratio, read_clocks, start_process, synchronize)
 from promoter_dist.engine import build_engine, set_learning_rate
 from promoter_dist.models.common import count_parameters
 from promoter_dist.optim.gsam import GSAMConfig
 from promoter_dist.optim.gsam_deepspeed import DeepSpeedGSAM
 from promoter_dist.tasks import build_task
+
+from _common import (CLOCKS, autocast, bench_config, default_precision, default_threads, make_batches, median,
+                     median_paired_ratio, read_clocks, start_process, synchronize)
 
 
 def main(argv: list[str] | None = None) -> int:

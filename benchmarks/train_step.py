@@ -35,17 +35,19 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from _common import (CLOCKS, MODELS, STAGES, autocast, bench_config, default_precision, default_threads,
-                     machine_report, make_batches, median, median_paired_ratio, start_process, synchronize)
 from promoter_dist.engine import build_engine, build_optimizer, set_learning_rate
 from promoter_dist.models.common import count_parameters
 from promoter_dist.tasks import build_task
+
+from _common import (CLOCKS, MODELS, STAGES, autocast, bench_config, default_precision, default_threads,
+                     machine_report, make_batches, median, median_paired_ratio, start_process, synchronize)
 
 PHASES = ("forward", "backward", "step")
 

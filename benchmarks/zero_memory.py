@@ -54,17 +54,19 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from _common import (REPO, STAGES, bench_config, default_precision, default_threads, machine_report, make_batches,
-                     start_process, synchronize)
 from promoter_dist import distributed as dist
 from promoter_dist.engine import build_engine
 from promoter_dist.models.common import count_parameters
 from promoter_dist.tasks import build_task
+
+from _common import (REPO, STAGES, bench_config, default_precision, default_threads, machine_report, make_batches,
+                     start_process, synchronize)
 
 MB = 1024.0**2
 

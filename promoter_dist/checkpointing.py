@@ -14,13 +14,21 @@ Layout::
 resumes one; the read-only functions below (:func:`checkpoint_tag`, :func:`fp32_state_dict`,
 :func:`export_fp32`, :func:`read_best_record`) need no engine and serve ``predict`` and
 ``export``.
+
+Untrusted files: a checkpoint may come from another user, so every ``torch.load`` of one,
+DeepSpeed's own loading included, runs with ``weights_only=True`` inside
+:func:`weights_only_loads` (tensors, containers, numbers and the few DeepSpeed types in
+:data:`DEEPSPEED_TYPES`; never arbitrary code). A file that needs more is refused with one line
+naming it, unless the user vouches for it (``run.trust_pickled_checkpoints``, ``--trust-pickle``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +39,7 @@ import torch
 from . import distributed as dist
 from .engine import parameters_finite
 from .errors import UserError
-from .io import atomic_open, write_json_atomic
+from .io import atomic_open, fsync_paths, write_json_atomic
 
 log = logging.getLogger("promoter_dist")
 
@@ -39,6 +47,75 @@ LATEST, BEST = "latest", "best"
 """The two pointer files."""
 BEST_RECORD = "best.json"
 """The best checkpoint's validation record, beside the ``best`` pointer."""
+
+
+DEEPSPEED_TYPES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+"""Classes DeepSpeed 0.19 pickles into its checkpoint files (loss scaler, ZeRO stage, fragment
+addresses): plain records, allowed in a weights-only load. Found by loading checkpoints of every
+ZeRO stage with ``weights_only=True`` until nothing else was refused."""
+
+
+class UntrustedFileError(UserError):
+    """A file that only a full pickle load could read: refused, since unpickling runs code."""
+
+
+def _allowed_types() -> list[Any]:
+    import importlib
+
+    found = []
+    for name in DEEPSPEED_TYPES:
+        module, _, attr = name.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), attr))
+    return found
+
+
+def _path_of(file: Any) -> str:
+    return str(getattr(file, "name", file))
+
+
+@contextlib.contextmanager
+def weights_only_loads(trust_pickle: bool = False) -> Iterator[None]:
+    """Every ``torch.load`` inside the block (DeepSpeed's too) loads weights only, never code.
+
+    DeepSpeed's checkpoint code calls ``torch.load(..., weights_only=False)``; inside this block
+    that call is made with ``weights_only=True`` and the types of :data:`DEEPSPEED_TYPES`. A file
+    that needs anything else raises :class:`UntrustedFileError` naming it; a file that is not a
+    torch file at all raises :class:`UserError`. ``trust_pickle=True`` leaves loads as they are.
+    """
+    if trust_pickle:
+        yield
+        return
+    original = torch.load
+    allowed = _allowed_types()
+
+    def load(f: Any, map_location: Any = None, pickle_module: Any = None, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(f, map_location, **kwargs)
+        except pickle.UnpicklingError as error:
+            first = str(error).strip().splitlines()
+            why = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), "")
+            raise UntrustedFileError(
+                f"{_path_of(f)}: refused: reading it needs a full pickle load, which runs code stored in the file "
+                f"({why or 'not a weights-only file'}); if it is your own file, set run.trust_pickled_checkpoints=true "
+                "or pass --trust-pickle") from None
+        except (RuntimeError, EOFError, ValueError) as error:
+            raise UserError(f"{_path_of(f)}: not a readable checkpoint file ({str(error).strip().splitlines()[0]})") \
+                from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
@@ -64,8 +141,17 @@ def checkpoint_tag(run_dir: str | os.PathLike, which: str = BEST) -> str:
     return tag
 
 
-def fp32_state_dict(run_dir: str | os.PathLike, which: str = BEST) -> dict[str, torch.Tensor]:
-    """Plain fp32 weights of a checkpoint, for any ZeRO stage: loads with ``model.load_state_dict``."""
+def fp32_state_dict(run_dir: str | os.PathLike, which: str = BEST,
+                    trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Plain fp32 weights of a checkpoint, for any ZeRO stage: loads with ``model.load_state_dict``.
+
+    Read weights-only (:func:`weights_only_loads`) unless ``trust_pickle``.
+    """
+    with weights_only_loads(trust_pickle):
+        return _fp32_state_dict(run_dir, which)
+
+
+def _fp32_state_dict(run_dir: str | os.PathLike, which: str) -> dict[str, torch.Tensor]:
     ckpt = checkpoints_dir(run_dir)
     tag = checkpoint_tag(run_dir, which)
     folder = ckpt / tag
@@ -81,17 +167,78 @@ def fp32_state_dict(run_dir: str | os.PathLike, which: str = BEST) -> dict[str, 
     model_file = folder / "mp_rank_00_model_states.pt"
     if not model_file.exists():
         raise UserError(f"{folder}: not a DeepSpeed checkpoint (no model states file)")
-    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    module = torch.load(model_file, map_location="cpu")["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
 
-def export_fp32(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = BEST) -> Path:
-    """Write a checkpoint's fp32 weights as one ``torch.save`` file (atomically)."""
-    state = fp32_state_dict(run_dir, which)
+EXPORT_FORMAT = "promoter-dist/1"
+"""``format`` metadata of an exported model file."""
+
+
+def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, which: str = BEST,
+                 trust_pickle: bool = False) -> Path:
+    """Write a checkpoint's fp32 weights and the run's config as one safetensors file (atomically).
+
+    safetensors holds tensors and string metadata only, so the file cannot carry code; the
+    metadata holds ``format``, the resolved ``config`` (YAML, as in the run's config.yaml) and
+    the ``checkpoint`` it came from. ``promoter-dist predict --checkpoint FILE`` runs from it;
+    ``safetensors.torch.load_file(FILE)`` gives the state dict for ``model.load_state_dict``.
+    """
+    from safetensors.torch import save
+
+    tag = checkpoint_tag(run_dir, which)
+    config_path = Path(run_dir) / "config.yaml"
+    try:
+        config_text = config_path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{config_path}: cannot read the run's config ({error})") from None
+    state = fp32_state_dict(run_dir, tag, trust_pickle)
+    # Tied weights share storage in the module; safetensors stores each tensor on its own.
+    tensors = {name: value.detach().contiguous().clone() for name, value in state.items()}
+    data = save(tensors, metadata={"format": EXPORT_FORMAT, "config": config_text, "checkpoint": tag})
     out = Path(out)
     with atomic_open(out, "wb") as f:
-        torch.save(state, f)
+        f.write(data)
     return out
+
+
+@dataclass
+class ExportedModel:
+    """An exported model file, read and checked."""
+
+    path: Path
+    config_text: str
+    """The run's resolved config (YAML)."""
+    checkpoint: str
+    """The tag of the checkpoint it was exported from."""
+    state: dict[str, torch.Tensor]
+    """fp32 weights for ``model.load_state_dict``."""
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file (an export), not a run folder."""
+    return Path(path).is_file()
+
+
+def read_export(path: str | os.PathLike) -> ExportedModel:
+    """Read an export written by :func:`export_model` (no pickle: safetensors only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        state = load(data)
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the exported model ({error.strerror or error})") from None
+    except (SafetensorError, ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a safetensors model file written by promoter-dist export ({error})") from None
+    if metadata.get("format") != EXPORT_FORMAT or not isinstance(metadata.get("config"), str):
+        raise UserError(f"{path}: a safetensors file without promoter-dist metadata (format {EXPORT_FORMAT!r} and the "
+                        "run's config); write it with promoter-dist export")
+    return ExportedModel(path, metadata["config"], str(metadata.get("checkpoint", "")), state)
 
 
 def read_best_record(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -164,9 +311,10 @@ class CheckpointManager:
              best: bool = False, best_record: dict[str, Any] | None = None) -> str:
         """Write checkpoint ``step<N>`` (``best-step<N>`` when ``best``) on every rank; returns its tag.
 
-        The pointer moves only after every rank wrote; a best checkpoint's validation record is
-        written beside its pointer. Refuses (on every rank) to write weights that hold NaN/inf,
-        keeping the last good checkpoint.
+        The pointer moves only after every rank wrote and flushed every file of the checkpoint
+        (and its folder) to disk; a best checkpoint's validation record is written beside its
+        pointer. Refuses (on every rank) to write weights that hold NaN/inf, keeping the last
+        good checkpoint.
         """
         if dist.any_rank(not parameters_finite(engine)):
             raise UserError(f"step {step}: the weights hold NaN/inf; refusing to write a checkpoint "
@@ -178,6 +326,8 @@ class CheckpointManager:
         with atomic_open(self.rank_file(tag), "wb") as f:
             torch.save({**rank_state, "norm_statistics": own_statistics}, f)
         _copy_into(dist.norm_statistics(engine.module), own_statistics)
+        dist.barrier()  # every rank wrote its files ...
+        flush_folder(self.dir / tag)  # ... and each flushes what this node holds of them
         dist.barrier()
         if self.is_main:
             if best and best_record is not None:
@@ -199,30 +349,48 @@ class CheckpointManager:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def resume(self, engine: Any, config: dict[str, Any]) -> Resumed | None:
+    def resume(self, engine: Any, config: dict[str, Any], trust_pickle: bool = False) -> Resumed | None:
         """Load ``latest`` into ``engine`` (model, optimizer, own BatchNorm statistics), or None.
 
-        ``config`` is the run's resolved config as a dict: a checkpoint written under another
-        one resumes with a warning naming the keys that differ.
+        Collective: a problem on any rank (a missing or refused file) ends every rank with the
+        same message. Files are read weights-only unless ``trust_pickle``. ``config`` is the run's
+        resolved config as a dict: a checkpoint written under another one resumes with a warning
+        naming the keys that differ.
         """
         tag = self.pointer(LATEST)
         if tag is None:
             return None
         rank_file = self.rank_file(tag)
-        if not rank_file.exists():
-            raise UserError(f"{rank_file}: missing; checkpoint {tag} was written by a run of another world size "
-                            "(exact resume needs the same number of ranks)")
-        _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
-        state = client["trainer"]
+        with dist.failing_together():
+            if not rank_file.exists():
+                raise UserError(f"{rank_file}: missing; checkpoint {tag} was written by a run of another world "
+                                "size, or is incomplete (exact resume needs every rank's file)")
+        with dist.failing_together(), weights_only_loads(trust_pickle):
+            rank_state = torch.load(rank_file, map_location="cpu")
+            if not isinstance(rank_state, dict) or not {"loader", "rng"} <= rank_state.keys():
+                raise UserError(f"{rank_file}: not a trainer rank state (no loader position or RNG state)")
+            # Before DeepSpeed loads (collectively): each rank checks every file of the checkpoint
+            # here, where a refusal on one rank can still end all of them together.
+            for path in sorted((self.dir / tag).glob("*.pt")):
+                torch.load(path, map_location="cpu", mmap=not trust_pickle)
+        with weights_only_loads(trust_pickle):
+            _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        state = (client or {}).get("trainer")
+        if not isinstance(state, dict):
+            raise UserError(f"{self.dir / tag}: holds no trainer state (not a checkpoint of this toolkit)")
         if state["world_size"] != self.world_size:
             raise UserError(f"{self.dir / tag}: saved with {state['world_size']} ranks, now {self.world_size}")
         changed = sorted(changed_keys(state["config"], config))
         if changed:
             log.warning("config differs from the checkpoint's in: %s", ", ".join(changed))
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
         _copy_into(dist.norm_statistics(engine.module), rank_state.pop("norm_statistics", []))
         return Resumed(tag, state, rank_state)
+
+
+def flush_folder(folder: Path) -> None:
+    """fsync every file of ``folder`` and the folder itself (what this node wrote reaches the disk)."""
+    fsync_paths(sorted(p for p in folder.iterdir() if p.is_file()) + [folder])
 
 
 def _copy_into(buffers: list[torch.Tensor], values: list[torch.Tensor]) -> None:

@@ -30,7 +30,7 @@ from .errors import UserError
 
 if TYPE_CHECKING:  # the data modules are imported where used: --help and the job commands need none
     from .data.dream import ReadOptions
-    from .data.shards import BuildResult, ShardOptions
+    from .data.shards import ShardOptions
 
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
@@ -113,22 +113,8 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
 
     result = build_shards(args.source, args.out, shard_options_from_args(args), _read_options(args),
                           workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
-    print_build_summary(result)
+    print(result.summary())
     return 0
-
-
-def print_build_summary(result: BuildResult) -> None:
-    """What a shard build read, wrote per split and how fast (``shards build`` and the demo print it)."""
-    m = result.manifest
-    print(result.report.summary() if result.report.rows_in else f"source: {m['source']['path']}")
-    for split, info in m["splits"].items():
-        print(f"  {split}: {info['rows']} rows ({info['rows_nad']} NAD-eligible, {info['rows_top']} top-expression) "
-              f"in {len(info['shards'])} shards")
-    total_bytes = sum(s["bytes"] for info in m["splits"].values() for s in info["shards"])
-    rows = max(m["rows"], 1)
-    print(f"  top-expression threshold {m['labels']['top_threshold']:.4g} ({m['labels']['rows_top']} rows)")
-    print(f"wrote {result.shards_written} shards, reused {result.shards_reused}, in {result.seconds:.1f} s "
-          f"({rows / max(result.seconds, 1e-9):,.0f} rows/s, {total_bytes / rows:.1f} B/row) -> {result.out_dir}")
 
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
@@ -201,17 +187,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predictions of a trained run for every line of a DREAM file, written as a submission JSON."""
-    from .checkpointing import checkpoint_tag
-    from .predict import load_trained, predict_with_model, resolve_device
+    from .predict import load_model, predict_with_model, resolve_device
     from .scoring import write_submission
 
     t0 = time.perf_counter()
     device = resolve_device(args.device)
-    task, model, config = load_trained(args.checkpoint, args.which, device)
-    tag = checkpoint_tag(args.checkpoint, args.which)
-    print(f"checkpoint {tag} of {args.checkpoint} ({config.model.name}) on {device}, {args.precision}", flush=True)
+    trained = load_model(args.checkpoint, args.which, device, trust_pickle=args.trust_pickle)
+    print(f"{trained.source} ({trained.config.model.name}) on {device}, {args.precision}", flush=True)
     t_predict = time.perf_counter()
-    values = predict_with_model(task, model, config, args.input, batch_size=args.batch_size, pad=args.pad,
+    values = predict_with_model(trained.task, trained.model, trained.config, args.input, batch_size=args.batch_size, pad=args.pad,
                                 precision=args.precision, progress=not args.no_progress)
     seconds = time.perf_counter() - t_predict
     mode = "rank" if args.rank else "raw"
@@ -222,10 +206,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """A checkpoint's consolidated fp32 weights as one torch file."""
+    """A checkpoint's consolidated fp32 weights and the run's config as one safetensors file."""
     import contextlib
 
-    from .checkpointing import checkpoint_tag, export_fp32
+    from .checkpointing import checkpoint_tag, export_model
     from .predict import run_folder
 
     folder = run_folder(args.checkpoint)
@@ -234,11 +218,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints on stdout
-            export_fp32(folder, out, tag)
+            export_model(folder, out, tag, trust_pickle=args.trust_pickle)
     except OSError as exc:
         raise UserError(f"{out}: cannot write the weights ({exc.strerror or exc})") from None
-    print(f"wrote the fp32 weights of checkpoint {tag} of {folder} to {out} ({out.stat().st_size:,} bytes); "
-          f"load with model.load_state_dict(torch.load(path))")
+    print(f"wrote the fp32 weights of checkpoint {tag} of {folder} to {out} ({out.stat().st_size:,} bytes, "
+          f"safetensors with the run's config); predict with --checkpoint {out}, or load with "
+          f"model.load_state_dict(safetensors.torch.load_file(path))")
     return 0
 
 
@@ -374,9 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict", cmd_predict,
             "predict expression for every line of a DREAM file with a trained run; writes the submission JSON "
             '{"<row index>": value} (row index = 0-based line of the input)')
-    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder of a training run (its run.out_dir)")
+    p.add_argument("--checkpoint", required=True, metavar="RUN",
+                   help="run folder of a training run (its run.out_dir), or a model file written by promoter-dist export")
     p.add_argument("--which", default="best",
                    help="checkpoint: 'best' (best validation), 'latest' or a tag such as step00001200 (default: best)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read checkpoint files that need a full pickle load (your own legacy files only: unpickling "
+                        "runs code stored in the file)")
     p.add_argument("--input", required=True, help="test_sequences.txt-style file, plain or .gz; every line is predicted")
     p.add_argument("--out", required=True, help="submission JSON to write (atomically)")
     p.add_argument("--rank", action="store_true",
@@ -390,10 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: such a row is an error naming its line)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = add("export", cmd_export, "write a checkpoint's consolidated fp32 weights (any ZeRO stage) as one torch file")
+    p = add("export", cmd_export, "write a checkpoint's consolidated fp32 weights (any ZeRO stage) and the run's "
+            "config as one safetensors file, which predict runs from")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder of a training run (its run.out_dir)")
     p.add_argument("--which", default="best", help="checkpoint: 'best', 'latest' or a tag (default: best)")
-    p.add_argument("--out", required=True, help="file to write, e.g. model.pt")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.safetensors")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read checkpoint files that need a full pickle load (your own legacy files only)")
 
     submit = sub.add_parser("submit", help="run training or the shard build as a SLURM job (or locally) with submitit",
                             description="run training or the shard build as a SLURM job (or locally) with submitit")

@@ -67,6 +67,8 @@ class RunConfig:
     """Validation metric that selects the best checkpoint (higher is better, 'loss' lower); '' picks the task's: pearson for regression, loss for MLM."""
     plots: bool = True
     """Write PNG curves and a predicted-vs-measured plot into the run folder."""
+    trust_pickled_checkpoints: bool = False
+    """Resume from checkpoint files that need a full pickle load (only your own legacy files: unpickling runs code)."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "max_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -234,6 +236,8 @@ class EngineConfig:
     """ZeRO offload of optimizer states: 'none' or 'cpu' (stages 1-3)."""
     reduce_bucket_size: int = 5_000_000
     """Elements per gradient reduction bucket; smaller than the model, so ZeRO-2/3 free gradients during backward."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the other ranks before failing (a dead or hung rank ends the run)."""
 
     def __post_init__(self) -> None:
         if self.grad_accum < 1:
@@ -244,6 +248,8 @@ class EngineConfig:
             raise ConfigError("engine.offload_optimizer=cpu needs engine.zero_stage >= 1")
         if self.reduce_bucket_size < 1:
             raise ConfigError(f"engine.reduce_bucket_size must be >= 1, not {self.reduce_bucket_size}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"engine.timeout_s must be > 0, not {self.timeout_s}")
 
 
 @dataclass
@@ -453,27 +459,37 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> dict:
+    """The mapping in YAML config text read from ``source`` (named in errors)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({_yaml_reason(error)})") from None
+        raise ConfigError(f"{source}: not valid YAML ({_yaml_reason(error)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must hold a mapping of sections, not {type(data).__name__}")
+        raise ConfigError(f"{source}: a config file must hold a mapping of sections, not {type(data).__name__}")
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults <- YAML file <- dotted overrides, checked."""
     values: dict = read_yaml(path) if path else {}
+    return config_from_mapping(values, overrides, str(path) if path else "")
+
+
+def config_from_mapping(values: dict, overrides: list[str] = (), source: str = "") -> TrainConfig:
+    """Defaults <- ``values`` (a YAML file's mapping, read from ``source``) <- dotted overrides, checked."""
     for text in overrides:
         values = _merge(values, parse_override(text))
-    if path:
+    if source:
         try:
             return _build(TrainConfig, values)
         except ConfigError as error:
-            raise ConfigError(f"{path}: {error}") from None
+            raise ConfigError(f"{source}: {error}") from None
     return _build(TrainConfig, values)
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import print_build_summary
 from .data.dream import ReadOptions, read_dream
 from .data.glove import KV_FILE, GloveConfig, nad_word_batches, train_glove
 from .data.shards import ShardOptions, build_shards, verify_shards
@@ -112,7 +111,7 @@ def make_shards(source: Path, options: DemoOptions) -> Path:
     """Stage 2: shards of the training file with the default options; returns their folder."""
     print("[2/5] shards")
     shard_dir = options.out / "shards"
-    print_build_summary(build_shards(source, shard_dir, ShardOptions(), progress=options.progress))
+    print(build_shards(source, shard_dir, ShardOptions(), progress=options.progress).summary())
     return shard_dir
 
 

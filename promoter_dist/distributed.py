@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from .errors import UserError
 from .launch.environment import DistEnv
 
 
-def init_distributed(env: DistEnv) -> None:
-    """Start the process group DeepSpeed uses (NCCL on GPUs, gloo on CPUs)."""
+def init_distributed(env: DistEnv, timeout_s: float = 600.0) -> None:
+    """Start the process group DeepSpeed uses (NCCL on GPUs, gloo on CPUs).
+
+    A collective that waits longer than ``timeout_s`` (a rank died or hangs) fails on the ranks
+    still waiting instead of blocking them forever.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -33,7 +40,8 @@ def init_distributed(env: DistEnv) -> None:
     elif "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one node would otherwise each start a thread per core and oversubscribe it.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
 
 
 def device() -> torch.device:
@@ -92,6 +100,38 @@ def all_reduce_mean(value: float) -> float:
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on some rank."""
     return all_reduce_max(1.0 if flag else 0.0) > 0
+
+
+def raise_together(error: UserError | None) -> None:
+    """Collective: when any rank passes an error, every rank raises the first one, naming its rank.
+
+    Costs one scalar all-reduce when no rank failed. In a single process it raises ``error``.
+    """
+    if not several_ranks():
+        if error is not None:
+            raise error
+        return
+    if not any_rank(error is not None):
+        return
+    messages: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(messages, None if error is None else str(error))
+    rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    raise UserError(f"rank {rank}: {message}")
+
+
+@contextmanager
+def failing_together() -> Iterator[None]:
+    """Run a block that may fail on some ranks only; a :class:`UserError` on any rank ends it on all.
+
+    Every rank must enter the block; the collective is at its end, so the block itself must not
+    hold collectives that a failed rank would skip.
+    """
+    error: UserError | None = None
+    try:
+        yield
+    except UserError as caught:
+        error = caught
+    raise_together(error)
 
 
 def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 ``promoter-dist predict --checkpoint RUN --input test_sequences.txt --out submission.json``
 loads the run's resolved ``config.yaml`` and the consolidated fp32 weights of one of its
-checkpoints (:func:`promoter_dist.checkpointing.fp32_state_dict`, any ZeRO stage), then
+checkpoints (:func:`promoter_dist.checkpointing.fp32_state_dict`, any ZeRO stage, read
+weights-only), or an exported model file (safetensors with the run's config), then
 streams the input through the model in batches. Row ``i`` of the result is the
 prediction for 0-based line ``i`` of the input, which is the key the DREAM submission
 JSON uses (:func:`promoter_dist.scoring.write_submission`).
@@ -90,47 +91,84 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def load_run_config(run_dir: str | os.PathLike) -> Any:
-    """The run's resolved config, set up to rebuild the model from the checkpoint alone.
+_PREDICT_OVERRIDES = ["data.glove=''", "model.bert.pretrained=''"]
+"""The GloVe file (NAD) and a pretrained export (BERT) only initialise a fresh model; the trained
+values are in the checkpoint (NAD's embedding is a saved buffer), so neither file is read at
+predict time and either may be gone."""
 
-    The GloVe file (NAD) and a pretrained export (BERT) only initialise a fresh model;
-    the trained values are in the checkpoint (NAD's embedding is a saved buffer), so
-    neither file is read at predict time and either may be gone.
-    """
+
+def load_run_config(run_dir: str | os.PathLike) -> Any:
+    """The run's resolved config, set up to rebuild the model from the checkpoint alone."""
     from .config import load_config
 
     path = run_folder(run_dir) / "config.yaml"
-    return load_config(path, ["data.glove=''", "model.bert.pretrained=''"])
+    return load_config(path, _PREDICT_OVERRIDES)
 
 
-def load_trained(run_dir: str | os.PathLike, which: str = "best",
-                 device: str | torch.device = "cpu") -> tuple[Any, nn.Module, Any]:
-    """(task, model, config) of a run's checkpoint ``which`` ('best', 'latest' or a tag).
+@dataclass
+class Trained:
+    """A trained model ready to predict, and where it came from."""
 
-    The model holds the checkpoint's fp32 weights (loaded strictly), is in eval mode and
-    sits on ``device``. Only regression runs predict expression; an MLM run is refused.
+    task: Any
+    model: nn.Module
+    config: Any
+    source: str
+    """For the report: 'checkpoint <tag> of <run>' or 'export <file> (checkpoint <tag>)'."""
+
+
+def load_model(checkpoint: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu",
+               trust_pickle: bool = False) -> Trained:
+    """The model of a run folder's checkpoint ``which`` ('best', 'latest' or a tag), or of an export file.
+
+    ``checkpoint`` is a run folder (its run.out_dir) or a file written by ``promoter-dist export``
+    (safetensors with the run's config). The model holds fp32 weights (loaded strictly), is in eval
+    mode and sits on ``device``. Only regression runs predict expression; an MLM run is refused.
+    Checkpoint files are read weights-only unless ``trust_pickle``.
     """
-    from .checkpointing import checkpoint_tag, fp32_state_dict
+    from .checkpointing import checkpoint_tag, fp32_state_dict, is_export, read_export
+    from .config import config_from_mapping, parse_yaml
+
+    if is_export(checkpoint):
+        exported = read_export(checkpoint)
+        origin = f"{exported.path}"
+        config = config_from_mapping(parse_yaml(exported.config_text, f"{origin} (config)"), _PREDICT_OVERRIDES,
+                                     f"{origin} (config)")
+        state, source = exported.state, f"export {origin} (checkpoint {exported.checkpoint or '?'})"
+        _check_regression(config, origin)
+    else:
+        folder = run_folder(checkpoint)
+        config = load_run_config(folder)
+        _check_regression(config, str(folder))
+        tag = checkpoint_tag(folder, which)
+        origin = f"{folder}/checkpoints/{tag}"
+        # DeepSpeed's consolidation prints progress on stdout; keep stdout for our own report.
+        with contextlib.redirect_stdout(sys.stderr):
+            state = fp32_state_dict(folder, tag, trust_pickle)
+        source = f"checkpoint {tag} of {folder}"
     from .tasks import build_task
 
-    folder = run_folder(run_dir)
-    config = load_run_config(folder)
-    if config.task.name != "regression":
-        raise UserError(f"{folder}: a {config.task.name} run (task.name={config.task.name}) predicts no expression; "
-                        f"use a regression run (e.g. a fine-tuned one)")
-    tag = checkpoint_tag(folder, which)
-    # DeepSpeed's consolidation prints progress on stdout; keep stdout for our own report.
-    with contextlib.redirect_stdout(sys.stderr):
-        state = fp32_state_dict(folder, tag)
     task = build_task(config)
     model = task.build_model()
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first = str(error).strip().splitlines()
-        raise UserError(f"{folder}/checkpoints/{tag}: the weights do not fit the model of {folder}/config.yaml "
+        raise UserError(f"{origin}: the weights do not fit the model of its config "
                         f"({first[1].strip() if len(first) > 1 else first[0]})") from None
-    return task, model.to(resolve_device(device)).eval(), config
+    return Trained(task, model.to(resolve_device(device)).eval(), config, source)
+
+
+def _check_regression(config: Any, origin: str) -> None:
+    if config.task.name != "regression":
+        raise UserError(f"{origin}: a {config.task.name} run (task.name={config.task.name}) predicts no expression; "
+                        f"use a regression run (e.g. a fine-tuned one)")
+
+
+def load_trained(run_dir: str | os.PathLike, which: str = "best",
+                 device: str | torch.device = "cpu") -> tuple[Any, nn.Module, Any]:
+    """(task, model, config) of :func:`load_model`."""
+    trained = load_model(run_dir, which, device)
+    return trained.task, trained.model, trained.config
 
 
 # --------------------------------------------------------------------------- rows -> model inputs
@@ -344,6 +382,7 @@ def predict_file(run_dir: str | os.PathLike, input_path: str | os.PathLike, whic
     Value ``i`` is the prediction for 0-based line ``i`` (the submission key). See
     :func:`load_trained` and :func:`predict_with_model`.
     """
-    task, model, config = load_trained(run_dir, which, resolve_device(device))
+    trained = load_model(run_dir, which, resolve_device(device))
+    task, model, config = trained.task, trained.model, trained.config
     return predict_with_model(task, model, config, input_path, batch_size=batch_size, pad=pad,
                               precision=precision, progress=progress)

@@ -47,7 +47,7 @@ def run_task(argv: list[str], stop: StopRequest | None = None) -> dict[str, Any]
         from .trainer import Trainer
 
         env = from_launcher(args.local_rank)
-        dist.init_distributed(env)
+        dist.init_distributed(env, config.engine.timeout_s)
         result = Trainer(config, env, stop).train()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -79,12 +79,13 @@ class Trainer:
         # Label noise and dropout differ by rank, as independent workers' would.
         torch.manual_seed(config.run.seed * 1_000_003 + env.rank)
 
-        self.train_loader = ShardLoader(config.data.shards, config.loader_config(config.data.train_split, True),
-                                        env.rank, env.world_size)
-        self.val_loader = None
-        if config.data.val_split:
-            self.val_loader = ShardLoader(config.data.shards, config.loader_config(config.data.val_split, False),
-                                          env.rank, env.world_size)
+        with dist.failing_together():  # an unreadable shard folder on one node ends every rank
+            self.train_loader = ShardLoader(config.data.shards, config.loader_config(config.data.train_split, True),
+                                            env.rank, env.world_size)
+            self.val_loader = None
+            if config.data.val_split:
+                self.val_loader = ShardLoader(config.data.shards, config.loader_config(config.data.val_split, False),
+                                              env.rank, env.world_size)
         self.grad_accum = config.engine.grad_accum
         self.steps_per_epoch = len(self.train_loader) // self.grad_accum
         if self.steps_per_epoch < 1:
@@ -170,10 +171,14 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
 
     def micro_batch_groups(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
-        """The rest of this epoch's steps as lists of ``grad_accum`` micro batches."""
+        """The rest of this epoch's steps as lists of ``grad_accum`` micro batches.
+
+        A batch that fails to load on one rank (a corrupt block) ends every rank together.
+        """
         done = self.train_loader.step // self.grad_accum
         for _ in range(done, self.steps_per_epoch):
-            group = [next(batches) for _ in range(self.grad_accum)]
+            with dist.failing_together():
+                group = [next(batches) for _ in range(self.grad_accum)]
             if self._fallback_batch is None:
                 self._fallback_batch = group[0]
             yield group
@@ -270,30 +275,45 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """Metrics over the whole validation split (all ranks), and the gathered outputs."""
+        """Metrics over the whole validation split (all ranks), and the gathered outputs.
+
+        Ranks may hold different numbers of validation batches, none included; a rank that has
+        run out keeps pace with a throw-away forward at ZeRO-3, whose forward gathers weights
+        from every rank. A batch that fails to load on one rank ends every rank together.
+        """
         assert self.val_loader is not None
         rng = _rng_state()
         dist.average_norm_statistics(self.engine.module)
         self.engine.eval()
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
-        count = 0
+        keep_pace = self.config.engine.zero_stage == 3
+        batches = iter(self.val_loader)
         with torch.no_grad(), self.autocast():
-            for batch in self.val_loader:
+            while True:
+                with dist.failing_together():
+                    batch = next(batches, None)
+                if not dist.any_rank(batch is not None):
+                    break
+                if batch is None:
+                    if keep_pace:
+                        self.task.evaluate_batch(self.engine, _to_device(self.pace_batch(), self.device))
+                    continue
                 for key, value in self.task.evaluate_batch(self.engine, _to_device(batch, self.device)).items():
                     parts[key].append(value.detach().cpu().reshape(-1))
-                count += 1
                 if self._fallback_batch is None:
                     self._fallback_batch = batch
-            # ZeRO-3 gathers weights inside forward: every rank must run as many forwards as the busiest.
-            extra = int(dist.all_reduce_max(count)) - count
-            for _ in range(extra):
-                if self._fallback_batch is None:
-                    raise UserError(f"{self.config.data.shards}: a rank got no validation or training rows")
-                self.task.evaluate_batch(self.engine, _to_device(self._fallback_batch, self.device))
         self.engine.train()
         _set_rng_state(rng)
         gathered = dist.gather_arrays({k: torch.cat(v).numpy() for k, v in parts.items()})
         return self.task.summarize(gathered), gathered
+
+    def pace_batch(self) -> Batch:
+        """A batch this rank has seen, for a forward whose output is thrown away."""
+        if self._fallback_batch is None:  # e.g. validating right after resuming at an epoch's end
+            loader = self.train_loader
+            fresh = ShardLoader(loader.shard_dir, loader.config, self.env.rank, self.env.world_size)
+            self._fallback_batch = next(iter(fresh))
+        return self._fallback_batch
 
     def validate(self, epoch: int) -> None:
         """Evaluate, log, step the plateau schedule and keep the best checkpoint."""
@@ -379,7 +399,8 @@ class Trainer:
         if self.config.run.resume == "never":
             raise UserError(f"{self.checkpoints.dir}: holds checkpoint {latest}; use a new run.out_dir or "
                             "run.resume=auto")
-        resumed = self.checkpoints.resume(self.engine, config_dict(self.config))
+        resumed = self.checkpoints.resume(self.engine, config_dict(self.config),
+                                          trust_pickle=self.config.run.trust_pickled_checkpoints)
         self.load_state_dict(resumed.trainer_state)
         self.train_loader.load_state_dict(resumed.rank_state["loader"])
         self.log_window = dict(resumed.rank_state.get("log_window", self.log_window))

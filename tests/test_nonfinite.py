@@ -145,6 +145,7 @@ def skipped_run(env, small_shards, tmp_path_factory):
     return trainer, result, out
 
 
+@pytest.mark.slow
 def test_skip_leaves_the_weights_of_the_skipped_step_and_trains_on(skipped_run):
     from promoter_dist.checkpointing import fp32_state_dict
 
@@ -191,6 +192,7 @@ def test_skip_on_the_second_micro_batch_discards_the_first_ones_gradient(env, sm
 # --------------------------------------------------------------------------- NaN weights
 
 
+@pytest.mark.slow
 def test_nan_weights_are_never_checkpointed(skipped_run):
     trainer, _, out = skipped_run
     ckpt = out / "checkpoints"

@@ -34,6 +34,9 @@ from promoter_dist.predict import (
     resolve_device,
 )
 
+# most tests use the run trained once per module by train.py
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "dream2022" / "samples"
 TEST_LABELLED = SAMPLES / "test_labelled_first2999.txt"
@@ -310,15 +313,29 @@ def test_device_choice():
 
 def test_export_writes_weights_that_load_strictly(run_dir, trained, tmp_path, capsys):
     task, model, _ = trained
-    out = tmp_path / "deep" / "model.pt"
+    from safetensors.torch import load_file
+
+    out = tmp_path / "deep" / "model.safetensors"
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
     assert "wrote the fp32 weights of checkpoint best-step" in capsys.readouterr().out
-    state = torch.load(out, map_location="cpu", weights_only=True)
+    state = load_file(out)
     fresh = task.build_model()
     fresh.load_state_dict(state, strict=True)
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value.cpu()), key
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+def test_predict_runs_from_an_export_as_from_the_run(run_dir, tmp_path):
+    exported = tmp_path / "model.safetensors"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(exported)]) == 0
+    from_run = predict_file(run_dir, TEST_LABELLED, device="cpu")
+    from_export = predict_file(exported, TEST_LABELLED, device="cpu")
+    np.testing.assert_array_equal(from_run, from_export)
+    out = tmp_path / "sub.json"
+    assert main(["predict", "--checkpoint", str(exported), "--input", str(TEST_LABELLED), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert len(json.loads(out.read_text())) == len(from_run)
 
 
 def test_console_script_errors_without_traceback(tmp_path):

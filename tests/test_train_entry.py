@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# every test starts train.py in a fresh interpreter (DeepSpeed's import alone takes seconds)
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 DEBUG = REPO / "configs" / "nad" / "debug.yaml"

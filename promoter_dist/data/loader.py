@@ -376,7 +376,8 @@ class ShardLoader:
         self.width = NOMINAL_LENGTH if config.view == "nad" else max(int(self.manifest["max_row_length"]), 1)
         self.epoch = 0
         self.step = 0
-        if self.steps_per_epoch() == 0:
+        # Training needs a full batch on every rank; evaluation only some row somewhere (a rank may hold none).
+        if plan_epoch(self.manifest, self.shard_dir, config, 0, self.world_size).steps == 0:
             raise UserError(
                 f"{self.shard_dir}: split {config.split!r} (view {config.view!r}) has too few rows for one batch of "
                 f"{config.batch_size} on each of {self.world_size} rank(s) x {max(config.num_workers, 1)} worker(s)"

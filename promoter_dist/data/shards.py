@@ -309,12 +309,28 @@ def _write_shard_task(task: tuple[str, str, np.ndarray]) -> dict:
 
 @dataclass
 class BuildResult:
+    """What a shard build read and wrote."""
+
     out_dir: str
     manifest: dict
     seconds: float
     shards_written: int
     shards_reused: int
     report: ReadReport = field(repr=False)
+
+    def summary(self) -> str:
+        """What was read, written per split and how fast (``shards build`` and the demo print it)."""
+        m = self.manifest
+        lines = [self.report.summary() if self.report.rows_in else f"source: {m['source']['path']}"]
+        for split, info in m["splits"].items():
+            lines.append(f"  {split}: {info['rows']} rows ({info['rows_nad']} NAD-eligible, {info['rows_top']} "
+                         f"top-expression) in {len(info['shards'])} shards")
+        total_bytes = sum(s["bytes"] for info in m["splits"].values() for s in info["shards"])
+        rows = max(m["rows"], 1)
+        lines.append(f"  top-expression threshold {m['labels']['top_threshold']:.4g} ({m['labels']['rows_top']} rows)")
+        lines.append(f"wrote {self.shards_written} shards, reused {self.shards_reused}, in {self.seconds:.1f} s "
+                     f"({rows / max(self.seconds, 1e-9):,.0f} rows/s, {total_bytes / rows:.1f} B/row) -> {self.out_dir}")
+        return "\n".join(lines)
 
 
 def _fingerprint(source_sha: str, read_options: ReadOptions, options: ShardOptions) -> dict:

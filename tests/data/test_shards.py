@@ -252,6 +252,7 @@ def _big_source(tmp_path: Path, copies: int) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
     source = _big_source(tmp_path, 24)  # ~153k rows, ~60 shards of 2,560 rows
     options = ShardOptions(rows_per_block=256, blocks_per_shard=10)

@@ -27,6 +27,9 @@ from typing import Any
 
 import pytest
 
+# the module's two-rank DeepSpeed run may take its whole 600 s in the first test's setup
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "configs" / "bert" / "pretrain_debug.yaml"
 FINETUNE = REPO / "configs" / "bert" / "finetune_debug.yaml"

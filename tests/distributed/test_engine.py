@@ -12,6 +12,9 @@ import pytest
 
 from .launch import run_deepspeed
 
+# the module's two-rank DeepSpeed run may take its whole 600 s in the first test's setup
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 WORKER = Path(__file__).with_name("engine_worker.py")
 
 

@@ -32,6 +32,9 @@ import pytest
 from .gsam_worker import CASES, STEPS
 from .launch import run_deepspeed
 
+# every test reads the results of one two-rank DeepSpeed run
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("gsam_worker.py")
 FP32_TOLERANCE = 1e-6
 BF16_TOLERANCE = 2.5e-3

@@ -21,6 +21,9 @@ from tests.conftest import REPO
 
 from .launch import deepspeed_launcher, free_port, run_deepspeed
 
+# two-rank DeepSpeed runs: the module's run (600 s) and a test's own run (600 s) may fall in one test
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
 TRAIN = REPO / "train.py"
 STEPS = 14
 LOG_EVERY = 3

@@ -198,6 +198,7 @@ def _preempt_local_job(tmp_path: Path, steps: int, extra: list[str], **options) 
     return final, (job.paths.folder / f"{job.job_id}_0_log.out").read_text(), progress
 
 
+@pytest.mark.slow
 def test_local_preemption_requeues_and_resumes(tmp_path):
     """USR2: the trainer checkpoints, checkpoint() -> requeue, the rerun resumes and ends identical."""
     steps = 30
@@ -212,6 +213,7 @@ def test_local_preemption_requeues_and_resumes(tmp_path):
     assert done == list(range(1, steps + 1))
 
 
+@pytest.mark.slow
 def test_local_preemption_without_a_checkpoint_in_time_requeues_from_the_last_periodic_one(tmp_path):
     """A trainer that never reaches a step boundary: rank 0 requeues once the grace period is over."""
     steps = 120  # 12 s: still running when the 8 s grace period (of a 12 s signal delay) ends

@@ -23,6 +23,9 @@ from tests.conftest import DEMO_TRAIN
 from tests.launch import standin_trainer
 from tests.slurm.conftest import SETUP, release_if_held, wait_for_lines
 
+# real SLURM jobs; the first test also waits for the session's slurm-up.sh (up to 900 s)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
 STANDIN = "tests.launch.standin_trainer:main"
 
 

@@ -36,6 +36,9 @@ from tests.conftest import REPO
 from tests.distributed.launch import run_deepspeed
 from tests.slurm.conftest import SETUP, release_if_held
 
+# slurm-up.sh (up to 900 s), the launcher reference (600 s) and the job (400 s) may all fall in one test
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
+
 CONFIG = REPO / "configs" / "nad" / "debug.yaml"
 TRAIN = REPO / "train.py"
 STEPS = 12
