@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,9 @@ def _allowed_types() -> list[Any]:
 
 
 def _path_of(file: Any) -> str:
-    return str(getattr(file, "name", file))
+    if isinstance(file, (str, os.PathLike)):
+        return os.fspath(file)
+    return str(getattr(file, "name", file))  # an open file
 
 
 @contextlib.contextmanager
@@ -101,12 +104,12 @@ def weights_only_loads(trust_pickle: bool = False) -> Iterator[None]:
             with torch.serialization.safe_globals(allowed):
                 return original(f, map_location, **kwargs)
         except pickle.UnpicklingError as error:
-            first = str(error).strip().splitlines()
-            why = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), "")
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+            what = f"it refers to {found.group(1)}" if found else "it is not a weights-only torch file"
             raise UntrustedFileError(
-                f"{_path_of(f)}: refused: reading it needs a full pickle load, which runs code stored in the file "
-                f"({why or 'not a weights-only file'}); if it is your own file, set run.trust_pickled_checkpoints=true "
-                "or pass --trust-pickle") from None
+                f"{_path_of(f)}: refused: {what}, and reading it would need a full pickle load, which runs code "
+                "stored in the file; if it is your own file, set run.trust_pickled_checkpoints=true or pass "
+                "--trust-pickle") from None
         except (RuntimeError, EOFError, ValueError) as error:
             raise UserError(f"{_path_of(f)}: not a readable checkpoint file ({str(error).strip().splitlines()[0]})") \
                 from None

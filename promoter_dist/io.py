@@ -1,27 +1,215 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Files the user names: inputs that are regular files, outputs checked up front, atomic writes.
+
+On a shared filesystem a path may name a device, a FIFO or a socket: reading one would hang
+or never end, so every input is checked to be a regular file before it is read. An output
+path that cannot be written is refused with one line naming it and its option, before any
+work is done. Writes go through :func:`atomic_open`, whose temporary file cannot be
+redirected by a symlink another user planted.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import secrets
+import stat
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, BinaryIO, Iterator
+
+from .errors import UserError
+
+#: What a file that is not a regular file is, by its ``stat`` mode.
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+#: Marks the temporary files of :func:`atomic_open` (``<name>.tmp-<pid>-<random>``); .gitignore knows it.
+TEMP_MARK = ".tmp-"
+
+
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode describes, in words: "a regular file", "a character device", ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((kind for is_kind, kind in _KINDS if is_kind(mode)), "a special file")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def require_regular_file(path: str | os.PathLike, expected: str,
+                         error: type[UserError] = UserError) -> os.stat_result:
+    """The ``stat`` of ``path`` (a symlink is followed), refused with ``error`` unless it is a regular file.
+
+    The message names the path: ``no such file``, ``is a directory, expected <expected>`` or
+    ``a character device, not a regular file`` (also FIFOs, sockets, block devices).
+    """
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise error(f"{path}: no such file") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    _require_regular(path, info.st_mode, expected, error)
+    return info
+
+
+def _require_regular(path: str | os.PathLike, mode: int, expected: str, error: type[UserError]) -> None:
+    if stat.S_ISDIR(mode):
+        raise error(f"{path}: is a directory, expected {expected}")
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: {file_kind(mode)}, not a regular file")
+
+
+def open_input(path: str | os.PathLike, expected: str, error: type[UserError] = UserError) -> BinaryIO:
+    """Open ``path`` for reading bytes, refusing (with ``error``, naming the path) anything but a regular file.
+
+    The path is checked before it is opened (opening some devices acts on them), and the
+    opened file again: the open does not block on a FIFO swapped in meanwhile, and what
+    was opened is what is read. ``expected`` says what the file should be ("a DREAM text file").
+    """
+    require_regular_file(path, expected, error)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise error(f"{path}: no such file") from None
+    except PermissionError:
+        raise error(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        _require_regular(path, os.fstat(fd).st_mode, expected, error)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_input(path: str | os.PathLike, expected: str, error: type[UserError] = UserError) -> bytes:
+    """All bytes of the regular file ``path`` (see :func:`open_input` for what is refused)."""
+    with open_input(path, expected, error) as handle:
+        return handle.read()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a regular file's bytes (UserError for a missing file, a device, a FIFO...)."""
+    digest = hashlib.sha256()
+    with open_input(path, "a regular file") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _obstacle(path: Path) -> str | None:
+    """Why ``path`` cannot be a folder: it or a parent of it exists as something else; None if none does."""
+    for candidate in (path, *path.parents):
+        try:
+            mode = os.stat(candidate).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"{candidate}: {exc.strerror or exc}"
+        if stat.S_ISDIR(mode):
+            return None
+        kind = "a file" if stat.S_ISREG(mode) else file_kind(mode)
+        return f"it is {kind}" if candidate == path else f"{candidate} is {kind}, not a folder"
+    return None
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why new files cannot be made in the existing ``folder``; None when they can."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    with contextlib.suppress(OSError):
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"{folder} is on a read-only file system"
+    return f"no permission to write in {folder}"
+
+
+def output_folder(path: str | os.PathLike, option: str) -> Path:
+    """Create the output folder ``option`` names (and its parents), or refuse it in one line.
+
+    Raises UserError ``<path>: cannot create the <option> folder (<why>)`` when the path or
+    a parent is a file, or the folder cannot be written.
+    """
+    path = Path(path)
+    why = _obstacle(path)
+    if why is None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a race with another process, or no permission in a parent
+            why = _obstacle(path) or exc.strerror or str(exc)
+        else:
+            why = _unwritable(path)
+    if why is not None:
+        raise UserError(f"{path}: cannot create the {option} folder ({why})")
+    return path
+
+
+def output_file(path: str | os.PathLike, option: str, create_parent: bool = True) -> Path:
+    """Check the output file ``option`` names before any work is done; create its folder unless told not to.
+
+    Raises UserError ``<path>: cannot write the <option> file (<why>)`` when the path is a
+    folder (or a device...), a parent is a file, or the folder cannot be written. With
+    ``create_parent=False`` a missing folder is left for the caller to report.
+    """
+    path = Path(path)
+    why = None
+    if path.exists() and not path.is_file():
+        kind = file_kind(os.stat(path).st_mode)
+        why = "it is a folder" if kind == "a directory" else f"it is {kind}"
+    elif (why := _obstacle(path.parent)) is None:
+        if create_parent:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                why = _obstacle(path.parent) or exc.strerror or str(exc)
+        if why is None and path.parent.is_dir():
+            why = _unwritable(path.parent)
+    if why is not None:
+        raise UserError(f"{path}: cannot write the {option} file ({why})")
+    return path
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _temporary_name(path: Path) -> Path:
+    """An unpredictable sibling name for ``path``'s temporary file: ``<name>.tmp-<pid>-<random>``."""
+    return path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(8)}")
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO[Any]]:
-    """Open ``path.tmp-<pid>`` for writing; on success (fsync and) rename it over ``path``.
+    """Write ``path`` through a new temporary file; on success (fsync and) rename it over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is untouched. A caller
-    writing many files may pass ``fsync=False`` and flush them together later
-    (:func:`fsync_paths`); a killed process still leaves only whole files behind.
+    ``mode`` is "wb" or "w" (text, the platform's default encoding, as ``open``). The
+    temporary ``<name>.tmp-<pid>-<random>`` is created exclusively and never through a
+    symlink, so a file or link planted in the folder is neither followed nor overwritten
+    (creation fails instead). After the rename the folder is fsynced too, so the new name
+    survives a crash. On any exception the temporary file is removed and ``path`` is
+    untouched. A caller writing many files may pass ``fsync=False`` and flush them (and
+    their folder) together later with :func:`fsync_paths`; a killed process still leaves
+    only whole files behind.
     """
+    if mode not in ("wb", "w", "wt"):
+        raise ValueError(f"atomic_open writes a new file: mode 'wb' or 'w', not {mode!r}")
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_name(path)
+    # 0o666 as open() uses: the kernel applies the umask.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
-        with open(tmp, mode) as handle:
+        with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             if fsync:
@@ -31,6 +219,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    if fsync:
+        _fsync_folder(path.parent)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -40,21 +230,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         handle.write("\n")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_folder(folder: str | os.PathLike) -> None:
+    """fsync a folder so that the names created or renamed in it are durable."""
+    try:
+        _fsync(folder)
+    except OSError as exc:
+        # Some filesystems cannot fsync a folder; there the rename is as durable as they make it.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
 
 
 def fsync_paths(paths: "list[str | os.PathLike]") -> None:
@@ -62,4 +253,4 @@ def fsync_paths(paths: "list[str | os.PathLike]") -> None:
     for path in paths:
         _fsync(path)
     for folder in {os.path.dirname(os.path.abspath(path)) for path in paths}:
-        _fsync(folder)
+        _fsync_folder(folder)

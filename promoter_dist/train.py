@@ -50,7 +50,8 @@ def run_task(argv: list[str], stop: StopRequest | None = None) -> dict[str, Any]
         dist.init_distributed(env, config.engine.timeout_s)
         result = Trainer(config, env, stop).train()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {error}\n")  # one write: ranks sharing a terminal do not interleave it
+        sys.stderr.flush()
         return {"status": 2, "stopped_at_step": None}
     if env.is_main:
         if result["stopped_at_step"] is not None:
