@@ -24,6 +24,7 @@ import yaml
 from .choices import check_choice, is_choice
 from .data.loader import KmerFrame, LoaderConfig, Tokens, View
 from .errors import ConfigError, UserError
+from .io import read_input
 from .models.bert import BertConfig
 from .models.nad import NADConfig
 from .optim.gsam import GSAMConfig
@@ -86,8 +87,10 @@ class DataConfig:
 
     shards: str = "out/demo/shards"
     """Shard folder written by `promoter-dist shards build` (holds manifest.json)."""
-    glove: str = "out/demo/glove/vectors.kv"
-    """GloVe vectors for NAD's embedding: gensim .kv, word2vec text or GloVe text (NAD's published file)."""
+    glove: str = "out/demo/glove/vectors.w2v.txt"
+    """GloVe vectors for NAD's embedding: word2vec text (`promoter-dist glove`) or GloVe text (NAD's published file)."""
+    trust_pickled_vectors: bool = False
+    """Load a pickled gensim .kv as data.glove (only your own legacy files: unpickling runs code)."""
     train_split: str = "train"
     """Split trained on."""
     val_split: str = "val"
@@ -238,6 +241,8 @@ class EngineConfig:
     """Elements per gradient reduction bucket; smaller than the model, so ZeRO-2/3 free gradients during backward."""
     timeout_s: float = 600.0
     """Seconds a collective may wait for the other ranks before failing (a dead or hung rank ends the run)."""
+    tf32: bool = True
+    """GPUs: TF32 tensor cores for fp32 matmuls and convolutions (10-bit mantissa products, fp32 sums)."""
 
     def __post_init__(self) -> None:
         if self.grad_accum < 1:
@@ -454,7 +459,7 @@ def read_yaml(path: str | Path) -> dict:
     """The mapping in a YAML config file (an empty file is an empty mapping)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_input(path, "a YAML config file", ConfigError).decode()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
     except UnicodeDecodeError as error:
@@ -536,7 +541,7 @@ def to_deepspeed(config: TrainConfig, world_size: int) -> dict:
         "tensorboard": {"enabled": engine.tensorboard, "output_path": f"{out_dir}/monitor", "job_name": "tensorboard"},
         "csv_monitor": {"enabled": engine.csv, "output_path": f"{out_dir}/monitor", "job_name": "csv"},
     }
-    # bf16 runs as autocast over fp32 weights (the trainer's forward), not DeepSpeed's bf16 weights:
+    # bf16 runs as autocast over fp32 weights (inside the model: engine.autocast_forward), not DeepSpeed's bf16 weights:
     # BatchNorm running statistics and the frozen GloVe table are fp32 buffers DeepSpeed would not
     # cast, and bf16 weights swallow GSAM's small perturbation. The models are small; compute is bf16.
     if engine.precision == "fp16":

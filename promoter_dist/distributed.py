@@ -36,12 +36,33 @@ def init_distributed(env: DistEnv, timeout_s: float = 600.0) -> None:
         return
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
-        accelerator.set_device(env.local_rank)
+        accelerator.set_device(device_index(env, accelerator.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")))
     elif "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one node would otherwise each start a thread per core and oversubscribe it.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+
+
+def device_index(env: DistEnv, visible: int, visible_list: str | None = None) -> int:
+    """The index, among the GPUs this process sees, of the one its rank computes on.
+
+    - every GPU of the node visible (``--gpus-per-node`` with no binding, or the site's own
+      ``CUDA_VISIBLE_DEVICES`` listing as many as there are tasks): the local rank's;
+    - one GPU visible (one GPU per task: ``--gpus-per-task=1``, ``--gpu-bind=single:1``, a site
+      that masks each task to its own GPU): that one;
+    - fewer GPUs than tasks on the node: a clear error (several ranks would share one GPU or
+      ask for one that is not there).
+    """
+    shown = f" (CUDA_VISIBLE_DEVICES={visible_list})" if visible_list is not None else ""
+    if visible < 1:
+        raise UserError(f"rank {env.rank}: no GPU visible{shown}; ask the job for GPUs, or run on CPUs")
+    if visible == 1:
+        return 0
+    if env.local_world_size <= visible:
+        return env.local_rank
+    raise UserError(f"rank {env.rank}: {env.local_world_size} tasks on this node but {visible} GPUs visible to each"
+                    f"{shown}: start one task per GPU (--tasks-per-node = --gpus-per-node) or bind one GPU per task")
 
 
 def device() -> torch.device:

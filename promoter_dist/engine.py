@@ -1,7 +1,18 @@
-"""The DeepSpeed engine around a single-device model, built from the run config."""
+"""The DeepSpeed engine around a single-device model, built from the run config.
+
+Precision: ``engine.precision=bf16`` is bf16 compute over fp32 weights. The model's own
+``forward`` runs under ``torch.autocast`` (:func:`autocast_forward`), below the engine:
+DeepSpeed's ``engine.forward`` turns autocast OFF around the module when autocast is on outside
+it and the DeepSpeed config has no ``torch_autocast`` section (``autocast_if_enabled`` in
+``deepspeed/runtime/torch_autocast.py``, 0.19.8), so an autocast around ``engine(...)`` would
+compute in fp32 on a GPU. DeepSpeed's own ``torch_autocast`` is not used because ZeRO then
+reduces (and at stage 1 accumulates) Linear/Conv gradients in bf16; with autocast inside the
+module, gradients, weights, BatchNorm statistics and NAD's GloVe table stay fp32.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -23,9 +34,42 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.Adam(params, **kwargs)
 
 
-def build_engine(model: nn.Module, config: TrainConfig, world_size: int) -> Any:
-    """``deepspeed.initialize`` with the config's optimizer and the DeepSpeed config built from it."""
+def autocast_forward(model: nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Make ``model``'s forward compute under ``torch.autocast(device_type, dtype)``, whoever calls it.
+
+    The module, its parameters and its state-dict keys are unchanged (the forward is wrapped on
+    the instance), so checkpoints and exports are the same as an fp32 model's.
+    """
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return inner(*args, **kwargs)
+
+    model.forward = forward
+    return model
+
+
+def set_matmul_precision(device: torch.device, tf32: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on GPUs that have them (CPU: unchanged)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def build_engine(model: nn.Module, config: TrainConfig, world_size: int, device: torch.device | None = None) -> Any:
+    """``deepspeed.initialize`` with the config's optimizer and the DeepSpeed config built from it.
+
+    ``device`` (the rank's compute device) sets the autocast device type for bf16 and the TF32
+    policy; default: the CPU.
+    """
     import deepspeed
+
+    device = device if device is not None else torch.device("cpu")
+    set_matmul_precision(device, config.engine.tf32)
+    if config.engine.precision == "bf16":
+        autocast_forward(model, device.type)
 
     ds_config = to_deepspeed(config, world_size)
     if config.engine.offload_optimizer != "none":

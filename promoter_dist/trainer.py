@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,8 +73,8 @@ class Trainer:
         self.parameter_count = count_parameters(model, trainable_only=True)
         log.info("model %s for task %s: %s trainable parameters", config.model.name, config.task.name,
                  f"{self.parameter_count:,}")
-        self.engine = build_engine(model, config, env.world_size)
         self.device = dist.device()
+        self.engine = build_engine(model, config, env.world_size, self.device)
         # Label noise and dropout differ by rank, as independent workers' would.
         torch.manual_seed(config.run.seed * 1_000_003 + env.rank)
 
@@ -128,16 +127,9 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
 
-    def autocast(self):
-        """bf16 compute over fp32 weights for engine.precision=bf16 (see config.to_deepspeed)."""
-        if self.config.engine.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def forward_loss(self, batch: Batch) -> torch.Tensor:
-        """Scalar training loss of one micro batch on this rank."""
-        with self.autocast():
-            return self.task.training_loss(self.engine, _to_device(batch, self.device))
+        """Scalar training loss of one micro batch on this rank (bf16 runs inside the model: see engine.py)."""
+        return self.task.training_loss(self.engine, _to_device(batch, self.device))
 
     def forward_backward(self, batch: Batch) -> float:
         """Forward, a global finiteness check, backward and the engine's micro step."""
@@ -288,7 +280,7 @@ class Trainer:
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         keep_pace = self.config.engine.zero_stage == 3
         batches = iter(self.val_loader)
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad():
             while True:
                 with dist.failing_together():
                     batch = next(batches, None)

@@ -42,7 +42,7 @@ class Case:
     alpha: float = 0.05
     adaptive: bool = False
     against: str = "reference"  # or "plain": DeepSpeed's own AdamW loop
-    loss_autocast: bool = False  # bf16 as the trainer runs it: autocast in the loss, an fp32 engine
+    model_autocast: bool = False  # bf16 as the trainer runs it: autocast inside the model's forward, an fp32 engine
 
 
 CASES = [Case(f"gsam_stage{s}", s) for s in range(4)]
@@ -50,7 +50,7 @@ CASES += [Case("gsam_adaptive_stage3", 3, adaptive=True, rho_max=0.5, rho_min=0.
 CASES += [Case(f"rho0_stage{s}", s, rho_max=0.0, rho_min=0.0, against="plain") for s in (0, 1, 2, 3)]
 CASES += [Case(f"sam_stage{s}", s, alpha=0.0) for s in range(4)]
 CASES += [Case(f"bf16_stage{s}", s, bf16=True) for s in range(4)]
-CASES += [Case(f"bf16_trainer_autocast_stage{s}", s, bf16=True, loss_autocast=True) for s in range(4)]
+CASES += [Case(f"bf16_trainer_autocast_stage{s}", s, bf16=True, model_autocast=True) for s in range(4)]
 
 
 class TinyNet(nn.Module):
@@ -122,7 +122,7 @@ def ds_config(case: Case, world: int) -> dict:
     if case.stage == 3:
         # Some parameters stay gathered between steps ("persistent", <= 20 elements), others do not.
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 20
-    if case.bf16 and not case.loss_autocast:
+    if case.bf16 and not case.model_autocast:
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return cfg
 
@@ -150,6 +150,10 @@ def run_case(case: Case, steps: int) -> dict:
 
     model = make_model()
     ref_model = copy.deepcopy(model)
+    if case.model_autocast:
+        from promoter_dist.engine import autocast_forward
+
+        autocast_forward(model, "cpu")  # what build_engine does for engine.precision=bf16
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     started = time.perf_counter()
@@ -157,8 +161,8 @@ def run_case(case: Case, steps: int) -> dict:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(case, world)
     )
     init_seconds = time.perf_counter() - started
-    # DeepSpeed's torch_autocast casts inside the engine; the trainer instead autocasts its loss function.
-    ds_loss = make_loss_fn(engine, case.loss_autocast)
+    # DeepSpeed's torch_autocast casts inside the engine; the trainer's model autocasts its own forward.
+    ds_loss = make_loss_fn(engine, False)
 
     if case.against == "reference":
         ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=LR, weight_decay=0.05)

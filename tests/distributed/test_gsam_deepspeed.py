@@ -7,7 +7,7 @@ with a linear LR decay that moves rho from rho_max towards rho_min; gradient cli
 binds on some steps and not others; 4 steps. Cases: GSAM at stages 0-3 (ZeRO-3 with some parameters
 persistent, some not), adaptive GSAM at stage 3, rho = 0 against DeepSpeed's own AdamW steps at stages
 0-3, alpha = 0 (SAM) at stages 0-3, bf16 through DeepSpeed's torch_autocast and bf16 as the trainer runs
-it (an fp32 engine, autocast inside the loss function) at stages 0-3; then the error paths.
+it (an fp32 engine, autocast inside the model's forward) at stages 0-3; then the error paths.
 
 Tolerances (parameters are of order 1):
 - fp32: max |w_deepspeed - w_reference| <= 1e-6 (measured 1.5e-8 to 1.2e-7: float summation order);
@@ -15,7 +15,7 @@ Tolerances (parameters are of order 1):
   The gap is DeepSpeed's, not GSAM's: under ``torch_autocast`` ZeRO reduces the gradients of Linear/Conv
   parameters in bf16, and ZeRO-1 also accumulates them in bf16 (plain AdamW, rho = 0, at stage 1
   differs from fp32-gradient AdamW by 3e-5 after 4 steps on one rank).
-- bf16 as the trainer runs it (fp32 engine, autocast inside the loss function): <= 1e-6, as fp32
+- bf16 as the trainer runs it (fp32 engine, autocast inside the model's forward): <= 1e-6, as fp32
   (measured 1.5e-8 to 3e-8): both sides compute in bf16, and the gradients stay fp32.
 Every case also reports how far the reference moves from an unperturbed run (4e-2 to 5e-2); the test
 requires that to exceed 10x the tolerance, so a wrong perturbation, a missing RNG replay or a stale
@@ -53,7 +53,7 @@ def results(tmp_path_factory) -> dict:
 def test_parameters_match(results, case):
     measured = results["cases"][case.name]
     # DeepSpeed's torch_autocast reduces gradients in bf16; the trainer's autocast keeps them fp32.
-    tolerance = BF16_TOLERANCE if case.bf16 and not case.loss_autocast else FP32_TOLERANCE
+    tolerance = BF16_TOLERANCE if case.bf16 and not case.model_autocast else FP32_TOLERANCE
     assert measured["param_max_abs_diff"] <= tolerance, measured
     if case.against == "reference":
         # The comparison can tell GSAM from an unperturbed update by a wide margin.
