@@ -105,7 +105,7 @@ class Runner:
 def plain_runner(model: torch.nn.Module, task: Any, config: Any, precision: str, device: torch.device) -> Runner:
     """The plain torch loop: the config's optimizer built the same way the engine's is."""
     model.to(device).train()
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, device)
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast(device, precision):

@@ -516,17 +516,30 @@ def dump_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config_dict(config), sort_keys=False)
 
 
-def to_deepspeed(config: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed config dict for this run; everything in it comes from ``config``."""
+STAGE3_GPU_PERSISTENCE = 100_000
+"""ZeRO-3 on GPUs: parameters up to this many elements stay gathered between steps (DeepSpeed's own
+default), so biases, norms and position tables are not all-gathered on every module call."""
+
+
+def to_deepspeed(config: TrainConfig, world_size: int, device_type: str = "cpu") -> dict:
+    """The DeepSpeed config dict for this run; everything in it comes from ``config``.
+
+    ``device_type`` ("cuda" or "cpu") picks what suits the ranks' devices: on GPUs reductions
+    overlap the backward pass (on a stream of their own), small ZeRO-3 parameters stay gathered and
+    offloaded optimizer states live in pinned memory; CPU ranks over gloo keep what was measured to
+    work there (no overlap, every parameter partitioned, pageable memory).
+    """
     engine = config.engine
+    gpu = device_type == "cuda"
     zero: dict[str, Any] = {"stage": engine.zero_stage}
     if engine.zero_stage in (1, 2):
         zero.update(reduce_bucket_size=engine.reduce_bucket_size, allgather_bucket_size=engine.reduce_bucket_size,
-                    overlap_comm=False, contiguous_gradients=True)
+                    overlap_comm=gpu, contiguous_gradients=True)
     if engine.zero_stage == 3:
-        zero.update(reduce_bucket_size=engine.reduce_bucket_size, stage3_param_persistence_threshold=0)
+        zero.update(reduce_bucket_size=engine.reduce_bucket_size, overlap_comm=gpu,
+                    stage3_param_persistence_threshold=STAGE3_GPU_PERSISTENCE if gpu else 0)
     if engine.offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     out_dir = str(Path(config.run.out_dir).resolve())
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.data.batch_size,

@@ -24,11 +24,20 @@ from .config import TrainConfig, to_deepspeed
 log = logging.getLogger("promoter_dist")
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The torch optimizer handed to DeepSpeed (a client optimizer needs no JIT-compiled op)."""
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer handed to DeepSpeed.
+
+    A torch optimizer (needs no JIT-compiled op), except for optimizer states offloaded from GPUs:
+    DeepSpeed's CPU Adam, vectorised over the pinned CPU copy (torch's AdamW there would step
+    element by element through pageable memory).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = config.optim
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if config.engine.offload_optimizer == "cpu" and device.type == "cuda":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=optim.name == "adamw", **kwargs)
     if optim.name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     return torch.optim.Adam(params, **kwargs)
@@ -71,10 +80,10 @@ def build_engine(model: nn.Module, config: TrainConfig, world_size: int, device:
     if config.engine.precision == "bf16":
         autocast_forward(model, device.type)
 
-    ds_config = to_deepspeed(config, world_size)
-    if config.engine.offload_optimizer != "none":
-        ds_config["zero_force_ds_cpu_optimizer"] = False  # keep the client torch optimizer
-    optimizer = build_optimizer(model, config)
+    ds_config = to_deepspeed(config, world_size, device.type)
+    if config.engine.offload_optimizer != "none" and device.type != "cuda":
+        ds_config["zero_force_ds_cpu_optimizer"] = False  # CPU ranks: keep the client torch optimizer
+    optimizer = build_optimizer(model, config, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

@@ -402,7 +402,19 @@ def test_to_deepspeed_monitors_write_under_the_run_folder(tmp_path, monkeypatch)
 
 def test_to_deepspeed_offload():
     ds = to_deepspeed(load_config(overrides=["engine.offload_optimizer=cpu", "engine.zero_stage=2"]), 1)
-    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    gpu = to_deepspeed(load_config(overrides=["engine.offload_optimizer=cpu", "engine.zero_stage=2"]), 1, "cuda")
+    assert gpu["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gpu_ranks_overlap_reductions_and_keep_small_zero3_parameters_gathered(stage):
+    config = load_config(overrides=[f"engine.zero_stage={stage}"])
+    cpu, gpu = to_deepspeed(config, 2)["zero_optimization"], to_deepspeed(config, 2, "cuda")["zero_optimization"]
+    assert cpu["overlap_comm"] is False and gpu["overlap_comm"] is True
+    if stage == 3:
+        assert cpu["stage3_param_persistence_threshold"] == 0
+        assert gpu["stage3_param_persistence_threshold"] == 100_000
 
 
 # --------------------------------------------------------------------------- the loader's settings
