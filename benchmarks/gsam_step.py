@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(config.run.seed)
         model = task.build_model()
         params = count_parameters(model, trainable_only=True)
-        plain = build_engine(copy.deepcopy(model), config, world_size=1)
-        engine = build_engine(model, config, world_size=1)
+        plain = build_engine(copy.deepcopy(model), config, world_size=1, device=device)
+        engine = build_engine(model, config, world_size=1, device=device)
     lr = config.optim.lr
     gsam = DeepSpeedGSAM(engine, GSAMConfig(enabled=True), lr_max=lr, lr_min=lr * config.schedule.final_factor)
     micro_batches = make_batches(args.model, config.data.batch_size, args.accumulation, device)

@@ -142,7 +142,7 @@ def measure_throughput(model_name: str, args: argparse.Namespace, device: torch.
         model = task.build_model()
         params = count_parameters(model, trainable_only=True)
         plain_model = copy.deepcopy(model)  # same initial weights; the engine may cast or wrap its copy
-        engine = build_engine(model, config, world_size=1)
+        engine = build_engine(model, config, world_size=1, device=device)
         runners = [plain_runner(plain_model, task, config, args.precision, device),
                    engine_runner(engine, task, args.stage, args.precision, device)]
         batches = make_batches(model_name, batch, count=4, device=device)

@@ -258,7 +258,7 @@ def _memory_stage(stage: int, args: argparse.Namespace, world_size: int, rank: i
     torch.manual_seed(config.run.seed)
     model = task.build_model()
     params = count_parameters(model, trainable_only=True)
-    engine = build_engine(model, config, world_size)
+    engine = build_engine(model, config, world_size, device=device)
     record: dict[str, Any] = {"stage": stage, "rank": rank, "params": params,
                               "bucket": config.engine.reduce_bucket_size, **memory.peaks("setup")}
     batches = make_batches("nad", args.memory_batch, count=2, device=device, seed=11 + rank)
