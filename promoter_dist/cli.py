@@ -88,7 +88,9 @@ def shard_options_from_args(args: argparse.Namespace) -> ShardOptions:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import synthesize
+    from .io import check_output_file
 
+    check_output_file(args.out, "--out")
     report = synthesize(args.out, rows=args.rows, seed=args.seed, kind=args.kind, workers=args.workers,
                         progress=not args.no_progress)
     print(f"wrote {report.rows} rows to {report.path} in {report.seconds:.1f} s "
@@ -110,7 +112,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from .data.shards import build_shards
+    from .io import check_output_folder, require_regular_file
 
+    require_regular_file(args.source, "a DREAM text file")  # the input's error first, then the output's
+    check_output_folder(args.out, "--out")
     result = build_shards(args.source, args.out, shard_options_from_args(args), _read_options(args),
                           workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
     print(result.summary())
@@ -143,7 +148,9 @@ def cmd_shards_info(args: argparse.Namespace) -> int:
 
 def cmd_glove(args: argparse.Namespace) -> int:
     from .data.glove import GloveConfig, nad_word_batches, train_glove
+    from .io import check_output_folder
 
+    check_output_folder(args.out, "--out")
     config = GloveConfig(dim=args.dim, window=args.window, min_count=args.min_count, x_max=args.x_max,
                          alpha=args.alpha, iterations=args.iterations, seed=args.seed, workers=args.workers)
     info = train_glove(nad_word_batches(args.shards, args.split), args.out, config, progress=not args.no_progress)
@@ -154,7 +161,9 @@ def cmd_glove(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> shards -> verify -> GloVe -> NAD and BERT training, with the figures a user checks."""
     from .demo import DemoOptions, run_demo
+    from .io import check_output_folder
 
+    check_output_folder(args.out, "--out")
     options = DemoOptions(out=Path(args.out), rows=args.rows, seed=args.seed, procs=args.procs,
                           models=tuple(m for m in args.models.split(",") if m), overrides=tuple(args.overrides),
                           glove_iterations=args.glove_iterations, progress=not args.no_progress)
@@ -163,9 +172,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Official DREAM 2022 score of a submission: per-subset table and the two weighted scores."""
-    from .io import write_json_atomic
+    from .io import check_output_file, write_json_atomic
     from .scoring import load_predictions, load_truth, score
 
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:  # checked before the work, not after it
+            check_output_file(path, option)
     truth = load_truth(args.truth_dir, test_file=args.test_file, subsets_dir=args.subsets_dir, final=args.final)
     predictions = load_predictions(args.predictions)
     report = score(predictions, truth, source=args.predictions)
@@ -187,9 +199,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predictions of a trained run for every line of a DREAM file, written as a submission JSON."""
+    from .io import check_output_file, require_regular_file
     from .predict import load_model, predict_with_model, resolve_device
     from .scoring import write_submission
 
+    # Input and output are checked before the model is loaded: a wrong path fails at once.
+    require_regular_file(args.input, "a DREAM text file")
+    check_output_file(args.out, "--out")
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     trained = load_model(args.checkpoint, args.which, device, trust_pickle=args.trust_pickle)
@@ -210,8 +226,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     import contextlib
 
     from .checkpointing import checkpoint_tag, export_model
+    from .io import check_output_file
     from .predict import run_folder
 
+    check_output_file(args.out, "--out")
     folder = run_folder(args.checkpoint)
     tag = checkpoint_tag(folder, args.which)
     out = Path(args.out)
@@ -318,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("glove", cmd_glove, "train GloVe vectors over the NAD words of a shard split")
     p.add_argument("shards", help="shard folder")
-    p.add_argument("--out", required=True, help="output folder for vectors.kv, vectors.w2v.txt, glove.json")
+    p.add_argument("--out", required=True, help="output folder for vectors.w2v.txt, glove.json")
     p.add_argument("--split", default="train", help="split to count (default: train)")
     p.add_argument("--dim", type=int, default=128, help="vector size (default: 128)")
     p.add_argument("--window", type=int, default=10, help="left-context window (default: 10)")

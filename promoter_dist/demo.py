@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.dream import ReadOptions, read_dream
-from .data.glove import KV_FILE, GloveConfig, nad_word_batches, train_glove
+from .data.glove import W2V_FILE, GloveConfig, nad_word_batches, train_glove
 from .data.shards import ShardOptions, build_shards, verify_shards
 from .data.synthetic import SynthReport, synthesize
 from .errors import UserError
@@ -132,7 +132,7 @@ def make_glove(shard_dir: Path, options: DemoOptions) -> Path:
     info = train_glove(nad_word_batches(str(shard_dir)), out, GloveConfig(iterations=options.glove_iterations),
                        progress=options.progress)
     print(f"      {json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict))})}")
-    return out / KV_FILE
+    return out / W2V_FILE
 
 
 def plan_training(options: DemoOptions, shard_dir: Path, vectors: Path) -> list[TrainingRun]:

@@ -110,72 +110,76 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 # --------------------------------------------------------------------------- outputs
 
 
-def _obstacle(path: Path) -> str | None:
-    """Why ``path`` cannot be a folder: it or a parent of it exists as something else; None if none does."""
-    for candidate in (path, *path.parents):
+def _obstacle(folder: Path) -> str | None:
+    """Why ``folder`` cannot be a folder: it or a parent of it exists as something else; None if none does."""
+    for candidate in (folder, *folder.parents):
         try:
             mode = os.stat(candidate).st_mode
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the obstacle, if any, is further up
             continue
         except OSError as exc:
             return f"{candidate}: {exc.strerror or exc}"
         if stat.S_ISDIR(mode):
             return None
         kind = "a file" if stat.S_ISREG(mode) else file_kind(mode)
-        return f"it is {kind}" if candidate == path else f"{candidate} is {kind}, not a folder"
+        return f"{candidate} is {kind}, not a folder"
     return None
 
 
 def _unwritable(folder: Path) -> str | None:
-    """Why new files cannot be made in the existing ``folder``; None when they can."""
-    if os.access(folder, os.W_OK | os.X_OK):
-        return None
-    with contextlib.suppress(OSError):
-        if os.statvfs(folder).f_flag & os.ST_RDONLY:
-            return f"{folder} is on a read-only file system"
-    return f"no permission to write in {folder}"
+    """Why new files cannot be made in the existing ``folder``; None when they can.
+
+    A file is created and removed to find out: permission bits do not tell (root, ACLs,
+    read-only or root-squashed mounts).
+    """
+    probe = _temporary_name(folder / ".write-check")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        return f"cannot create files in {folder}: {exc.strerror or exc}"
+    probe.unlink()
+    return None
 
 
-def output_folder(path: str | os.PathLike, option: str) -> Path:
-    """Create the output folder ``option`` names (and its parents), or refuse it in one line.
+def _folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` once it and its missing parents are created; None if they can."""
+    why = _obstacle(folder)
+    if why is None:
+        existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+        why = _unwritable(existing) if existing is not None else None
+    return why
 
-    Raises UserError ``<path>: cannot create the <option> folder (<why>)`` when the path or
-    a parent is a file, or the folder cannot be written.
+
+def check_output_folder(path: str | os.PathLike, option: str) -> Path:
+    """Refuse, in one line and before any work, an output folder that could not be created or written.
+
+    Raises UserError ``<path>: cannot write to the <option> folder (<why>)`` when the path
+    or a parent is a file (or a device...), or the folder (or the nearest existing parent of
+    a missing one) does not let files be created. Nothing is created here.
     """
     path = Path(path)
-    why = _obstacle(path)
-    if why is None:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a race with another process, or no permission in a parent
-            why = _obstacle(path) or exc.strerror or str(exc)
-        else:
-            why = _unwritable(path)
+    why = _folder_problem(path)
     if why is not None:
-        raise UserError(f"{path}: cannot create the {option} folder ({why})")
+        raise UserError(f"{path}: cannot write to the {option} folder ({why})")
     return path
 
 
-def output_file(path: str | os.PathLike, option: str, create_parent: bool = True) -> Path:
-    """Check the output file ``option`` names before any work is done; create its folder unless told not to.
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Refuse, in one line and before any work, an output file that could not be written.
 
     Raises UserError ``<path>: cannot write the <option> file (<why>)`` when the path is a
-    folder (or a device...), a parent is a file, or the folder cannot be written. With
-    ``create_parent=False`` a missing folder is left for the caller to report.
+    folder (or a device, a FIFO...), a parent is a file, or its folder (or the nearest existing
+    parent of a missing one) does not let files be created. Nothing is created here.
     """
     path = Path(path)
-    why = None
-    if path.exists() and not path.is_file():
-        kind = file_kind(os.stat(path).st_mode)
-        why = "it is a folder" if kind == "a directory" else f"it is {kind}"
-    elif (why := _obstacle(path.parent)) is None:
-        if create_parent:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                why = _obstacle(path.parent) or exc.strerror or str(exc)
-        if why is None and path.parent.is_dir():
-            why = _unwritable(path.parent)
+    try:
+        mode: int | None = os.stat(path).st_mode
+    except OSError:  # not there yet, or not reachable: the folder check says why
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        why: str | None = "it is a folder" if stat.S_ISDIR(mode) else f"it is {file_kind(mode)}"
+    else:
+        why = _folder_problem(path.parent)
     if why is not None:
         raise UserError(f"{path}: cannot write the {option} file ({why})")
     return path

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import math
 import os
@@ -60,7 +61,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError, UserError
-from .io import atomic_open
+from .io import atomic_open, open_input, read_input
 from .metrics import pearson, rankdata, spearman
 
 __all__ = [
@@ -148,15 +149,9 @@ def _row_index(key: str) -> int | None:
 
 def _read_json_object(path: Path, what: str) -> list[tuple[str, Any]]:
     """The top-level (key, value) pairs of a JSON object file, in file order, duplicates kept."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file ({what})") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected {what}") from None
-    except PermissionError:
-        raise UserError(f"{path}: permission denied") from None
+    if not path.exists():
+        raise UserError(f"{path}: no such file ({what})")
+    raw = read_input(path, what)  # a regular file only: never a device or FIFO
     if not raw.strip():
         raise InputError(str(path), f"the file is empty; expected {what}")
     try:
@@ -379,7 +374,7 @@ def load_public_leaderboard(truth_dir: str | os.PathLike) -> Truth:
             truth.subsets.append(TruthSubset(spec, rows.copy(), str(ground_path)))
             continue
         path = folder / spec.public_file
-        if not path.is_file():
+        if not path.exists():  # anything else there is read, and refused unless a regular file
             truth.subsets.append(TruthSubset(spec, None, note=f"no {spec.public_file} in {folder}"))
             continue
         items = _read_public_subset(path, spec, ground)
@@ -420,7 +415,7 @@ def _read_subset_csv(path: Path, spec: SubsetSpec) -> np.ndarray:
     """Row indices (``pos``) or (alt, ref) pairs (``alt_pos``, ``ref_pos``) of a test-subset CSV."""
     columns = ["alt_pos", "ref_pos"] if spec.kind == "pair" else ["pos"]
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with io.TextIOWrapper(open_input(path, "a test-subset CSV"), encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if header is None:
@@ -463,11 +458,11 @@ def _read_test_labels(test_file: Path) -> tuple[np.ndarray, np.ndarray]:
     parsed, _ = read_dream(test_file, ReadOptions(labels="required", strict=True, workers=0))
     rows = (parsed.lines - 1).astype(np.int64)
     labels = parsed.labels.astype(np.float64)
-    with open(test_file, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    with (gzip.open(test_file, "rt", encoding="utf-8-sig") if gzipped
-          else open(test_file, encoding="utf-8-sig")) as handle:
-        exact = [float(line.rsplit("\t", 1)[1]) for line in handle if line.strip()]
+    with open_input(test_file, "a labelled DREAM test file") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        with io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gzipped else raw, encoding="utf-8-sig") as handle:
+            exact = [float(line.rsplit("\t", 1)[1]) for line in handle if line.strip()]
     if len(exact) == len(labels) and np.allclose(exact, labels, rtol=1e-6, atol=1e-6):
         labels = np.asarray(exact, dtype=np.float64)
     return rows, labels
@@ -505,7 +500,7 @@ def load_test_truth(test_file: str | os.PathLike, subsets_dir: str | os.PathLike
             items, source = rows.copy(), str(test_file)
         else:
             path = subsets_folder / spec.subset_file
-            if not path.is_file():
+            if not path.exists():  # anything else there is read, and refused unless a regular file
                 truth.subsets.append(TruthSubset(spec, None, note=f"no {spec.subset_file} in {subsets_folder}"))
                 continue
             items, source = _read_subset_csv(path, spec), str(path)

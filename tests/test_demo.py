@@ -61,11 +61,11 @@ def test_data_stages_print_each_stage_and_stop_without_training(tmp_path, capsys
     glove = json.loads(printed[printed.index("[4/5] GloVe") + 1])
     manifest = load_manifest(tmp_path / "demo" / "shards")
     assert glove["sentences"] == manifest["splits"]["train"]["rows_nad"]  # every NAD-eligible train row, once
-    assert (tmp_path / "demo" / "test.txt").is_file() and (tmp_path / "demo" / "glove" / "vectors.kv").is_file()
+    assert (tmp_path / "demo" / "test.txt").is_file() and (tmp_path / "demo" / "glove" / "vectors.w2v.txt").is_file()
 
 
 def test_plan_trains_nad_then_bert_pretraining_then_fine_tuning(tmp_path):
-    shards, vectors = tmp_path / "shards", tmp_path / "glove" / "vectors.kv"
+    shards, vectors = tmp_path / "shards", tmp_path / "glove" / "vectors.w2v.txt"
     runs = plan_training(options(tmp_path), shards, vectors)
     assert [run.run_dir.name for run in runs] == ["nad", "bert-pretrain", "bert-finetune"]
     assert all(run.config.is_file() and run.config.is_relative_to(REPO_CONFIGS) for run in runs)

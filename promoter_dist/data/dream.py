@@ -31,6 +31,7 @@ from typing import IO, Iterator
 import numpy as np
 
 from ..errors import InputError, UserError
+from ..io import open_input, require_regular_file
 from .alphabet import ENCODE_LUT, INVALID, N, PAD
 from .hashing import sequence_hash
 
@@ -200,16 +201,8 @@ class ReadReport:
 # --------------------------------------------------------------------------- raw chunks
 
 
-def _open_raw(path: Path) -> IO[bytes]:
-    """Open plain or gzip (by magic bytes, whatever the suffix)."""
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a DREAM text file") from None
-    except PermissionError:
-        raise UserError(f"{path}: permission denied") from None
+def _decompressed(handle: IO[bytes]) -> IO[bytes]:
+    """The bytes of an opened file: itself if plain, a gzip stream over it if gzip (by magic bytes, not suffix)."""
     magic = handle.read(2)
     handle.seek(0)
     if magic == GZIP_MAGIC:
@@ -225,68 +218,64 @@ class _Chunk:
     too_long: list[tuple[int, bytes]]  # (line, head) of over-long lines skipped by the splitter
 
 
-def _raw_chunks(path: Path, options: ReadOptions, report: ReadReport) -> Iterator[_Chunk]:
-    """Cut the (decompressed) byte stream into chunks of whole lines.
+def _raw_chunks(path: Path, handle: IO[bytes], options: ReadOptions, report: ReadReport) -> Iterator[_Chunk]:
+    """Cut the (decompressed) byte stream ``handle`` of ``path`` into chunks of whole lines.
 
     A line that outgrows ``max_line_bytes`` before its newline arrives is skipped
     here, streaming, and handed to the parser as (line number, first bytes) so it
     is reported without ever being held whole.
     """
-    handle = _open_raw(path)
     carry = b""
     line_no = 1  # number of the first line in `carry`
     index = 0
     skipping = False
     too_long: list[tuple[int, bytes]] = []
     first = True
-    try:
-        while True:
-            try:
-                block = handle.read(max(options.chunk_bytes, len(UTF8_BOM)) if first else options.chunk_bytes)
-            except EOFError:
-                raise InputError(
-                    str(path),
-                    f"truncated gzip stream: it ends after {report.bytes_read} decompressed bytes "
-                    f"(near line {line_no}); the file is incomplete, fetch it again",
-                ) from None
-            except (gzip.BadGzipFile, zlib.error, OSError) as exc:
-                raise InputError(str(path), f"corrupt gzip data near line {line_no} ({exc})") from None
-            if first:
-                first = False
-                if block.startswith(UTF8_BOM):
-                    block = block[len(UTF8_BOM) :]
-                    report.warnings.append("UTF-8 byte-order mark at the start of the file was ignored")
-                    if not block:  # the block held only the mark; not the end of the file
-                        continue
-            report.bytes_read += len(block)
-            if skipping and block:
-                cut = block.find(b"\n")
-                if cut < 0:
+    while True:
+        try:
+            block = handle.read(max(options.chunk_bytes, len(UTF8_BOM)) if first else options.chunk_bytes)
+        except EOFError:
+            raise InputError(
+                str(path),
+                f"truncated gzip stream: it ends after {report.bytes_read} decompressed bytes "
+                f"(near line {line_no}); the file is incomplete, fetch it again",
+            ) from None
+        except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+            raise InputError(str(path), f"corrupt gzip data near line {line_no} ({exc})") from None
+        if first:
+            first = False
+            if block.startswith(UTF8_BOM):
+                block = block[len(UTF8_BOM) :]
+                report.warnings.append("UTF-8 byte-order mark at the start of the file was ignored")
+                if not block:  # the block held only the mark; not the end of the file
                     continue
-                skipping = False
-                block = block[cut + 1 :]
-                if not block:
-                    continue
-            if not block:  # end of file
-                if carry or too_long:
-                    yield _Chunk(index, line_no, carry, too_long)
-                return
-            data = carry + block
-            last_nl = data.rfind(b"\n")
-            body, carry = (data[: last_nl + 1], data[last_nl + 1 :]) if last_nl >= 0 else (b"", data)
-            if body or too_long:
-                yield _Chunk(index, line_no, body, too_long)
-                index += 1
-                too_long = []
-            line_no += body.count(b"\n")
-            # +1: the carry may end with the CR of a CRLF whose LF is in the next block.
-            if len(carry) > options.max_line_bytes + 1:
-                too_long.append((line_no, carry[:_RAW_KEEP]))
-                line_no += 1
-                carry = b""
-                skipping = True
-    finally:
-        handle.close()
+        report.bytes_read += len(block)
+        if skipping and block:
+            cut = block.find(b"\n")
+            if cut < 0:
+                continue
+            skipping = False
+            block = block[cut + 1 :]
+            if not block:
+                continue
+        if not block:  # end of file
+            if carry or too_long:
+                yield _Chunk(index, line_no, carry, too_long)
+            return
+        data = carry + block
+        last_nl = data.rfind(b"\n")
+        body, carry = (data[: last_nl + 1], data[last_nl + 1 :]) if last_nl >= 0 else (b"", data)
+        if body or too_long:
+            yield _Chunk(index, line_no, body, too_long)
+            index += 1
+            too_long = []
+        line_no += body.count(b"\n")
+        # +1: the carry may end with the CR of a CRLF whose LF is in the next block.
+        if len(carry) > options.max_line_bytes + 1:
+            too_long.append((line_no, carry[:_RAW_KEEP]))
+            line_no += 1
+            carry = b""
+            skipping = True
 
 
 # --------------------------------------------------------------------------- parsing
@@ -471,25 +460,28 @@ def iter_rows(path: str | os.PathLike, options: ReadOptions = ReadOptions(), rep
     report = report if report is not None else ReadReport(str(path))
     workers = (os.cpu_count() or 1) if options.workers is None else options.workers
     raw_error: list[Exception] = []
-
-    def guarded_tasks() -> Iterator[tuple[_Chunk, ReadOptions]]:
-        # A file-level error (truncated gzip, missing file) is re-raised below, in this
-        # process: escaping the task generator it would be shipped to a pool worker,
-        # which cannot unpickle an InputError, and the read would hang.
-        try:
-            for chunk in _raw_chunks(path, options, report):
-                yield chunk, options
-        except Exception as exc:  # noqa: BLE001 - re-raised after the chunks before it
-            raw_error.append(exc)
-
-    tasks = guarded_tasks()
-    if workers > 1:
-        pool = mp.get_context("fork").Pool(workers)
-        results = pool.imap(_parse_task, tasks)
-    else:
-        pool = None
-        results = map(_parse_task, tasks)
+    # Opened here, before any worker is forked: a missing file, a folder or a device is refused at once.
+    raw = open_input(path, "a DREAM text file")
+    stream, pool = raw, None
     try:
+        stream = _decompressed(raw)
+
+        def guarded_tasks() -> Iterator[tuple[_Chunk, ReadOptions]]:
+            # A file-level error (truncated gzip, unreadable file) is re-raised below, in this
+            # process: escaping the task generator it would be shipped to a pool worker,
+            # which cannot unpickle an InputError, and the read would hang.
+            try:
+                for chunk in _raw_chunks(path, stream, options, report):
+                    yield chunk, options
+            except Exception as exc:  # noqa: BLE001 - re-raised after the chunks before it
+                raw_error.append(exc)
+
+        tasks = guarded_tasks()
+        if workers > 1:
+            pool = mp.get_context("fork").Pool(workers)
+            results = pool.imap(_parse_task, tasks)
+        else:
+            results = map(_parse_task, tasks)
         for _, rows, rejected, seen in results:
             if rejected and options.strict:
                 first = rejected[0]
@@ -502,9 +494,11 @@ def iter_rows(path: str | os.PathLike, options: ReadOptions = ReadOptions(), rep
         if raw_error:
             raise raw_error[0]
     finally:
-        if pool is not None:
+        if pool is not None:  # stops the task feeder before the file it reads is closed
             pool.terminate()
             pool.join()
+        stream.close()
+        raw.close()  # closing a gzip stream leaves the file under it open
 
 
 def read_dream(path: str | os.PathLike, options: ReadOptions = ReadOptions(), progress: bool = False) -> tuple[Rows, ReadReport]:
@@ -519,8 +513,8 @@ def read_dream(path: str | os.PathLike, options: ReadOptions = ReadOptions(), pr
     if progress:
         from tqdm import tqdm
 
-        # isfile: a missing path or a folder is reported by the read below, as a UserError
-        total = os.path.getsize(path) if os.path.isfile(path) and not str(path).endswith(".gz") else None
+        size = require_regular_file(path, "a DREAM text file").st_size  # refused before a bar is drawn
+        total = None if str(path).endswith(".gz") else size
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"read {Path(path).name}", leave=False)
     last = 0
     for rows in iter_rows(path, options, report):

@@ -37,14 +37,22 @@ Conventions:
 
 Vector files:
 
-* ``vectors.kv``: gensim ``KeyedVectors`` in gensim's own (pickle) format. Like
-  any pickle, load only files you trust.
 * ``vectors.w2v.txt``: word2vec text with a ``count dim`` header, values written
-  with 9 significant digits so float32 vectors read back exactly.
+  with 9 significant digits so float32 vectors read back exactly. It is the only
+  vector file written, and what training reads (``data.glove``). Text, not a
+  pickle: a vector file may come from another user, and text cannot carry code.
+  Why text rather than ``.npy`` + a JSON vocabulary: one self-describing file that
+  gensim and other tools read as it is, parsed by the same code as NAD's file, and
+  the 1,024 x 128 table loads in 50-70 ms (2 CPU cores), nothing beside a
+  run's start-up.
 * :func:`load_vectors` also reads GloVe text without a header, such as NAD's
   published ``vectors.txt``. GloVe appends an ``<unk>`` vector (the mean of its
   rarest words' vectors); it is not a 5-mer and no word id maps to it, so the
   loader skips it. Keys are upper-case 5-mers; any other key is an error.
+* A pickle (gensim's own ``KeyedVectors.save`` format, the ``vectors.kv`` this
+  module wrote before) is recognised by its content, whatever its name, and
+  refused: unpickling runs whatever code the file carries. ``trust_pickle=True``
+  (``data.trust_pickled_vectors``) loads one, for a user's own legacy files only.
 
 Cost on 2 CPU cores for 6.7M sentences of 80 words: counting about 20 s (two
 worker processes), fitting about 30 s (1,048,576 entries, 50 passes).
@@ -55,6 +63,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import pickletools
 import queue
 import sys
 import time
@@ -65,15 +74,16 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from ..errors import InputError, UserError
-from ..io import atomic_open, write_json_atomic
+from ..io import atomic_open, read_input, write_json_atomic
 from .nad_words import NUM_WORDS, VOCABULARY, word_id
 
 if TYPE_CHECKING:  # gensim and torch are imported where used: counting needs neither.
     import torch
     from gensim.models import KeyedVectors
 
-KV_FILE = "vectors.kv"
 W2V_FILE = "vectors.w2v.txt"
+LEGACY_KV_FILE = "vectors.kv"
+"""The pickled gensim file earlier versions wrote; read only with ``trust_pickle``."""
 INFO_FILE = "glove.json"
 UNK = "<unk>"
 
@@ -465,11 +475,10 @@ def _keyed_vectors(keys: list[str], vectors: np.ndarray) -> KeyedVectors:
 
 
 def save_vectors(vectors: np.ndarray, word_ids: list[int], out_dir: str | os.PathLike) -> dict[str, str]:
-    """Write ``vectors.kv`` (gensim format) and ``vectors.w2v.txt`` (word2vec text).
+    """Write ``vectors.w2v.txt`` (word2vec text) into ``out_dir``, atomically.
 
     Row k of ``vectors`` is the vector of word id ``word_ids[k]``; keys are the
-    5-mers. Both files are written atomically; returns their paths as
-    ``{"kv": ..., "word2vec": ...}``.
+    5-mers. Returns the file's path as ``{"word2vec": ...}``.
     """
     vectors = np.asarray(vectors, dtype=np.float32)
     ids = [int(i) for i in word_ids]
@@ -480,16 +489,13 @@ def save_vectors(vectors: np.ndarray, word_ids: list[int], out_dir: str | os.Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     keys = [VOCABULARY[i] for i in ids]
-    kv_path, w2v_path = out / KV_FILE, out / W2V_FILE
-    with atomic_open(kv_path, "wb") as handle:
-        # A handle makes gensim pickle everything into this one file.
-        _keyed_vectors(keys, vectors).save(handle)
+    w2v_path = out / W2V_FILE
     with atomic_open(w2v_path, "w") as handle:
         handle.write(f"{len(keys)} {vectors.shape[1]}\n")
         for key, row in zip(keys, vectors):
             # 9 significant digits read back to the same float32.
             handle.write(key + " " + " ".join(f"{v:.9g}" for v in row.tolist()) + "\n")
-    return {"kv": str(kv_path), "word2vec": str(w2v_path)}
+    return {"word2vec": str(w2v_path)}
 
 
 def _five_mer(key: str, path: str, line: int | None) -> str:
@@ -502,6 +508,7 @@ def _five_mer(key: str, path: str, line: int | None) -> str:
 
 
 def _load_kv_pickle(path: str) -> KeyedVectors:
+    """Unpickle a gensim ``KeyedVectors`` file (only when the user trusts it) and check its keys and values."""
     from gensim.models import KeyedVectors
 
     try:
@@ -517,6 +524,28 @@ def _load_kv_pickle(path: str) -> KeyedVectors:
     if kv.vectors.size and not np.isfinite(kv.vectors).all():
         raise InputError(path, "holds non-finite values")
     return kv
+
+
+def is_pickle(data: bytes) -> bool:
+    """True when ``data`` is a pickle stream, told by its content alone (nothing is unpickled).
+
+    Protocols 2 and up start with the PROTO opcode (0x80); protocols 0 and 1 have no
+    marker, so their opcodes are parsed (``pickletools.genops`` only reads them): a
+    stream that parses up to STOP is a pickle. Text vector files fail within a few bytes.
+    """
+    if data[:1] == b"\x80":
+        return True
+    last = None
+    try:
+        for last in pickletools.genops(data):
+            pass
+    except Exception:  # not a complete pickle: genops raises ValueError and others on other bytes
+        return False
+    return last is not None and last[0].name == "STOP"
+
+
+#: Binary files that are not vector files, by their first bytes: named instead of "not UTF-8 text".
+_BINARY_KINDS = ((b"\x93NUMPY", "a NumPy .npy array"), (b"PK\x03\x04", "a zip archive (torch.save or .npz)"))
 
 
 def _load_text(path: str, data: bytes) -> KeyedVectors:
@@ -572,28 +601,35 @@ def _load_text(path: str, data: bytes) -> KeyedVectors:
     return _keyed_vectors(keys, np.array(rows, dtype=np.float32).reshape(len(rows), dim))
 
 
-def load_vectors(path: str | os.PathLike) -> KeyedVectors:
-    """Load 5-mer vectors: ``vectors.kv``, word2vec text, or GloVe text (NAD's file).
+def load_vectors(path: str | os.PathLike, trust_pickle: bool = False) -> KeyedVectors:
+    """Load 5-mer vectors: word2vec text (``vectors.w2v.txt``) or GloVe text (NAD's file).
 
-    The format is read from the content: a pickle is gensim's ``.kv``; a first line
-    of two integers is a word2vec header; otherwise each line is a word and its
-    values. A directory means its ``vectors.kv``. GloVe's ``<unk>`` line is skipped.
-    Keys are upper-case 5-mers. Any malformed file raises :class:`UserError`
-    naming the file (and line, for text).
+    The format is read from the content: a first line of two integers is a word2vec
+    header; otherwise each line is a word and its values. A directory means its
+    ``vectors.w2v.txt`` (else a legacy ``vectors.kv`` there). GloVe's ``<unk>`` line is
+    skipped. Keys are upper-case 5-mers. A pickle (gensim's ``.kv``), whatever its name,
+    is refused unless ``trust_pickle`` (the user's own legacy file): unpickling runs code.
+    Any refused or malformed file raises :class:`UserError` naming the file (and line, for text).
     """
     path = Path(path)
     if path.is_dir():
-        path = path / KV_FILE
+        legacy = path / LEGACY_KV_FILE
+        path = legacy if not (path / W2V_FILE).exists() and legacy.exists() else path / W2V_FILE
     name = str(path)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise UserError(f"{name}: no such vector file") from None
-    except OSError as exc:
-        raise UserError(f"{name}: cannot read ({exc.strerror})") from None
-    if data[:1] == b"\x80":  # pickle protocol >= 2: gensim's own format
-        return _load_kv_pickle(name)
+    if not path.exists():
+        raise UserError(f"{name}: no such vector file")
+    data = read_input(path, "a vector file (word2vec or GloVe text)")
+    if is_pickle(data):
+        if trust_pickle:
+            return _load_kv_pickle(name)
+        raise UserError(
+            f"{name}: a pickle (gensim .kv?), not loaded: unpickling runs any code the file holds; "
+            f"write word2vec text with `promoter-dist glove SHARDS --out DIR` (data.glove=DIR/{W2V_FILE}), "
+            "or set data.trust_pickled_vectors=true if the file is your own"
+        )
+    for magic, kind in _BINARY_KINDS:
+        if data.startswith(magic):
+            raise UserError(f"{name}: {kind}, not a vector file (word2vec or GloVe text)")
     return _load_text(name, data)
 
 
@@ -662,21 +698,22 @@ def train_glove(
         "final_loss": stats["final_loss"],
         "loss_per_iteration": stats["loss_per_iteration"],
         "pearson_log_x": stats["pearson_log_x"],
-        "files": {"kv": KV_FILE, "word2vec": W2V_FILE},
+        "files": {"word2vec": W2V_FILE},
     }
     write_json_atomic(out / INFO_FILE, info)
     return info
 
 
-def load_embedding_tensor(path: str | os.PathLike) -> torch.Tensor:
+def load_embedding_tensor(path: str | os.PathLike, trust_pickle: bool = False) -> torch.Tensor:
     """The (1024, dim) float32 embedding table of a vector file as a tensor, in word-id order.
 
-    Reads any format :func:`load_vectors` reads (NAD's ``vectors.txt`` included); every
-    5-mer must have a vector (else :class:`UserError`, see :func:`embedding_matrix`).
+    Reads any format :func:`load_vectors` reads (NAD's ``vectors.txt`` included; a pickle
+    only with ``trust_pickle``); every 5-mer must have a vector (else :class:`UserError`,
+    see :func:`embedding_matrix`).
     """
     import torch
 
-    return torch.from_numpy(embedding_matrix(load_vectors(path)))
+    return torch.from_numpy(embedding_matrix(load_vectors(path, trust_pickle=trust_pickle)))
 
 
 def nad_word_batches(

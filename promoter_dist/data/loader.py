@@ -7,14 +7,18 @@ of small generator stages (composed with ``webdataset.DataPipeline``); each cons
 
     units of `chunk_blocks` consecutive blocks, permuted per epoch (same on every rank)
     -> split over ranks, then over workers  (explicit: balanced_split by row count)
-    -> read_units     (one seek + read per unit; tar parsed by shards.read_block_range)
+    -> read_units     (one read per unit; each block's checksum and arrays checked; shards.read_block_range)
     -> select_view    (all rows / NAD-eligible / top-expression subset, padded to one width)
     -> shuffle_rows   (a vectorised shuffle buffer of `shuffle_buffer` rows; off without shuffle)
     -> batch_rows     (exactly this worker's quota of batches)
     -> to_model_inputs (NAD words, 3-mer BERT ids or raw codes, as torch tensors)
 
 Units come from the manifest's block index (``shards.BlockIndex``): its row count
-of the view, byte offset and size; webdataset only chains the stages.
+of the view, byte offset, size and checksum; webdataset only chains the stages.
+
+Nothing read is trusted: a block whose bytes differ from its checksum, or whose arrays
+break the schema, is a ``UserError`` naming the shard file, block and byte offset on the
+rank that reads it (from a DataLoader worker too, as the same one line).
 
 Equal steps (``drop_last``, training): the number of batches per epoch is computed
 from the manifest's row counts alone, identically on every rank, as the largest count
@@ -48,7 +52,19 @@ from ..choices import check_choice_fields
 from ..errors import ConfigError, UserError
 from .alphabet import NOMINAL_LENGTH
 from .nad_words import words_from_codes
-from .shards import MANIFEST, VIEWS, load_manifest, padded_codes, read_block_range, shard_blocks
+from .shards import (
+    FLAG_NAD,
+    MANIFEST,
+    VIEWS,
+    BlockIndex,
+    ShardBlockError,
+    check_nad_rows,
+    labels_required,
+    load_manifest,
+    padded_codes,
+    read_block_range,
+    shard_blocks,
+)
 
 View = Literal["all", "nad", "top"]
 """Row subsets a loader streams: the keys of ``shards.VIEWS``."""
@@ -107,8 +123,8 @@ class Unit:
     """A run of consecutive blocks of one shard: the unit of work."""
 
     path: str
-    offset: int
-    nbytes: int
+    first_block: int  # number of blocks[0] in its shard, for messages
+    blocks: tuple[BlockIndex, ...]
     rows: int  # rows of the requested view
 
 
@@ -116,14 +132,19 @@ def epoch_units(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int
     """All units of the split, permuted for ``epoch`` when shuffling (same on every rank)."""
     if config.split not in manifest["splits"]:
         raise UserError(f"split {config.split!r} not in the shards (have: {', '.join(manifest['splits'])})")
+    manifest_path = Path(shard_dir) / MANIFEST
     units = []
     for shard in manifest["splits"][config.split]["shards"]:
-        blocks = shard_blocks(shard, Path(shard_dir) / MANIFEST)
+        blocks = shard_blocks(shard, manifest_path)
+        for i, block in enumerate(blocks):
+            if block.max_length > manifest["max_row_length"]:  # rows are laid out at that width
+                raise UserError(f"{manifest_path}: shard {shard['name']} block {i}: max_length {block.max_length} "
+                                f"exceeds the manifest's max_row_length {manifest['max_row_length']}")
         for i in range(0, len(blocks), config.chunk_blocks):
-            run = blocks[i : i + config.chunk_blocks]
+            run = tuple(blocks[i : i + config.chunk_blocks])
             rows = sum(b.rows_in_view(config.view) for b in run)
             if rows:
-                units.append(Unit(str(Path(shard_dir) / shard["file"]), run[0].offset, sum(b.nbytes for b in run), rows))
+                units.append(Unit(str(Path(shard_dir) / shard["file"]), i, run, rows))
     if config.shuffle:
         order = np.random.default_rng([config.seed, epoch, 0x5EED]).permutation(len(units))
         units = [units[i] for i in order]
@@ -184,28 +205,53 @@ def plan_epoch(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int,
 # --------------------------------------------------------------------------- stages
 
 
-def read_units(units: Iterable[Unit]) -> Iterator[dict[str, np.ndarray]]:
-    """Decoded blocks of each unit, in order."""
-    for unit in units:
-        yield from read_block_range(unit.path, unit.offset, unit.nbytes)
+@dataclass(frozen=True)
+class BlockAt:
+    """Where a decoded block comes from: its shard file, number in the shard and byte offset (for messages)."""
+
+    path: str
+    number: int
+    offset: int
 
 
-def select_view(view: str, width: int):
-    """Stage: keep the rows of ``view`` and lay them out as fixed-width row arrays."""
+def read_units(labelled: bool, verify: bool = True):
+    """Stage: (where, block) for the decoded blocks of each unit, in order, each checked against its checksum
+    and the schema.
+
+    ``labelled``: every label must be finite (shards built from a labelled file).
+    ``verify=False`` skips the checks; only the benchmark that measures their cost uses it.
+    """
+
+    def stage(units: Iterable[Unit]) -> Iterator[tuple[BlockAt, dict[str, np.ndarray]]]:
+        for unit in units:
+            decoded = read_block_range(unit.path, unit.blocks, unit.first_block, labelled, verify)
+            for number, (entry, block) in enumerate(zip(unit.blocks, decoded), start=unit.first_block):
+                yield BlockAt(unit.path, number, entry.offset), block
+
+    return stage
+
+
+def select_view(view: str, width: int, verify: bool = True):
+    """Stage: keep the rows of ``view`` and lay them out as fixed-width row arrays.
+
+    With ``verify``, the NAD view's rows are checked to be 110 bp of A C G T on their
+    padded codes (``shards.check_nad_rows``) before words are made of them.
+    """
     bit = VIEWS[view]
 
-    def stage(blocks: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        for block in blocks:
+    def stage(blocks: Iterable[tuple[BlockAt, dict[str, np.ndarray]]]) -> Iterator[dict[str, np.ndarray]]:
+        for where, block in blocks:
             rows = np.flatnonzero(block["flags"] & bit) if bit else None
             if rows is not None and not len(rows):
                 continue
             pick = slice(None) if rows is None else rows
-            yield {
-                "codes": padded_codes(block, rows, width),
-                "len": block["len"][pick].astype(np.int64),
-                "y": block["y"][pick],
-                "line": block["line"][pick].astype(np.int64),
-            }
+            codes = padded_codes(block, rows, width)
+            lengths = block["len"][pick].astype(np.int64)
+            if verify and bit == FLAG_NAD:
+                problem = check_nad_rows(codes, lengths)
+                if problem is not None:
+                    raise ShardBlockError(where.path, where.number, where.offset, problem)
+            yield {"codes": codes, "len": lengths, "y": block["y"][pick], "line": block["line"][pick].astype(np.int64)}
 
     return stage
 
@@ -318,13 +364,25 @@ def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False)
 # --------------------------------------------------------------------------- dataset and loader
 
 
+@dataclass(frozen=True)
+class _WorkerFailure:
+    """A UserError raised in a DataLoader worker, carried to the rank as data.
+
+    torch re-raises a worker's exception with its traceback folded into the message;
+    the rank raises ``UserError(message)`` instead, the same one line as without workers.
+    """
+
+    message: str
+
+
 class _RankStream(IterableDataset):
     """One rank's batches for one epoch; under a DataLoader each worker streams its part."""
 
     def __init__(self, manifest: dict, shard_dir: str, config: LoaderConfig, rank: int, world_size: int,
-                 epoch: int, start_step: int, width: int):
+                 epoch: int, start_step: int, width: int, verify: bool = True):
         self.manifest, self.shard_dir, self.config = manifest, shard_dir, config
         self.rank, self.world_size, self.epoch, self.start_step, self.width = rank, world_size, epoch, start_step, width
+        self.verify = verify
         self.plan = plan_epoch(manifest, shard_dir, config, epoch, world_size)
 
     def worker_stream(self, worker_slot: int) -> Iterator[dict[str, torch.Tensor] | None]:
@@ -340,20 +398,25 @@ class _RankStream(IterableDataset):
         units = self.plan.units[self.rank][logical]
         pipeline = wds.DataPipeline(
             lambda: iter(units),
-            read_units,
-            select_view(cfg.view, self.width),
+            read_units(labels_required(self.manifest), self.verify),
+            select_view(cfg.view, self.width, self.verify),
             shuffle_rows(cfg.shuffle_buffer, rng),
             batch_rows(cfg.batch_size, quota, skip, partial_last=not cfg.drop_last),
             to_model_inputs(cfg.tokens, cfg.kmer_frame, cfg.kmer_all_frames),
         )
         return iter(pipeline)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor] | _WorkerFailure]:
         info = get_worker_info()
         slot = 0 if info is None else info.id
-        for batch in self.worker_stream(slot):
-            if batch is not None:
-                yield batch
+        try:
+            for batch in self.worker_stream(slot):
+                if batch is not None:
+                    yield batch
+        except UserError as exc:
+            if info is None:
+                raise
+            yield _WorkerFailure(str(exc))
 
 
 class ShardLoader:
@@ -364,13 +427,16 @@ class ShardLoader:
     ``load_state_dict()`` on a fresh loader continue exactly from that batch.
     """
 
-    def __init__(self, shard_dir: str | os.PathLike, config: LoaderConfig, rank: int, world_size: int):
+    def __init__(self, shard_dir: str | os.PathLike, config: LoaderConfig, rank: int, world_size: int,
+                 verify: bool = True):
+        """``verify=False`` skips the per-block checksum and schema checks: only to measure what they cost."""
         if not 0 <= rank < world_size:
             raise UserError(f"loader: rank {rank} is not in [0, world_size={world_size})")
         self.rank = rank
         self.world_size = world_size
         self.shard_dir = str(shard_dir)
         self.config = config
+        self.verify = verify
         self.manifest = load_manifest(shard_dir)
         # Rows are laid out at the widest row the view can hold: 110 bp for NAD, else the data's longest.
         self.width = NOMINAL_LENGTH if config.view == "nad" else max(int(self.manifest["max_row_length"]), 1)
@@ -393,7 +459,7 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         stream = _RankStream(self.manifest, self.shard_dir, self.config, self.rank, self.world_size,
-                             self.epoch, self.step, self.width)
+                             self.epoch, self.step, self.width, self.verify)
         total = stream.plan.steps_per_rank[self.rank]
         if self.config.num_workers > 0:
             batches: Iterable = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
@@ -401,6 +467,8 @@ class ShardLoader:
         else:
             batches = stream
         for batch in batches:
+            if isinstance(batch, _WorkerFailure):
+                raise UserError(batch.message)
             self.step += 1
             yield batch
         if self.step != total:

@@ -34,9 +34,17 @@ seeks to a block's offset from the manifest, parses the USTAR headers itself
 (:func:`iter_tar_members`) and maps each ``.npy`` body without copying
 (:func:`_load_npy`). Stock ``webdataset`` and ``tar`` read the shards too.
 
-The manifest lists, per shard, where each block lies and how many rows of each view it
-holds: one :class:`BlockIndex` per block, stored in JSON as the list
-``[offset, nbytes, rows, rows_nad, rows_top, max_length]`` (:data:`BLOCK_INDEX_FIELDS`).
+The manifest lists, per shard, where each block lies, how many rows of each view it
+holds and the checksum of its bytes: one :class:`BlockIndex` per block, stored in JSON as
+the list ``[offset, nbytes, rows, rows_nad, rows_top, max_length, checksum]``
+(:data:`BLOCK_INDEX_FIELDS`).
+
+Nothing read from a shard folder is trusted: :func:`load_manifest` validates the manifest's
+shape and types (shard files must be plain names inside the folder), and
+:func:`read_block_range` checks each block's xxh3-64 checksum and decoded schema before
+any row leaves it; a mismatch is a :class:`~promoter_dist.errors.UserError` naming the
+shard file, block and byte offset. ``shards build --overwrite`` removes only the files its
+own manifest and build log list, and temporaries named as this tool names them.
 """
 
 from __future__ import annotations
@@ -47,29 +55,39 @@ import json
 import multiprocessing as mp
 import os
 import re
+import stat
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn, Sequence
 
 import numpy as np
+import xxhash
 
 from .. import __version__
 from ..errors import UserError
-from ..io import atomic_open, fsync_paths, sha256_file, write_json_atomic
-from .alphabet import BASES, PAD
+from ..io import atomic_open, fsync_paths, require_regular_file, sha256_file, write_json_atomic
+from .alphabet import BASES, NOMINAL_LENGTH, PAD
 from .dream import ReadOptions, ReadReport, Rows, read_dream
 from .hashing import mix64
 from .nad_words import nad_eligible
 
 FORMAT = "promoter-dist-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a checksum per block. Version 1 folders are refused by readers and rebuilt by ``--overwrite``."""
 MANIFEST = "manifest.json"
 BUILD_STATE = "build-state.jsonl"
 REJECTED = "rejected.tsv"
 MEMBERS = ("seq", "len", "y", "line", "flags")
+MEMBER_DTYPES = {"seq": "|u1", "len": "<u2", "y": "<f4", "line": "<u4", "flags": "|u1"}
+"""The ``.npy`` dtype of each member, as numpy spells it in the header; readers accept no other."""
 FLAG_INTEGER, FLAG_NAD, FLAG_TOP = 1, 2, 4
+KNOWN_FLAGS = FLAG_INTEGER | FLAG_NAD | FLAG_TOP
+MAX_CODE = len(BASES) - 1
+"""Largest base code stored in ``seq`` (N); PAD only ever appears in padded copies."""
+MAX_MANIFEST_BYTES = 256 << 20
+"""A manifest or build log larger than this is refused unread (a real one is a few MB)."""
 VIEWS = {"all": None, "nad": FLAG_NAD, "top": FLAG_TOP}
 """Row subsets a loader can ask for, and the flag bit that selects each."""
 
@@ -85,7 +103,7 @@ SCHEMA = {
 
 @dataclass(frozen=True)
 class BlockIndex:
-    """Where one block lies in its shard and how many rows of each view it holds.
+    """Where one block lies in its shard, how many rows of each view it holds, and its checksum.
 
     The manifest stores it as the JSON list of its fields in this order
     (:meth:`to_list`, :data:`BLOCK_INDEX_FIELDS`); the writer (:func:`encode_shard`)
@@ -104,21 +122,33 @@ class BlockIndex:
     """Rows in the top-expression subset (view 'top')."""
     max_length: int
     """Longest row of the block (bp)."""
+    checksum: str
+    """xxh3-64 of the block's ``nbytes`` bytes from ``offset``, 16 lower-case hex digits (:func:`block_checksum`)."""
 
-    def to_list(self) -> list[int]:
+    def to_list(self) -> list[int | str]:
         """The manifest's JSON form: the fields in declaration order."""
         return [getattr(self, name) for name in BLOCK_INDEX_FIELDS]
 
     @classmethod
     def from_list(cls, entry: object, manifest: str | os.PathLike, shard: str, block: int) -> BlockIndex:
         """Parse one manifest entry; UserError naming the manifest file, shard and block if malformed."""
+        counts = len(BLOCK_INDEX_FIELDS) - 1
+        where = f"{manifest}: shard {shard} block {block}"
         if (not isinstance(entry, list) or len(entry) != len(BLOCK_INDEX_FIELDS)
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry)):
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry[:counts])
+                or not isinstance(entry[counts], str) or not _CHECKSUM.fullmatch(entry[counts])):
+            if isinstance(entry, list) and len(entry) == counts:
+                raise UserError(f"{where}: malformed block index: no checksum (shards of format version 1); "
+                                "rebuild the shards with promoter-dist shards build ... --overwrite")
             raise UserError(
-                f"{manifest}: shard {shard} block {block}: malformed block index {entry!r}; expected "
-                f"[{', '.join(BLOCK_INDEX_FIELDS)}] as {len(BLOCK_INDEX_FIELDS)} integers"
+                f"{where}: malformed block index {_show(entry)}; expected "
+                f"[{', '.join(BLOCK_INDEX_FIELDS)}] as {counts} integers and 16 hex digits"
             )
-        return cls(*entry)
+        index = cls(*entry)
+        if min(entry[:counts]) < 0 or max(index.rows_nad, index.rows_top) > index.rows:
+            raise UserError(f"{where}: malformed block index {_show(entry)}: negative counts or more rows in a "
+                            "view than in the block")
+        return index
 
     def rows_in_view(self, view: str) -> int:
         """Rows of ``view`` (a key of :data:`VIEWS`) in the block."""
@@ -132,12 +162,39 @@ class BlockIndex:
 
 
 BLOCK_INDEX_FIELDS = tuple(f.name for f in fields(BlockIndex))
-"""Field order of a manifest block entry: offset, nbytes, rows, rows_nad, rows_top, max_length."""
+"""Field order of a manifest block entry: offset, nbytes, rows, rows_nad, rows_top, max_length, checksum."""
+
+_CHECKSUM = re.compile(r"[0-9a-f]{16}")
+
+
+def block_checksum(data: bytes | memoryview) -> str:
+    """The checksum of a block's bytes as the manifest stores it: xxh3-64, 16 lower-case hex digits."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A value from a file, for a one-line message: its repr (no raw newlines), cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def shard_blocks(shard: dict, manifest: str | os.PathLike) -> list[BlockIndex]:
-    """The checked block index of one shard entry of the manifest at ``manifest``."""
-    return [BlockIndex.from_list(entry, manifest, shard["name"], i) for i, entry in enumerate(shard["blocks"])]
+    """The checked block index of one shard entry of the manifest at ``manifest``.
+
+    Blocks must follow each other from byte 0 without gaps (the loader reads a run of
+    them with one read), end inside the shard and hold the shard's rows.
+    """
+    blocks = [BlockIndex.from_list(entry, manifest, shard["name"], i) for i, entry in enumerate(shard["blocks"])]
+    end = 0
+    for i, block in enumerate(blocks):
+        if block.offset != end:
+            raise UserError(f"{manifest}: shard {shard['name']} block {i}: offset {block.offset} does not follow the "
+                            f"previous block (which ends at byte {end})")
+        end += block.nbytes
+    if end > shard["bytes"] or sum(b.rows for b in blocks) != shard["rows"]:
+        raise UserError(f"{manifest}: shard {shard['name']}: blocks end at byte {end} and hold "
+                        f"{sum(b.rows for b in blocks)} rows; the shard has {shard['bytes']} bytes and {shard['rows']} rows")
+    return blocks
 
 
 TOKENIZERS = {
@@ -248,25 +305,31 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def encode_shard(name: str, blocks: list[dict[str, np.ndarray]]) -> tuple[bytes, list[BlockIndex]]:
-    """Tar bytes of one shard and the index of each of its blocks."""
+    """Tar bytes of one shard and the index of each of its blocks (checksums over the finished bytes)."""
     buf = io.BytesIO()
-    index: list[BlockIndex] = []
+    spans: list[tuple[int, int, dict[str, np.ndarray]]] = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for b, block in enumerate(blocks):
             start = tar.offset
             key = f"{name}_{b:04d}"
             for member in MEMBERS:
                 _add_member(tar, f"{key}.{member}.npy", _npy_bytes(block[member]))
-            flags = block["flags"]
-            index.append(BlockIndex(
-                offset=start,
-                nbytes=tar.offset - start,
-                rows=len(flags),
-                rows_nad=int((flags & FLAG_NAD > 0).sum()),
-                rows_top=int((flags & FLAG_TOP > 0).sum()),
-                max_length=int(block["len"].max(initial=0)),
-            ))
-    return buf.getvalue(), index
+            spans.append((start, tar.offset - start, block))
+    data = buf.getvalue()
+    view = memoryview(data)
+    index = []
+    for start, nbytes, block in spans:
+        flags = block["flags"]
+        index.append(BlockIndex(
+            offset=start,
+            nbytes=nbytes,
+            rows=len(flags),
+            rows_nad=int((flags & FLAG_NAD > 0).sum()),
+            rows_top=int((flags & FLAG_TOP > 0).sum()),
+            max_length=int(block["len"].max(initial=0)),
+            checksum=block_checksum(view[start : start + nbytes]),  # exactly the bytes a reader fetches
+        ))
+    return data, index
 
 
 def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -274,12 +337,14 @@ def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray) -> dict[str, np
     lengths = rows.lengths[idx]
     codes = rows.codes[idx]
     mask = np.arange(codes.shape[1]) < lengths[:, None].astype(np.int64)
+    # The dtypes readers demand (MEMBER_DTYPES), little-endian on any machine.
     return {
-        "seq": codes[mask],  # row-major boolean selection keeps each row contiguous
-        "len": lengths.astype(np.uint16),
-        "y": rows.labels[idx].astype(np.float32),
-        "line": rows.lines[idx].astype(np.uint32),
-        "flags": flags[idx].astype(np.uint8),
+        # row-major boolean selection keeps each row contiguous
+        "seq": codes[mask].astype(MEMBER_DTYPES["seq"], copy=False),
+        "len": lengths.astype(MEMBER_DTYPES["len"], copy=False),
+        "y": rows.labels[idx].astype(MEMBER_DTYPES["y"], copy=False),
+        "line": rows.lines[idx].astype(MEMBER_DTYPES["line"], copy=False),
+        "flags": flags[idx].astype(MEMBER_DTYPES["flags"], copy=False),
     }
 
 
@@ -350,23 +415,46 @@ def _plan(split_of_row: np.ndarray, options: ShardOptions) -> list[tuple[str, np
     return plan
 
 
+_SHARD_NAME = re.compile(r"[^\W\d]\w*-\d{6,}")
+"""A shard's name as the writer makes it: ``{split}-{i:06d}``."""
+_SHARD_FILE = re.compile(r"[^\W\d]\w*-\d{6,}\.tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TEMPORARY = re.compile(
+    r"(?:manifest\.json|build-state\.jsonl|rejected\.tsv|[^\W\d]\w*-\d{6,}\.tar)\.tmp-\d+(?:-[A-Za-z0-9_-]+)?"
+)
+"""Temporaries this tool creates (``io.atomic_open``: ``<name>.tmp-<pid>`` or ``<name>.tmp-<pid>-<random>``)."""
+
+
 def _read_state(path: Path) -> dict:
     """The build log: its first line is the fingerprint, each further line a finished shard.
 
-    A line cut short by a kill is ignored (that shard is simply written again).
+    A line cut short by a kill, or not of the form this tool writes, is ignored (that
+    shard is simply written again). A log whose first line is no fingerprint is not ours:
+    its fingerprint is None and it lists no shards.
     """
     state: dict = {"fingerprint": None, "shards": {}}
-    if not path.exists():
+    try:
+        text = _read_small_file(path)
+    except FileNotFoundError:
         return state
-    for i, line in enumerate(path.read_text().splitlines()):
+    fields = _ManifestFields(path)
+    for i, line in enumerate(text.splitlines()):
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
+            if i == 0:
+                return state
             continue
         if i == 0:
-            state["fingerprint"] = entry.get("fingerprint")
-        elif isinstance(entry, dict) and "name" in entry:
-            state["shards"][entry["name"]] = entry
+            if not isinstance(entry, dict) or not isinstance(entry.get("fingerprint"), dict):
+                return state
+            state["fingerprint"] = entry["fingerprint"]
+            continue
+        try:
+            fields.shard_entry(entry, f"line {i + 1}")
+        except UserError:
+            continue
+        state["shards"][entry["name"]] = entry
     return state
 
 
@@ -385,13 +473,52 @@ def _reusable(out_dir: Path, state: dict, name: str) -> dict | None:
     """A finished shard from an interrupted build, if its log entry is well formed and its bytes intact."""
     entry = state.get("shards", {}).get(name)
     path = out_dir / f"{name}.tar"
-    if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"]:
+    if entry is None or entry["file"] != path.name or not path.is_file() or path.stat().st_size != entry["bytes"]:
         return None
     try:
         shard_blocks(entry, out_dir / BUILD_STATE)
     except UserError:
         return None  # a damaged log line: the shard is simply written again
     return entry if sha256_file(path) == entry["sha256"] else None
+
+
+def _previous_manifest(path: Path) -> dict | None:
+    """The manifest of an earlier build in the output folder (any format version), None if there is none."""
+    try:
+        data = _read_small_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        return check_manifest(_parse_json(path, data), path, readable=False)
+    except UserError as exc:
+        raise UserError(f"{exc}; shards build writes only into its own folders: choose another --out") from None
+
+
+def _check_ours(out: Path, previous: dict | None, state: dict) -> None:
+    """UserError unless ``out`` is a shard folder of this tool (its manifest or build log) or holds nothing else."""
+    if previous is not None or state["fingerprint"] is not None:
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _TEMPORARY.fullmatch(p.name))
+    if foreign:
+        raise UserError(
+            f"{out}: holds files ({_show(foreign[0])}{' ...' if len(foreign) > 1 else ''}) but no {MANIFEST} or "
+            f"{BUILD_STATE} of a shard build; choose an empty or new --out (nothing was changed)"
+        )
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Delete leftovers of a killed build: only files named as this tool names its temporaries."""
+    for path in out.iterdir():
+        if _TEMPORARY.fullmatch(path.name) and (path.is_symlink() or not path.is_dir()):
+            path.unlink(missing_ok=True)
+
+
+def _listed_shards(out: Path, previous: dict | None, state: dict) -> list[str]:
+    """Shard files of earlier builds that the old manifest or the build log lists and that exist."""
+    names = {entry["file"] for entry in state["shards"].values()}
+    if previous is not None:
+        names |= {shard["file"] for info in previous["splits"].values() for shard in info["shards"]}
+    return sorted(name for name in names if os.path.lexists(out / name))
 
 
 def build_shards(
@@ -408,28 +535,33 @@ def build_shards(
 
     Rerunning after an interruption reuses the shards already finished (checked by
     sha256) and produces byte-identical output. An output folder built from another
-    source or with other options is refused unless ``overwrite``.
+    source or with other options is refused unless ``overwrite``; then only the files its
+    old manifest and build log list are removed. A folder that is neither empty nor a
+    shard folder of this tool is refused, ``overwrite`` or not.
     """
     t0 = time.perf_counter()
     source, out = Path(source), Path(out_dir)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if not source.is_file():
-        raise UserError(f"{source}: no such file")
+    require_regular_file(source, "a DREAM text file")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tmp-*"):  # leftovers of a killed build
-        stale.unlink()
+    manifest_path, state_path = out / MANIFEST, out / BUILD_STATE
+    previous = _previous_manifest(manifest_path)
+    state = _read_state(state_path)
+    _check_ours(out, previous, state)
+    _remove_temporaries(out)  # leftovers of a killed build, only once the folder is known to be ours
 
     source_sha = sha256_file(source)
     fingerprint = _fingerprint(source_sha, read_options, options)
-    manifest_path, state_path = out / MANIFEST, out / BUILD_STATE
-    if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
-        if previous.get("fingerprint") == fingerprint and not overwrite:
-            log(f"{out}: already built from this source with these options (manifest.json); nothing to do")
-            return BuildResult(str(out), previous, time.perf_counter() - t0, 0, 0, ReadReport(str(source)))
-    state = _read_state(state_path)
-    existing = sorted(p.name for p in out.glob("*.tar"))
+    if previous is not None and previous["fingerprint"] == fingerprint and not overwrite:
+        log(f"{out}: already built from this source with these options (manifest.json); nothing to do")
+        return BuildResult(str(out), previous, time.perf_counter() - t0, 0, 0, ReadReport(str(source)))
+    existing = _listed_shards(out, previous, state)
     if not overwrite and existing and state.get("fingerprint") != fingerprint:
+        if previous is not None and previous["format_version"] < FORMAT_VERSION:
+            raise UserError(f"{out}: holds shards of format version {previous['format_version']} (no block "
+                            "checksums); pass --overwrite to rebuild them")
         raise UserError(
             f"{out}: holds shards from another source or other options; choose another --out or pass --overwrite"
         )
@@ -540,87 +672,372 @@ def _manifest(source, source_sha, fingerprint, report, options, threshold, flags
 # --------------------------------------------------------------------------- reading back
 
 
+class ShardBlockError(UserError):
+    """A block whose bytes or arrays differ from what its manifest entry says: file, block and byte offset."""
+
+    def __init__(self, path: str | os.PathLike, block: int, offset: int, problem: str):
+        self.path, self.block, self.offset, self.problem = str(path), block, offset, problem
+        super().__init__(f"{path}: block {block} at byte {offset}: {problem}")
+
+    def __reduce__(self):
+        return UserError, (str(self),)  # crosses process boundaries as the plain one-line error
+
+
+def _read_small_file(path: Path, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    """The bytes of the regular file ``path``; UserError for anything else or anything over ``limit`` bytes.
+
+    Opened without blocking, so that a FIFO or device under the name cannot hang the reader.
+    FileNotFoundError passes through for the caller to word.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path}: not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{path}: larger than {limit} bytes; not a file this tool wrote")
+    return data
+
+
+def _parse_json(path: Path, data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers too long to parse
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _kind(value: object) -> str:
+    """The JSON name of a value's type, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, name in ((dict, "an object"), (list, "a list"), (str, "a string"), (int, "an integer"),
+                       (float, "a number")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else type(value).__name__
+
+
+class _ManifestFields:
+    """Typed reads from a parsed manifest or build log; a failure is one UserError naming the file and field path."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+
+    def fail(self, where: str, problem: str) -> NoReturn:
+        """Raise the one-line error ``<file>: <field path>: <problem>``."""
+        raise UserError(f"{self.path}: {where}: {problem}")
+
+    def obj(self, value: object, where: str) -> dict:
+        """``value`` if it is a JSON object."""
+        if not isinstance(value, dict):
+            self.fail(where, f"expected an object, got {_kind(value)}")
+        return value
+
+    def member(self, parent: dict, key: str, where: str) -> tuple[object, str]:
+        """``parent[key]`` and its field path."""
+        path = f"{where}.{key}" if where else key
+        if key not in parent:
+            self.fail(path, "missing")
+        return parent[key], path
+
+    def child(self, parent: dict, key: str, where: str) -> dict:
+        """The object ``parent[key]``."""
+        return self.obj(*self.member(parent, key, where))
+
+    def items(self, parent: dict, key: str, where: str) -> list:
+        """The list ``parent[key]``."""
+        value, path = self.member(parent, key, where)
+        if not isinstance(value, list):
+            self.fail(path, f"expected a list, got {_kind(value)}")
+        return value
+
+    def count(self, parent: dict, key: str, where: str) -> int:
+        """The non-negative integer ``parent[key]``."""
+        value, path = self.member(parent, key, where)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(path, f"expected an integer, got {_kind(value)}")
+        if value < 0:
+            self.fail(path, f"negative count {value}")
+        return value
+
+    def number(self, parent: dict, key: str, where: str) -> float:
+        """The number ``parent[key]`` (NaN allowed: an unlabelled file has no threshold)."""
+        value, path = self.member(parent, key, where)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            self.fail(path, f"expected a number, got {_kind(value)}")
+        return value
+
+    def text(self, parent: dict, key: str, where: str, pattern: re.Pattern | None = None, meaning: str = "") -> str:
+        """The string ``parent[key]``, matching ``pattern`` (described by ``meaning``) if given."""
+        value, path = self.member(parent, key, where)
+        if not isinstance(value, str):
+            self.fail(path, f"expected a string, got {_kind(value)}")
+        if pattern is not None and not pattern.fullmatch(value):
+            self.fail(path, f"expected {meaning}, not {_show(value)}")
+        return value
+
+    def shard_entry(self, shard: object, where: str) -> dict:
+        """One shard of a split (or one line of the build log): its name, plain file name, sha256, sizes, blocks."""
+        shard = self.obj(shard, where)
+        self.text(shard, "name", where, _SHARD_NAME, "a shard name like train-000000")
+        name, path = self.member(shard, "file", where)
+        if not isinstance(name, str):
+            self.fail(path, f"expected a string, got {_kind(name)}")
+        if name in ("", ".", "..") or "/" in name or "\0" in name or not name.isprintable():
+            self.fail(path, f"must be a plain file name inside the shard folder, not {_show(name)}")
+        if not _SHARD_FILE.fullmatch(name):
+            self.fail(path, f"expected a shard file name like train-000000.tar, not {_show(name)}")
+        self.text(shard, "sha256", where, _SHA256, "64 lower-case hex digits")
+        self.count(shard, "bytes", where)
+        self.count(shard, "rows", where)
+        self.items(shard, "blocks", where)  # entries: BlockIndex.from_list, where they are used
+        return shard
+
+
+def check_manifest(manifest: object, path: str | os.PathLike, readable: bool = True) -> dict:
+    """``manifest`` (parsed JSON of the file ``path``) if it has the shape readers rely on; UserError otherwise.
+
+    Every field a reader uses is checked for its type (counts non-negative, shard files plain
+    names inside the folder); the message names the file and the field path, e.g.
+    ``splits.train.shards[3].file``. Block entries are parsed where used (:func:`shard_blocks`).
+    ``readable=False`` also accepts older format versions (a rebuild reads which files they list).
+    """
+    fields = _ManifestFields(path)
+    top = fields.obj(manifest, "top level")
+    if top.get("format") != FORMAT:
+        raise UserError(f"{path}: not a promoter-dist shard manifest")
+    version, where = fields.member(top, "format_version", "")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        fields.fail(where, f"{_show(version)} is not a format this promoter-dist reads (1 to {FORMAT_VERSION})")
+    if readable and version < FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {version}: shards without block checksums; rebuild them "
+                        "(promoter-dist shards build SOURCE --out DIR --overwrite)")
+    fields.count(top, "rows", "")
+    fields.count(top, "max_row_length", "")
+    source = fields.child(top, "source", "")
+    fields.text(source, "path", "source")
+    fields.text(source, "sha256", "source", _SHA256, "64 lower-case hex digits")
+    fingerprint = fields.child(top, "fingerprint", "")
+    fields.text(fields.child(fingerprint, "read", "fingerprint"), "labels", "fingerprint.read",
+                re.compile("required|optional"), "'required' or 'optional'")
+    read = fields.child(top, "read", "")
+    for key in ("rows_in", "rows_ok", "rows_rejected"):
+        fields.count(read, key, "read")
+    labels = fields.child(top, "labels", "")
+    fields.number(labels, "top_threshold", "labels")
+    fields.count(labels, "rows_top", "labels")
+    splits = fields.child(top, "splits", "")
+    for split, info in splits.items():
+        if not split.isidentifier():
+            fields.fail("splits", f"split name {_show(split)} is not a plain name (letters, digits, _)")
+        where = f"splits.{split}"
+        info = fields.obj(info, where)
+        for key in ("rows", "rows_nad", "rows_top"):
+            fields.count(info, key, where)
+        for i, shard in enumerate(fields.items(info, "shards", where)):
+            fields.shard_entry(shard, f"{where}.shards[{i}]")
+    return top
+
+
 def load_manifest(shard_dir: str | os.PathLike) -> dict:
-    """The manifest of a built shard folder (UserError if missing or unreadable)."""
+    """The validated manifest of a built shard folder (UserError if missing, unreadable or malformed)."""
     path = Path(shard_dir) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        data = _read_small_file(path)
     except FileNotFoundError:
         raise UserError(f"{path}: no manifest; build the shards first (promoter-dist shards build)") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: not a promoter-dist shard manifest")
-    return manifest
+    return check_manifest(_parse_json(path, data), path)
 
 
-def iter_tar_members(data: bytes, where: str = "") -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular-file members of an uncompressed tar held in memory.
+def labels_required(manifest: dict) -> bool:
+    """Whether the shards were built from a labelled file: then every stored label is finite."""
+    return manifest["fingerprint"]["read"]["labels"] == "required"
+
+
+def iter_tar_members(data: bytes, where: str = "", start: int = 0, end: int | None = None,
+                     ) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular-file members of an uncompressed tar held in ``data[start:end]``.
 
     The reader symmetric to :func:`encode_shard`: USTAR headers, parsed directly,
     which is ~50x cheaper per member than ``tarfile``. Shards stay readable by any tar.
+    A malformed header is a ValueError naming ``where`` and the byte in ``data``.
     """
+    end = len(data) if end is None else end
+    prefix_where = f"{where}: " if where else ""
     view = memoryview(data)
-    at = 0
-    while at + 512 <= len(data):
+    at = start
+    while at + 512 <= end:
         header = data[at : at + 512]
         if header.count(0) == 512:  # end-of-archive
             return
-        if sum(header[:148]) + 8 * 32 + sum(header[156:]) != int(header[148:156].strip(b"\0 ") or b"-1", 8):
-            raise ValueError(f"{where}: bad tar header checksum at byte {at}")
-        name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        try:
+            checksum = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode()
+        except ValueError:  # not octal, not UTF-8
+            raise ValueError(f"{prefix_where}malformed tar header at byte {at}") from None
+        if sum(header[:148]) + 8 * 32 + sum(header[156:]) != checksum:
+            raise ValueError(f"{prefix_where}bad tar header checksum at byte {at}")
         body = at + 512
-        if body + size > len(data):
-            raise ValueError(f"{where}: member {name!r} cut short at byte {len(data)}")
+        if body + size > end:
+            raise ValueError(f"{prefix_where}member {_show(name)} cut short at byte {end}")
         if header[156:157] in (b"0", b"\0"):
             yield (f"{prefix}/{name}" if prefix else name), bytes(view[body : body + size])
         at = body + (size + 511) // 512 * 512
 
 
-_NPY_HEADER = re.compile(rb"\{'descr': '([^']+)', 'fortran_order': (True|False), 'shape': \(([0-9, ]*)\), \}")
+_NPY_HEADER = re.compile(rb"\{'descr': '([^']+)', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
+_MEMBER_NPY = {member: (descr.encode(), np.dtype(descr)) for member, descr in MEMBER_DTYPES.items()}
+# Dot with the count of each flag value: the rows that carry the bit (one vector product per block).
+_NAD_FLAG_VALUES = np.array([bool(value & FLAG_NAD) for value in range(KNOWN_FLAGS + 1)], dtype=np.int64)
+_TOP_FLAG_VALUES = np.array([bool(value & FLAG_TOP) for value in range(KNOWN_FLAGS + 1)], dtype=np.int64)
 
 
-def _load_npy(data: bytes) -> np.ndarray:
-    """An ``.npy`` payload as an array, without copying the body.
+def _load_npy(data: bytes, member: str) -> np.ndarray:
+    """The ``.npy`` payload of ``member`` as the writer makes it (1-D, its dtype), without copying the body.
 
-    Headers as numpy writes them are parsed with one regex (numpy's own parser
-    evaluates the header as Python and costs more than the rest of a block).
+    The header is matched by one regex, never evaluated (numpy's own parser also costs
+    more than the rest of a block); any other header, dtype or body size is a ValueError.
     """
-    if data[:6] == b"\x93NUMPY" and data[6] == 1:
-        header_len = int.from_bytes(data[8:10], "little")
-        match = _NPY_HEADER.match(data, 10)
-        if match and match.end() <= 10 + header_len:
-            shape = tuple(int(x) for x in match.group(3).split(b",") if x.strip())
-            array = np.frombuffer(data, dtype=np.dtype(match.group(1).decode()), offset=10 + header_len,
-                                  count=int(np.prod(shape)))
-            return array.reshape(shape, order="F" if match.group(2) == b"True" else "C")
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    descr, dtype = _MEMBER_NPY[member]
+    if data[:8] != b"\x93NUMPY\x01\x00":
+        raise ValueError(f"{member}: not an .npy array (format 1.0)")
+    body = 10 + int.from_bytes(data[8:10], "little")
+    match = _NPY_HEADER.match(data, 10, body)
+    if match is None or match.end() != body:
+        raise ValueError(f"{member}: not a one-dimensional .npy array as shards build writes it")
+    if match.group(1) != descr:
+        raise ValueError(f"{member}: dtype {_show(match.group(1).decode('ascii', 'replace'))}, expected {descr.decode()!r}")
+    count = int(match.group(2))
+    if body + count * dtype.itemsize != len(data):
+        raise ValueError(f"{member}: {count} values of {descr.decode()} but a body of {len(data) - body} bytes")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=body)
 
 
-def read_block_range(path: str | os.PathLike, offset: int, nbytes: int) -> Iterator[dict[str, np.ndarray]]:
-    """Decode the blocks stored in ``nbytes`` bytes of a shard starting at ``offset``.
-
-    Any block boundary is a valid tar start, so one seek and one read fetch a run of
-    consecutive blocks. The tar is parsed by :func:`iter_tar_members` (not ``tarfile``
-    nor webdataset) and each ``.npy`` member by :func:`_load_npy`.
-    """
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        data = handle.read(nbytes)
-    if len(data) != nbytes:
-        raise ValueError(f"{path}: {len(data)} bytes at {offset}, expected {nbytes} (truncated shard?)")
+def _decode_block(data: bytes, start: int, end: int) -> dict[str, np.ndarray]:
+    """The member arrays of the one block held in ``data[start:end]``: exactly :data:`MEMBERS`, one key."""
     block: dict[str, np.ndarray] = {}
-    key = None
-    for name, payload in iter_tar_members(data, str(path)):
-        stem, _, member = name.partition(".")
-        if stem != key and block:
-            yield block
-            block = {}
-        key = stem
-        block[member.removesuffix(".npy")] = _load_npy(payload)
-    if block:
+    stem = None
+    for name, payload in iter_tar_members(data, "", start, end):
+        key, _, rest = name.partition(".")
+        member = rest.removesuffix(".npy")
+        if rest != f"{member}.npy" or member not in MEMBER_DTYPES or member in block or stem not in (None, key):
+            raise ValueError(f"unexpected tar member {_show(name)}")
+        stem = key
+        block[member] = _load_npy(payload, member)
+    if len(block) != len(MEMBERS):
+        raise ValueError(f"members {', '.join(sorted(block)) or 'none'}; expected {', '.join(MEMBERS)}")
+    return block
+
+
+def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool) -> str | None:
+    """What is wrong with a decoded block against the schema and its index entry, or None.
+
+    Vectorised, a few microseconds per block: row counts, lengths summing to the bases
+    held, base codes 0..4, known flag bits, view counts, finite labels (``labelled``; else
+    NaN marks an unlabelled row, never infinity). That NAD-eligible rows are 110 bp without
+    N is checked where their words are made, on their padded codes (:func:`check_nad_rows`).
+    """
+    seq, lengths, y, flags = block["seq"], block["len"], block["y"], block["flags"]
+    if not len(lengths) == len(y) == len(flags) == len(block["line"]) == entry.rows:
+        return (f"row counts differ: len {len(lengths)}, y {len(y)}, line {len(block['line'])}, flags {len(flags)}; "
+                f"the manifest says {entry.rows}")
+    total = int(lengths.sum(dtype=np.int64))
+    if total != len(seq):
+        return f"row lengths sum to {total} bases but seq holds {len(seq)}"
+    longest = int(lengths.max(initial=0))
+    if longest != entry.max_length:
+        return f"longest row is {longest} bp; the manifest says {entry.max_length}"
+    top_code = int(seq.max(initial=0))
+    if top_code > MAX_CODE:
+        return f"base code {top_code} outside 0..{MAX_CODE} (A C G T N)"
+    counts = np.bincount(flags, minlength=KNOWN_FLAGS + 1)
+    if len(counts) > KNOWN_FLAGS + 1:
+        unknown = int(np.bitwise_or.reduce(flags)) & ~KNOWN_FLAGS
+        return f"unknown flag bits {unknown:#04x} (known: {KNOWN_FLAGS:#04x})"
+    nad, top = int(counts @ _NAD_FLAG_VALUES), int(counts @ _TOP_FLAG_VALUES)
+    if (nad, top) != (entry.rows_nad, entry.rows_top):
+        return (f"{nad} NAD-eligible and {top} top-expression rows; the manifest says {entry.rows_nad} and "
+                f"{entry.rows_top}")
+    if not (np.isfinite(y).all() if labelled else not np.isinf(y).any()):
+        row = int(np.flatnonzero(~np.isfinite(y) if labelled else np.isinf(y))[0])
+        return f"row {row} has label {y[row]} in shards built from a labelled file" if labelled else \
+            f"row {row} has an infinite label"
+    return None
+
+
+def check_nad_rows(codes: np.ndarray, lengths: np.ndarray) -> str | None:
+    """What is wrong with the rows flagged NAD-eligible, given as (n, 110) padded codes and lengths, or None.
+
+    NAD's words are read from exactly 110 bases of A C G T: a shorter row (padded), a
+    longer one or an N would make word ids outside the vocabulary.
+    """
+    if (lengths != NOMINAL_LENGTH).any():
+        return f"a row flagged NAD-eligible is {int(lengths[lengths != NOMINAL_LENGTH][0])} bp, not {NOMINAL_LENGTH}"
+    if codes.max(initial=0) > MAX_CODE - 1:
+        return "a row flagged NAD-eligible holds an N"
+    return None
+
+
+def _read_range(path: str | os.PathLike, offset: int, nbytes: int) -> bytes:
+    """``nbytes`` bytes of the regular file ``path`` from ``offset``, with one pread; UserError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO under a shard's name must not hang the reader
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the shard ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{path}: not a regular file")
+        if offset + nbytes > info.st_size:
+            raise UserError(f"{path}: {info.st_size} bytes, but the manifest places blocks up to byte "
+                            f"{offset + nbytes} (truncated shard?)")
+        data = os.pread(fd, nbytes, offset)
+    finally:
+        os.close(fd)
+    if len(data) != nbytes:
+        raise UserError(f"{path}: {len(data)} bytes at {offset}, expected {nbytes} (truncated shard?)")
+    return data
+
+
+def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], first: int = 0,
+                     labelled: bool = True, verify: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """Decode a run of consecutive blocks of a shard; ``blocks[0]`` is the shard's block number ``first``.
+
+    Any block boundary is a valid tar start, so one read fetches the whole run. The tar
+    is parsed by :func:`iter_tar_members` (not ``tarfile`` nor webdataset) and each
+    ``.npy`` member by :func:`_load_npy`. With ``verify`` each block's bytes are hashed
+    against its checksum before decoding and its arrays checked by :func:`check_block`
+    (``labelled``: finite labels) before it is yielded; any difference is a
+    :class:`ShardBlockError` naming the file, block and byte offset. ``verify=False``
+    exists only to measure what the checks cost.
+    """
+    if not blocks:
+        return
+    start = blocks[0].offset
+    data = _read_range(path, start, blocks[-1].offset + blocks[-1].nbytes - start)
+    view = memoryview(data)
+    for number, entry in enumerate(blocks, start=first):
+        lo = entry.offset - start
+        hi = lo + entry.nbytes
+        if verify and block_checksum(view[lo:hi]) != entry.checksum:
+            raise ShardBlockError(path, number, entry.offset, "checksum differs from the manifest: the shard is "
+                                  "corrupt or was altered; rebuild or restore it (promoter-dist shards verify)")
+        try:
+            block = _decode_block(data, lo, hi)
+            problem = check_block(block, entry, labelled) if verify else None
+        except ValueError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise ShardBlockError(path, number, entry.offset, problem)
         yield block
 
 
@@ -642,6 +1059,8 @@ def padded_codes(block: dict[str, np.ndarray], rows: np.ndarray | None = None, w
 
 @dataclass
 class VerifyResult:
+    """What ``shards verify`` found: one line per bad shard."""
+
     ok: bool
     problems: list[str]
     shards_checked: int
@@ -649,13 +1068,18 @@ class VerifyResult:
 
 
 def verify_shards(shard_dir: str | os.PathLike, deep: bool = True) -> VerifyResult:
-    """Check every shard against the manifest: presence, size, sha256 and (deep) block contents."""
+    """Check every shard against the manifest: presence, size, sha256 and (deep) every block's checksum and arrays.
+
+    A shard whose sha256 differs is named with its first bad block when ``deep``.
+    A malformed manifest is a UserError (nothing can be checked against it).
+    """
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
+    labelled = labels_required(manifest)
     problems: list[str] = []
     shards_checked = rows_checked = 0
     manifest_path = shard_dir / MANIFEST
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for shard in info["shards"]:
             path = shard_dir / shard["file"]
             shards_checked += 1
@@ -667,26 +1091,17 @@ def verify_shards(shard_dir: str | os.PathLike, deep: bool = True) -> VerifyResu
                 problems.append(f"{path}: truncated or altered: {size} bytes, manifest says {shard['bytes']}")
                 continue
             if sha256_file(path) != shard["sha256"]:
-                problems.append(f"{path}: corrupted: sha256 differs from the manifest")
+                bad_block = _first_bad_block(path, shard, manifest_path, labelled) if deep else None
+                located = f"; block {bad_block.block} at byte {bad_block.offset}: {bad_block.problem}" if bad_block else ""
+                problems.append(f"{path}: corrupted: sha256 differs from the manifest{located}")
                 continue
             if deep:
                 try:
-                    index = shard_blocks(shard, manifest_path)
+                    _check_blocks(path, shard_blocks(shard, manifest_path), labelled)
                 except UserError as exc:
                     problems.append(str(exc))
                     continue
-                try:
-                    rows = 0
-                    for entry in index:
-                        for block in read_block_range(path, entry.offset, entry.nbytes):
-                            if len(block["len"]) != entry.rows or int(block["len"].sum()) != len(block["seq"]):
-                                raise ValueError(f"block at byte {entry.offset} has inconsistent row counts")
-                            rows += entry.rows
-                    if rows != shard["rows"]:
-                        raise ValueError(f"{rows} rows in blocks, manifest says {shard['rows']}")
-                    rows_checked += rows
-                except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt shard
-                    problems.append(f"{path}: unreadable: {exc}")
+                rows_checked += shard["rows"]
     total = sum(info["rows"] for info in manifest["splits"].values())
     if total != manifest["rows"]:
         problems.append(f"manifest: split rows sum to {total}, total says {manifest['rows']}")
@@ -694,3 +1109,23 @@ def verify_shards(shard_dir: str | os.PathLike, deep: bool = True) -> VerifyResu
     if read["rows_in"] != read["rows_ok"] + read["rows_rejected"] or read["rows_ok"] != manifest["rows"]:
         problems.append("manifest: rows_in != rows written + rows rejected")
     return VerifyResult(not problems, problems, shards_checked, rows_checked)
+
+
+def _check_blocks(path: Path, blocks: list[BlockIndex], labelled: bool) -> None:
+    """Every block of a shard: checksum, schema (:func:`check_block`) and NAD rows (:func:`check_nad_rows`)."""
+    for number, (entry, block) in enumerate(zip(blocks, read_block_range(path, blocks, 0, labelled))):
+        rows = np.flatnonzero(block["flags"] & FLAG_NAD)
+        problem = check_nad_rows(padded_codes(block, rows, NOMINAL_LENGTH), block["len"][rows])
+        if problem is not None:
+            raise ShardBlockError(path, number, entry.offset, problem)
+
+
+def _first_bad_block(path: Path, shard: dict, manifest_path: Path, labelled: bool) -> ShardBlockError | None:
+    """The first block of a shard whose bytes or arrays differ from the manifest, if any (None: the damage is elsewhere)."""
+    try:
+        _check_blocks(path, shard_blocks(shard, manifest_path), labelled)
+    except ShardBlockError as exc:
+        return exc
+    except UserError:
+        return None
+    return None

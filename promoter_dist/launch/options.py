@@ -48,6 +48,25 @@ def parse_time(text: str | int) -> int:
     return minutes
 
 
+_CONTROL_CHARACTER_NAMES = {"\0": "NUL", "\t": "tab", "\n": "newline", "\r": "carriage return",
+                            "\x1b": "escape", "\x7f": "DEL"}
+
+
+def refuse_control_characters(value: str, what: str, allow_tab: bool = False) -> None:
+    """Raise a :class:`UserError` naming ``what`` when ``value`` holds a C0 control character or DEL.
+
+    Such strings reach the generated sbatch script or a shell (``#SBATCH`` lines, the setup
+    lines, the job folder on the srun line): a newline there ends the line and starts a new
+    command, whatever quoting submitit adds. ``allow_tab`` keeps tabs, plain shell whitespace,
+    for shell lines the user writes (``--setup``).
+    """
+    for index, char in enumerate(value):
+        if (char < " " or char == "\x7f") and not (allow_tab and char == "\t"):
+            name = _CONTROL_CHARACTER_NAMES.get(char, f"U+{ord(char):04X}")
+            raise UserError(f"{what}: {value!r} holds a control character ({name}) at position {index + 1}; "
+                            "it would break the job's batch script or shell command: remove it")
+
+
 def parse_key_values(items: Sequence[str], what: str) -> dict[str, str]:
     """``["mail-type=END", "gres=gpu:8"]`` -> ``{"mail-type": "END", "gres": "gpu:8"}``."""
     out: dict[str, str] = {}
@@ -115,6 +134,16 @@ class ClusterOptions:
         if self.cluster == "debug" and self.tasks > 1:
             raise UserError("--cluster debug runs one task in this process: use --tasks-per-node 1 "
                             "(or --cluster local for several processes)")
+        # Every string that reaches the sbatch script (or the local executor's shell), before anything else uses it.
+        for name in ("job_name", "partition", "account", "qos", "constraint", "time"):
+            value = getattr(self, name)
+            if value is not None:
+                refuse_control_characters(str(value), f"--{name.replace('_', '-')}")
+        for line in self.setup:
+            refuse_control_characters(line, "--setup", allow_tab=True)
+        for key, value in self.additional.items():
+            refuse_control_characters(key, "--slurm-param")
+            refuse_control_characters(str(value), f"--slurm-param {key}")
         parse_time(self.time)  # fail at once on a bad time
 
     @property
@@ -126,9 +155,9 @@ class ClusterOptions:
 
     @property
     def timeout_min(self) -> int:
+        """The time limit in whole minutes (submitit's ``timeout_min``)."""
         return parse_time(self.time)
 
-        """The time limit in whole minutes (submitit's ``timeout_min``)."""
 
 def add_cluster_arguments(parser: argparse.ArgumentParser, time: str, job_name: str, training: bool = True) -> None:
     """The :class:`ClusterOptions` as command-line options (``promoter-dist submit ...``).
@@ -199,11 +228,15 @@ def executor_parameters(options: ClusterOptions) -> dict[str, Any]:
     }
     if options.gpus_per_node > 0:
         params["gpus_per_node"] = options.gpus_per_node
+    # One task exiting non-zero ends the others: the ranks left would otherwise wait in a
+    # collective for the dead one until the time limit.
+    srun_args = ["--kill-on-bad-exit=1"]
     if options.cpus_per_task is not None:
         params["cpus_per_task"] = options.cpus_per_task
         # srun of Slurm 22.05-23.02 does not inherit sbatch's --cpus-per-task: without it each
         # task would be bound to one core where task/affinity or task/cgroup is in use.
-        params["slurm_srun_args"] = ["--cpus-per-task", str(options.cpus_per_task)]
+        srun_args += ["--cpus-per-task", str(options.cpus_per_task)]
+    params["slurm_srun_args"] = srun_args
     if options.mem_gb is not None:
         params["mem_gb"] = options.mem_gb
     for name in ("partition", "account", "qos", "constraint"):
@@ -223,5 +256,5 @@ def executor_parameters(options: ClusterOptions) -> dict[str, Any]:
 
 __all__ = [
     "CLUSTERS", "ClusterOptions", "add_cluster_arguments", "cluster_options_from_args", "executor_parameters",
-    "parse_key_values", "parse_time",
+    "parse_key_values", "parse_time", "refuse_control_characters",
 ]

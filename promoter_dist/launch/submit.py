@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import UserError
 from .jobs import DEFAULT_ENTRY, ShardsJob, TrainingJob
-from .options import ClusterOptions, executor_parameters
+from .options import ClusterOptions, executor_parameters, refuse_control_characters
 
 if TYPE_CHECKING:  # submitit is imported where used: `promoter-dist --help` should not pay for it
     import submitit
@@ -135,6 +135,13 @@ def submit_training(config: str | os.PathLike, overrides: Sequence[str], options
     defaults to ``<run.out_dir>/slurm``.
     """
     config = Path(config)
+    # The job folder (from --log-dir or run.out_dir) is written into the sbatch script; the config
+    # path and the overrides travel in the job's pickle and its log lines.
+    named = [("--config", config.absolute()), *(("override", item) for item in overrides)]
+    if log_dir is not None:
+        named.append(("--log-dir", Path(log_dir).absolute()))
+    for what, value in named:
+        refuse_control_characters(str(value), what)
     if not config.is_file():
         raise UserError(f"{config}: no such config file")
     for item in overrides:
@@ -145,6 +152,7 @@ def submit_training(config: str | os.PathLike, overrides: Sequence[str], options
         if out_dir is None:
             raise UserError(f"{config}: no run.out_dir in the config; add run.out_dir=DIR or pass --log-dir")
         log_dir = Path(out_dir) / "slurm"
+        refuse_control_characters(str(log_dir.absolute()), "run.out_dir")  # from the config file or the cwd
     # The job starts in the submitting directory; an absolute config path survives a `cd` in setup.
     argv = ("--config", str(config.absolute()), *overrides)
     executor = make_executor(options, job_folder(log_dir))
@@ -164,6 +172,12 @@ def submit_shards(source: str | os.PathLike, out_dir: str | os.PathLike, options
     Job files go to ``<log_dir>/<job id>/``, ``log_dir`` defaulting to ``<out_dir>/slurm``.
     """
     source, out = Path(source).absolute(), Path(out_dir).absolute()
+    # The shard folder (or --log-dir) holds the job folder written into the sbatch script.
+    named = [("source", source), ("--out", out)]
+    if log_dir is not None:
+        named.append(("--log-dir", Path(log_dir).absolute()))
+    for what, value in named:
+        refuse_control_characters(str(value), what)
     if not source.is_file():
         raise UserError(f"{source}: no such file")
     if options.nodes != 1 or options.tasks != 1 or options.gpus_per_node:

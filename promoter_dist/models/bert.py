@@ -90,6 +90,10 @@ NOMINAL_TOKENS = 128
 
 ATTENTION = ("sdpa", "eager")
 INITS = ("bert", "local")
+#: The weight files a model folder is loaded from: safetensors holds tensors only, never code.
+SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+#: Weight files that only a pickle load reads (torch.save; Hugging Face's older format): never loaded.
+_PICKLED_WEIGHT_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _ARCH_KEYS = {  # transformers.BertConfig attribute -> BertConfig field, compared with a pretrained export
     "vocab_size": None,
     "hidden_size": "hidden",
@@ -288,6 +292,7 @@ def _load_pretrained(
     **head: object,
 ) -> PreTrainedModel:
     """``cls.from_pretrained(config.pretrained)`` after checking it is a BERT MLM export of matching sizes."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     path = Path(config.pretrained).expanduser()
@@ -297,9 +302,10 @@ def _load_pretrained(
     if not (path / "config.json").is_file():
         raise ConfigError(f"{where}: not a model export (no config.json in {path})")
     try:
-        exported = AutoConfig.from_pretrained(path)
+        # trust_remote_code=False: an "auto_map" in the file must not run code or prompt for it.
+        exported = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{where}: config.json cannot be read ({error})") from None
+        raise ConfigError(f"{where}: config.json cannot be read ({' '.join(str(error).split())})") from None
     architectures = getattr(exported, "architectures", None) or []
     if exported.model_type != "bert" or "BertForMaskedLM" not in architectures:
         raise ConfigError(
@@ -314,6 +320,9 @@ def _load_pretrained(
     ]
     if differ:
         raise ConfigError(f"{where}: the export's sizes differ from the settings ({'; '.join(differ)})")
+    weights_problem = unsafe_weights_problem(path, exported)
+    if weights_problem:
+        raise ConfigError(f"{where}: {weights_problem}")
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(
@@ -322,17 +331,39 @@ def _load_pretrained(
                 attention_probs_dropout_prob=config.dropout,
                 attn_implementation=config.attention,
                 dtype=torch.float32,  # fp32 master weights whatever precision the export was saved in
+                use_safetensors=True,  # never the pickled pytorch_model.bin
                 output_loading_info=True,
                 **head,
             )
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ConfigError(f"{where}: weights cannot be loaded ({error})") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        reason = " ".join(str(error).split())  # one line, whatever the library's message
+        raise ConfigError(f"{where}: weights cannot be loaded ({reason})") from None
     # The encoder must come from the file: anything missing beyond the new head is an error.
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(allowed_missing))
     if missing or info["mismatched_keys"]:
         problem = missing[:3] or sorted(map(str, info["mismatched_keys"]))[:3]
         raise ConfigError(f"{where}: not a complete BERT masked-LM export (missing or mismatched: {', '.join(problem)} ...)")
     return model
+
+
+def unsafe_weights_problem(folder: Path, config: transformers.PreTrainedConfig) -> str | None:
+    """Why the weights of the model folder ``folder`` (config ``config``) will not be loaded; None when they will.
+
+    Only safetensors weights are loaded (``model.safetensors``, or a sharded index of
+    them): a folder may come from another user, and the other weight formats are pickles,
+    whose loading can run code. The reason names the file found instead, or the one missing.
+    """
+    named = getattr(config, "transformers_weights", None)  # a config may name its weight file
+    if named is not None and not str(named).endswith((".safetensors", ".safetensors.index.json")):
+        return f"{folder / 'config.json'} names weights {named!r}, not a safetensors file; only safetensors weights are loaded"
+    if any((folder / name).is_file() for name in SAFE_WEIGHT_FILES):
+        return None
+    pickled = sorted((entry.name for entry in folder.iterdir() if entry.name.endswith(_PICKLED_WEIGHT_SUFFIXES)),
+                     key=lambda name: (name != "pytorch_model.bin", name))  # Hugging Face's own name first
+    if pickled:
+        return (f"{folder / pickled[0]} holds pickled weights, which are not loaded (unpickling can run code); "
+                f"only safetensors weights ({SAFE_WEIGHT_FILES[0]}) are read: save the model again with save_pretrained")
+    return f"no {SAFE_WEIGHT_FILES[0]} in {folder}"
 
 
 @contextlib.contextmanager

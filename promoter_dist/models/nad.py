@@ -4,6 +4,10 @@ Sources: Team NAD's DREAM 2022 challenge report ("Predicting gene expression usi
 millions of random promoter sequences", with its model figure) and the team's published
 code (GitHub de-Boer-Lab/random-promoter-dream-challenge-2022, ``dream_submissions/``);
 the challenge: Rafi et al., Nature Biotechnology 2024, doi:10.1038/s41587-024-02414-w.
+The team's ``Util/SimpleViTModel.py`` builds its transformers with x-transformers, pinned
+at 0.28.4 (GitHub lucidrains/x-transformers): ``Encoder(dim=256, depth, heads=8,
+rel_pos_bias=True, sandwich_norm=True)``; the layer choices below are that library's at
+that version.
 Plain single-device torch: no distributed-training code, no global state; runs under
 ``torch.autocast`` (bf16 on CPU is tested) and traces as one graph under
 ``torch.compile`` (checked with ``fullgraph=True`` on the ``aot_eager`` backend).
@@ -27,44 +31,45 @@ Data flow for a batch of word ids ``(B, 80)`` (the 5-mer words of
 4. The original's quirk, kept: the three longer levels pass a depthwise
    ``Conv1d k3`` + BatchNorm + ELU applied to the ``(B, L, 256)`` layout, so the L
    positions are the conv's channels and the kernel slides along the 256 features.
-   Its sizes therefore depend on the level's length (80, 40, 20).
+   Its sizes therefore depend on the level's length (80, 40, 20). The conv has a bias
+   (published; ``positional_depthwise_bias``).
 5. One transformer encoder per level, width 256, 8 heads; depths 3, 3, 2, 2 for
    levels 10, 20, 40, 80. Each layer has sandwich norm: LayerNorm before *and* after
    each sublayer, the residual added after the second one:
    ``x = x + LN(attn(LN(x)))``; ``x = x + LN(ff(LN(x)))``. Feed-forward is
-   Linear(256, 1024) - GELU - Linear(1024, 256). Attention adds a relative position
-   bias to the logits: one learned scalar per head per offset ``j - i`` in
-   ``-(L-1) .. L-1`` (a ``(heads, 2L - 1)`` table per layer, initialised N(0, 0.02^2)
-   so that it breaks permutation symmetry from the start).
+   Linear(256, 1024) - GELU - Linear(1024, 256), both with bias. Attention: head width
+   64 (inner 512), q, k, v and output projections without bias (``attention_bias``),
+   scores ``q . k / 8`` plus a relative position bias (``position_bias``):
+
+   - ``'t5_shared'`` (published): ONE T5-style table per encoder, shared by its
+     layers: 32 buckets x 8 heads, bidirectional (16 buckets per direction: offsets
+     below 8 exact, then log-spaced up to 128, beyond that the last bucket), entries
+     N(0, 1) (an ``nn.Embedding``) multiplied by 8 = sqrt(head width).
+   - ``'exact_per_layer'``: one learned scalar per head per exact offset ``j - i`` in
+     ``-(L-1) .. L-1``, a ``(heads, 2L - 1)`` table per layer initialised N(0, 0.02^2)
+     (small but non-zero, so that it breaks permutation symmetry from the start).
 6. Per level: final LayerNorm, mean over positions, Linear(256, 1). ``forward``
    returns the four level predictions ``(B, 4)`` ordered like ``depths`` (shortest
    level first); the prediction is their mean (:meth:`NADModel.combine`). All four
    are trained on the same label (as published).
 
 Parameter count (published configuration, measured by ``tests/models/test_nad.py``):
-14,183,312 trainable parameters, 0.1% below the published "about 14.2M". The
-frozen embedding (1024 x 128 = 131,072 values) is a buffer and is *not* counted
-(with it: 14,314,384); BatchNorm running statistics are buffers too. Breakdown:
-backbone 2,848,128; FPN 804,608; depthwise quirk 700; transformers and heads 10,529,876, i.e.
-1,052,160 per layer plus its bias table (8 x (2L - 1): 152 to 1,272), plus 769 per
-level for the final LayerNorm and head.
+14,176,716 trainable parameters, the count of the team's definition built with
+x-transformers 0.28.4. The frozen embedding (1024 x 128 = 131,072 values) is a buffer
+and is *not* counted (with it: 14,307,788); BatchNorm running statistics are buffers too.
+Breakdown: backbone 2,848,128; FPN 804,608; depthwise quirk 840; transformers 10,522,112
+(1,051,904 per layer, 256 per encoder's bias table, 512 per final LayerNorm); heads 1,028.
 
-The one inference needed to reach that size is the attention width. The published
-description gives dim 256 and 8 heads but not the head width; with 256 / 8 = 32 per
-head the model has 11,561,872 parameters, 19% short. With 64 per head (inner width 512, the default
-head width of common transformer libraries, e.g. x-transformers, which also offers
-the "sandwich norm" and "relative position bias" options by those names) the count
-lands within 0.2% of 14.2M, so ``head_dim = 64`` is the default. The remaining
-unknowns change the count by a few thousand at most: biases (none on the q/k/v
-projections and on convs followed by BatchNorm; biases on the attention output,
-feed-forward, FPN and heads) and whether the bias table is shared across layers
-(here: one per layer). That library's relative position bias is T5-style, with
-offsets grouped into log-spaced buckets; with at most 80 positions a table with one
-entry per exact offset is simpler and at least as expressive, at a similar size.
+The other variant (``position_bias='exact_per_layer'``, ``attention_bias=True``,
+``positional_depthwise_bias=False``) has 14,183,312: per-layer exact-offset tables
+(8 x (2L - 1): 152 to 1,272 each) instead of four shared ones, a bias on the attention
+output, none on the depthwise convs. ``configs/nad/debug.yaml`` selects it: its learning
+rate was tuned with it.
 
 Dropout: the report mentions none, so the default is 0.
 
-A small debug configuration (602,784 parameters) for fast tests::
+A small debug configuration (601,996 parameters; 602,784 in the earlier variant) for
+fast tests::
 
     NADConfig(channels=(32, 48, 64, 80, 96), fpn_dim=64, heads=4, head_dim=16,
               depths=(1, 1, 1, 1))
@@ -74,11 +79,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import check_choice_fields
 from ..errors import ConfigError, UserError
 
 _FIELD = "model.nad."  # prefix of every config field named in an error message
@@ -114,6 +121,8 @@ class NADConfig:
     """Channels of every FPN level, which is also the width of the transformers."""
     positional_depthwise: bool = True
     """Depthwise conv + BN + ELU with positions as channels on all but the shortest level (NAD's quirk)."""
+    positional_depthwise_bias: bool = True
+    """Bias on those depthwise convs (published: yes, although BatchNorm follows)."""
     heads: int = 8
     """Attention heads per transformer layer."""
     head_dim: int | None = 64
@@ -124,8 +133,17 @@ class NADConfig:
     """Feed-forward hidden width as a multiple of fpn_dim."""
     dropout: float = 0.0
     """Dropout on attention weights and feed-forward hidden units; 0 as published (none is reported)."""
+    position_bias: Literal["t5_shared", "exact_per_layer"] = "t5_shared"
+    """Relative position bias: 't5_shared' (published: T5 buckets, one table per encoder) or 'exact_per_layer' (one table of exact offsets per layer)."""
+    position_buckets: int = 32
+    """'t5_shared': buckets, half per direction, the nearer half of each exact (published: 32)."""
+    position_max_distance: int = 128
+    """'t5_shared': offset at which the log-spaced buckets end; longer offsets share the last one (published: 128)."""
+    attention_bias: bool = False
+    """Bias on the attention output projection (published: none; q, k and v never have one)."""
 
     def __post_init__(self) -> None:
+        check_choice_fields(self, _FIELD.rstrip("."))
         # Config files give lists; store tuples so configs compare and hash-print alike.
         for name in ("channels", "strides", "depths"):
             value = getattr(self, name)
@@ -143,8 +161,16 @@ class NADConfig:
             ("fpn_dim", 1),
             ("heads", 1),
             ("ff_mult", 1),
+            ("position_buckets", 4),
+            ("position_max_distance", 1),
         ):
             _check_int(name, getattr(self, name), minimum)
+        if self.position_max_distance <= self.position_buckets // 4:
+            # Buckets below buckets // 4 are exact offsets; the log-spaced ones must start beyond them.
+            raise ConfigError(
+                f"{_FIELD}position_max_distance ({self.position_max_distance}) must exceed "
+                f"position_buckets // 4 ({self.position_buckets // 4})"
+            )
         if self.head_dim is None:
             if self.fpn_dim % self.heads:
                 raise ConfigError(
@@ -153,8 +179,9 @@ class NADConfig:
                 )
         else:
             _check_int("head_dim", self.head_dim, 1)
-        if not isinstance(self.positional_depthwise, bool):
-            raise ConfigError(f"{_FIELD}positional_depthwise must be true or false, got {self.positional_depthwise!r}")
+        for name in ("positional_depthwise", "positional_depthwise_bias", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{_FIELD}{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ConfigError(f"{_FIELD}dropout must be a number in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
@@ -263,9 +290,9 @@ class PositionDepthwise(nn.Module):
     per position. The module is therefore tied to one length L.
     """
 
-    def __init__(self, length: int):
+    def __init__(self, length: int, bias: bool = True):
         super().__init__()
-        self.conv = nn.Conv1d(length, length, 3, padding=1, groups=length, bias=False)
+        self.conv = nn.Conv1d(length, length, 3, padding=1, groups=length, bias=bias)
         self.bn = nn.BatchNorm1d(length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,8 +302,8 @@ class PositionDepthwise(nn.Module):
 # ---------------------------------------------------------------- transformers
 
 
-class RelativePositionBias(nn.Module):
-    """A learned scalar per head per relative offset j - i, added to attention logits."""
+class ExactOffsetBias(nn.Module):
+    """A learned scalar per head per exact relative offset j - i, added to attention logits."""
 
     def __init__(self, heads: int, length: int):
         super().__init__()
@@ -293,34 +320,97 @@ class RelativePositionBias(nn.Module):
         return self.table[:, self.offsets]
 
 
-class RelativeSelfAttention(nn.Module):
-    """Multi-head self-attention with a relative position bias; (B, L, D) -> (B, L, D)."""
+def t5_buckets(offsets: torch.Tensor, buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bidirectional bucket of each key-minus-query offset (x-transformers 0.28.4's rule).
 
-    def __init__(self, dim: int, heads: int, head_dim: int, length: int, dropout: float):
+    Keys after the query use the upper half of the buckets, the others the lower half. Within
+    a half of h buckets, distances below h / 2 have a bucket each; longer ones share
+    log-spaced buckets up to ``max_distance``, beyond which all fall in the last.
+    """
+    half = buckets // 2
+    exact = half // 2
+    distance = offsets.abs()
+    # Clamped below at 1: log(0) would only feed entries that torch.where discards.
+    log_spaced = exact + (
+        torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (half - exact)
+    ).long()
+    within_half = torch.where(distance < exact, distance, log_spaced.clamp(max=half - 1))
+    return (offsets > 0).long() * half + within_half
+
+
+class BucketedPositionBias(nn.Module):
+    """T5-style relative position bias: a learned (buckets, heads) table, scaled, added to attention logits.
+
+    As in x-transformers 0.28.4 (``rel_pos_bias=True``): the table is an embedding with
+    N(0, 1) entries and its values are multiplied by ``scale`` (sqrt of the head width).
+    """
+
+    def __init__(self, heads: int, length: int, buckets: int, max_distance: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.table = nn.Parameter(torch.empty(buckets, heads))
+        nn.init.normal_(self.table)  # nn.Embedding's initialisation
+        positions = torch.arange(length)
+        offsets = positions[None, :] - positions[:, None]  # key j minus query i
+        self.register_buffer("buckets", t5_buckets(offsets, buckets, max_distance), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        """The bias (heads, L, L) for queries i (rows) and keys j (columns)."""
+        return self.table[self.buckets].permute(2, 0, 1) * self.scale
+
+
+class RelativeSelfAttention(nn.Module):
+    """Multi-head self-attention with a relative position bias; (B, L, D) -> (B, L, D).
+
+    With ``length`` the module owns an :class:`ExactOffsetBias` for that length; without,
+    the bias (heads, L, L) is passed to :meth:`forward` (an encoder's shared table).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, dropout: float, out_bias: bool = True, length: int | None = None
+    ):
         super().__init__()
         self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
         self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)
-        self.out = nn.Linear(heads * head_dim, dim)
-        self.position_bias = RelativePositionBias(heads, length)
+        self.out = nn.Linear(heads * head_dim, dim, bias=out_bias)
+        self.position_bias = ExactOffsetBias(heads, length) if length is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, L, D); ``position_bias`` (heads, L, L), required when the module owns none."""
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.position_bias is not None:
+            position_bias = self.position_bias()
+        if position_bias is None:
+            raise ValueError("RelativeSelfAttention owns no position bias: pass one to forward")
         # Under autocast q is bf16 while the table is float32; the mask must match q.
-        bias = self.position_bias().to(q.dtype)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=position_bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
         )
         return self.out(y.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
 
 
 class SandwichLayer(nn.Module):
-    """Transformer layer with sandwich norm: x += LN(attn(LN(x))); x += LN(ff(LN(x)))."""
+    """Transformer layer with sandwich norm: x += LN(attn(LN(x))); x += LN(ff(LN(x))).
 
-    def __init__(self, dim: int, heads: int, head_dim: int, length: int, ff_mult: int, dropout: float):
+    ``length`` gives the layer its own exact-offset position bias; without it the bias is
+    passed to :meth:`forward`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        ff_mult: int,
+        dropout: float,
+        *,
+        length: int | None = None,
+        attention_bias: bool = True,
+    ):
         super().__init__()
         self.attn_norm_in = nn.LayerNorm(dim)
-        self.attn = RelativeSelfAttention(dim, heads, head_dim, length, dropout)
+        self.attn = RelativeSelfAttention(dim, heads, head_dim, dropout, out_bias=attention_bias, length=length)
         self.attn_norm_out = nn.LayerNorm(dim)
         self.ff_norm_in = nn.LayerNorm(dim)
         self.ff = nn.Sequential(
@@ -331,8 +421,8 @@ class SandwichLayer(nn.Module):
         )
         self.ff_norm_out = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn_norm_out(self.attn(self.attn_norm_in(x)))
+    def forward(self, x: torch.Tensor, position_bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn_norm_out(self.attn(self.attn_norm_in(x), position_bias))
         return x + self.ff_norm_out(self.ff(self.ff_norm_in(x)))
 
 
@@ -341,9 +431,26 @@ class LevelEncoder(nn.Module):
 
     def __init__(self, config: NADConfig, length: int, depth: int):
         super().__init__()
-        dim = config.fpn_dim
+        dim, head_dim = config.fpn_dim, config.attention_head_dim
+        shared = config.position_bias == "t5_shared"
+        # One table for all layers (published), or one per layer kept inside each layer's attention.
+        self.position_bias = (
+            BucketedPositionBias(
+                config.heads, length, config.position_buckets, config.position_max_distance, math.sqrt(head_dim)
+            )
+            if shared
+            else None
+        )
         self.layers = nn.ModuleList(
-            SandwichLayer(dim, config.heads, config.attention_head_dim, length, config.ff_mult, config.dropout)
+            SandwichLayer(
+                dim,
+                config.heads,
+                head_dim,
+                config.ff_mult,
+                config.dropout,
+                length=None if shared else length,
+                attention_bias=config.attention_bias,
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -351,8 +458,9 @@ class LevelEncoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The transformer layers and the final LayerNorm, (B, L, D) -> (B, L, D)."""
+        shared_bias = self.position_bias() if self.position_bias is not None else None
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, shared_bias)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -406,7 +514,9 @@ class NADModel(nn.Module):
         self.fpn = FeaturePyramid(tuple(reversed(config.channels[len(config.channels) - levels :])), config.fpn_dim)
         lengths = config.level_lengths
         self.position_depthwise = nn.ModuleList(
-            PositionDepthwise(length) if index > 0 and config.positional_depthwise else nn.Identity()
+            PositionDepthwise(length, config.positional_depthwise_bias)
+            if index > 0 and config.positional_depthwise
+            else nn.Identity()
             for index, length in enumerate(lengths)
         )
         self.encoders = nn.ModuleList(

@@ -2,7 +2,9 @@
 
 An export holds ``save_pretrained`` of the model and of the tokenizer of the reading frame
 the run trained on, so it reloads with ``AutoTokenizer`` and ``AutoModelForMaskedLM`` /
-``AutoModelForSequenceClassification`` and no code from this package. The model lives in
+``AutoModelForSequenceClassification`` and no code from this package. The weights are
+``model.safetensors`` and the tokenizer ``tokenizer.json``: neither can carry code, and
+:func:`load_exported` reads nothing else (no pickled weights, no remote code). The model lives in
 :mod:`promoter_dist.models.bert`, the tokenizer in :mod:`promoter_dist.data.kmer_tokenizer`;
 the tasks join them here.
 """
@@ -19,10 +21,13 @@ from torch import nn
 
 from ..data.kmer_tokenizer import build_tokenizer
 from ..errors import UserError
-from ..models.bert import quiet_transformers
+from ..models.bert import SAFE_WEIGHT_FILES, quiet_transformers, unsafe_weights_problem
 
 if TYPE_CHECKING:  # transformers is imported where used
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+#: The fast tokenizer's one file in an export (JSON).
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int) -> Path:
@@ -33,7 +38,7 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int) 
     replaced (it is moved aside, the new one renamed in, then the old one deleted; a
     crash between the two renames leaves the old export in ``.<name>.old-*``). A folder
     there that is neither empty nor an export (no config.json) is refused, not deleted.
-    Returns the export folder.
+    The weights are written as ``model.safetensors`` (checked). Returns the export folder.
     """
     model = _unwrap(model)
     out_dir = Path(out_dir)
@@ -46,6 +51,8 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int) 
     try:
         with quiet_transformers():
             model.save_pretrained(tmp)
+        if not any((tmp / name).is_file() for name in SAFE_WEIGHT_FILES):  # what every reader requires
+            raise RuntimeError(f"save_pretrained wrote no {SAFE_WEIGHT_FILES[0]} into {tmp}")
         # The tokenizer's position limit follows the model's position table.
         build_tokenizer(frame, model_max_length=model.config.max_position_embeddings).save_pretrained(tmp)
         if out_dir.exists():
@@ -64,18 +71,22 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int) 
 def load_exported(
     out_dir: str | os.PathLike, kind: Literal["mlm", "regression"]
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """(tokenizer, model) of an export, through the ``Auto*`` classes; the model is in eval mode.
+    """(tokenizer, model) of an export; the model is in eval mode.
 
     ``kind`` is 'mlm' (``AutoModelForMaskedLM``) or 'regression'
     (``AutoModelForSequenceClassification``; the export must be a fine-tuned regressor:
     to start a regressor from a masked-LM export use
-    :func:`promoter_dist.models.bert.build_regression_model`).
+    :func:`promoter_dist.models.bert.build_regression_model`). Only JSON and safetensors
+    are read: the weights from ``model.safetensors`` (a folder with only pickled weights
+    is refused, naming the file), the tokenizer from ``tokenizer.json`` as a fast tokenizer
+    (other tokenizer files are ignored), and no remote code.
     """
+    from safetensors import SafetensorError
     from transformers import (
         AutoConfig,
         AutoModelForMaskedLM,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
+        PreTrainedTokenizerFast,
     )
 
     auto = {
@@ -87,13 +98,26 @@ def load_exported(
     path = Path(out_dir)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a model export (no config.json)")
-    architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # an auto_map runs nothing
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path / 'config.json'}: cannot be read ({' '.join(str(error).split())})") from None
+    architectures = getattr(config, "architectures", None) or []
     model_cls, arch = auto[kind]
     if arch not in architectures:
         raise UserError(f"{path}: holds {architectures}, not a {arch} export (kind={kind!r})")
-    with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = model_cls.from_pretrained(path)
+    problem = unsafe_weights_problem(path, config)
+    if problem:
+        raise UserError(problem)  # it names the file
+    if not (path / TOKENIZER_FILE).is_file():
+        raise UserError(f"{path}: no {TOKENIZER_FILE} (the export's tokenizer; no other tokenizer file is read)")
+    try:
+        with quiet_transformers():
+            # The concrete fast class reads tokenizer.json (JSON), whatever tokenizer_config.json names.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, trust_remote_code=False)
+            model = model_cls.from_pretrained(path, config=config, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise UserError(f"{path}: cannot be loaded ({' '.join(str(error).split())})") from None
     return tokenizer, model.eval()
 
 

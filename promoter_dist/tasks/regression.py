@@ -50,8 +50,8 @@ class RegressionTask:
             from ..data.nad_words import NUM_WORDS
             from ..models.nad import NADModel
 
-            glove = self.config.data.glove
-            embedding = load_embedding_tensor(glove) if glove else None
+            data = self.config.data
+            embedding = load_embedding_tensor(data.glove, trust_pickle=data.trust_pickled_vectors) if data.glove else None
             return NADModel(self.config.model.nad, embedding, num_words=NUM_WORDS)
         from ..data.kmer_tokenizer import PAD_ID, VOCAB_SIZE
         from ..models.bert import build_regression_model

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from promoter_dist.data.glove import (
     count_cooccurrence,
     embedding_matrix,
     fit_glove,
+    is_pickle,
     load_vectors,
     save_vectors,
     train_glove,
@@ -186,10 +189,10 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     scales = 1e3 ** rng.integers(-3, 3, size=(4, 8))  # values across 15 orders of magnitude
     vectors = (rng.normal(size=(4, 8)) * scales).astype(np.float32)
     paths = save_vectors(vectors, ids, tmp_path / "out")
-    assert Path(paths["kv"]).name == "vectors.kv" and Path(paths["word2vec"]).name == "vectors.w2v.txt"
+    assert list(paths) == ["word2vec"] and Path(paths["word2vec"]).name == "vectors.w2v.txt"
     assert Path(paths["word2vec"]).read_text().splitlines()[0] == "4 8"
-    assert not list((tmp_path / "out").glob("*.tmp-*"))
-    for path in (paths["kv"], paths["word2vec"], tmp_path / "out"):
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["vectors.w2v.txt"]  # no pickle, no temporaries
+    for path in (paths["word2vec"], tmp_path / "out"):
         kv = load_vectors(path)
         assert kv.index_to_key == [VOCABULARY[i] for i in ids]
         for i, row in zip(ids, vectors):
@@ -217,7 +220,7 @@ def test_nad_published_vectors() -> None:
 
 def test_embedding_matrix_missing_words(tmp_path: Path) -> None:
     save_vectors(np.ones((2, 3), dtype=np.float32), [word_id("GGGGG"), 0], tmp_path)
-    kv = load_vectors(tmp_path / "vectors.kv")
+    kv = load_vectors(tmp_path / "vectors.w2v.txt")
     with pytest.raises(UserError, match=r"1022 of 1024 words have no vector \(AAAAC, AAAAG"):
         embedding_matrix(kv)
     matrix = embedding_matrix(kv, allow_missing=True)
@@ -255,12 +258,67 @@ def test_unreadable_files(tmp_path: Path) -> None:
         load_vectors(tmp_path / "absent.txt")
     pickle_like = tmp_path / "broken.kv"
     pickle_like.write_bytes(b"\x80\x04garbage")
-    with pytest.raises(UserError, match=f"{pickle_like}: not a readable gensim"):
+    with pytest.raises(UserError, match=f"{pickle_like}: a pickle"):
         load_vectors(pickle_like)
+    with pytest.raises(UserError, match=f"{pickle_like}: not a readable gensim"):
+        load_vectors(pickle_like, trust_pickle=True)
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"AAAAA 1 2\n\xff\xfe 1 2\n")
     with pytest.raises(UserError, match=f"{binary}:2: not UTF-8"):
         load_vectors(binary)
+    array = tmp_path / "vectors.npy"
+    np.save(array, np.zeros((2, 3), np.float32))
+    with pytest.raises(UserError, match=f"{array}: a NumPy .npy array, not a vector file"):
+        load_vectors(array)
+    with pytest.raises(UserError, match="/dev/null: a character device, not a regular file"):
+        load_vectors("/dev/null")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=f"{fifo}: a FIFO"):  # refused without waiting for a writer
+        load_vectors(fifo)
+
+
+def legacy_kv(path: Path, words: list[str], vectors: np.ndarray) -> Path:
+    """A gensim ``KeyedVectors.save`` file, as earlier versions of `promoter-dist glove` wrote."""
+    from gensim.models import KeyedVectors
+
+    kv = KeyedVectors(vector_size=vectors.shape[1], count=0, dtype=np.float32)
+    kv.add_vectors(words, vectors)
+    with open(path, "wb") as handle:
+        kv.save(handle)
+    return path
+
+
+def test_legacy_kv_is_refused_unless_trusted(tmp_path: Path) -> None:
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
+    path = legacy_kv(tmp_path / "vectors.kv", ["GGGGG", "AAAAA"], vectors)
+    for target in (path, tmp_path):  # a folder without vectors.w2v.txt means its legacy vectors.kv
+        with pytest.raises(UserError) as info:
+            load_vectors(target)
+        message = str(info.value)
+        assert message.startswith(f"{path}: a pickle") and "\n" not in message
+        assert "promoter-dist glove" in message and "data.trust_pickled_vectors=true" in message
+    kv = load_vectors(path, trust_pickle=True)
+    assert kv.index_to_key == ["GGGGG", "AAAAA"]
+    np.testing.assert_array_equal(kv.vectors, vectors)
+    save_vectors(vectors, [word_id("GGGGG"), word_id("AAAAA")], tmp_path)
+    assert load_vectors(tmp_path).index_to_key == ["GGGGG", "AAAAA"]  # the text file wins over the pickle
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickles_are_told_by_content(tmp_path: Path, protocol: int) -> None:
+    data = pickle.dumps({"GGGGG": [1.0, 2.0]}, protocol=protocol)
+    assert is_pickle(data)
+    path = tmp_path / "vectors.txt"
+    path.write_bytes(data)
+    with pytest.raises(UserError, match=f"{path}: a pickle"):
+        load_vectors(path)
+
+
+def test_text_files_are_not_pickles(tmp_path: Path) -> None:
+    save_vectors(np.ones((3, 2), dtype=np.float32), [0, 1, word_id("GGGGG")], tmp_path)
+    for path in (NAD_VECTORS, tmp_path / "vectors.w2v.txt"):
+        assert not is_pickle(Path(path).read_bytes())
 
 
 # ---------------------------------------------------------------- end to end
@@ -277,8 +335,8 @@ def test_train_glove_writes_everything(tmp_path: Path) -> None:
     assert len(info["loss_per_iteration"]) == 4 and info["final_loss"] < info["initial_loss"]
     assert len(info["dropped_words"]) == NUM_WORDS - 32 and "AAAAA" not in info["dropped_words"]
     assert set(info["timings_s"]) == {"count", "fit", "save", "total"}
-    kv = load_vectors(tmp_path / "glove" / info["files"]["kv"])
-    text = load_vectors(tmp_path / "glove" / info["files"]["word2vec"])
+    assert info["files"] == {"word2vec": "vectors.w2v.txt"}
+    assert sorted(p.name for p in (tmp_path / "glove").iterdir()) == ["glove.json", "vectors.w2v.txt"]
+    kv = load_vectors(tmp_path / "glove" / info["files"]["word2vec"])
     assert len(kv) == 32 and kv.vector_size == 8
-    np.testing.assert_array_equal(kv.vectors, text.vectors)
     assert embedding_matrix(kv, allow_missing=True)[:32].any(axis=1).all()

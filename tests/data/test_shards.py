@@ -30,6 +30,7 @@ from promoter_dist.data.shards import (
     MANIFEST,
     BlockIndex,
     ShardOptions,
+    block_checksum,
     build_shards,
     load_manifest,
     padded_codes,
@@ -54,8 +55,8 @@ def _source_rows(path: Path) -> dict[int, tuple[str, float]]:
 def _all_blocks(shard_dir: Path, split: str):
     manifest = load_manifest(shard_dir)
     for shard in manifest["splits"][split]["shards"]:
-        for offset, nbytes, *_ in shard["blocks"]:
-            yield from read_block_range(shard_dir / shard["file"], offset, nbytes)
+        for number, block in enumerate(shard_blocks(shard, shard_dir / MANIFEST)):
+            yield from read_block_range(shard_dir / shard["file"], [block], number)
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
@@ -94,9 +95,10 @@ def test_split_fractions_and_sizes(small_shards: Path) -> None:
 
 
 def test_block_index_round_trips_the_manifest_lists(small_shards: Path) -> None:
-    assert BLOCK_INDEX_FIELDS == ("offset", "nbytes", "rows", "rows_nad", "rows_top", "max_length")
-    index = BlockIndex(offset=0, nbytes=5120, rows=128, rows_nad=100, rows_top=30, max_length=110)
-    assert index.to_list() == [0, 5120, 128, 100, 30, 110]
+    assert BLOCK_INDEX_FIELDS == ("offset", "nbytes", "rows", "rows_nad", "rows_top", "max_length", "checksum")
+    index = BlockIndex(offset=0, nbytes=5120, rows=128, rows_nad=100, rows_top=30, max_length=110,
+                       checksum="0123456789abcdef")
+    assert index.to_list() == [0, 5120, 128, 100, 30, 110, "0123456789abcdef"]
     assert BlockIndex.from_list(index.to_list(), MANIFEST, "train-000000", 0) == index
     assert [index.rows_in_view(v) for v in ("all", "nad", "top")] == [128, 100, 30]
     manifest = load_manifest(small_shards)
@@ -106,13 +108,21 @@ def test_block_index_round_trips_the_manifest_lists(small_shards: Path) -> None:
             assert [b.to_list() for b in blocks] == shard["blocks"]  # the JSON form is unchanged
             assert blocks[0].offset == 0 and sum(b.nbytes for b in blocks) + 1024 <= shard["bytes"]
             assert all(a.offset + a.nbytes == b.offset for a, b in itertools.pairwise(blocks))
+            data = (small_shards / shard["file"]).read_bytes()
+            assert all(b.checksum == block_checksum(data[b.offset : b.offset + b.nbytes]) for b in blocks)
         assert sum(b.rows_nad for s in info["shards"] for b in shard_blocks(s, MANIFEST)) == info["rows_nad"]
     assert max(b.max_length for info in manifest["splits"].values() for s in info["shards"]
                for b in shard_blocks(s, MANIFEST)) == manifest["max_row_length"]
 
 
-@pytest.mark.parametrize("entry", [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6], [0, 1, 2.0, 3, 4, 5],
-                                   [0, 1, True, 3, 4, 5], {"offset": 0}, "0,1,2,3,4,5"])
+CHECKSUM = "0123456789abcdef"
+
+
+@pytest.mark.parametrize("entry", [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, CHECKSUM, 7],
+                                   [0, 1, 2.0, 3, 4, 5, CHECKSUM], [0, 1, True, 3, 4, 5, CHECKSUM],
+                                   [0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, "0123456789ABCDEF"],
+                                   [0, 1, 2, 3, 4, 5, "xyz"], [0, -1, 2, 1, 1, 5, CHECKSUM],
+                                   [0, 1, 2, 3, 1, 5, CHECKSUM], {"offset": 0}, "0,1,2,3,4,5"])
 def test_malformed_block_index_names_file_shard_and_block(entry, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"manifest\.json: shard train-000003 block 7: malformed block index"):
         BlockIndex.from_list(entry, tmp_path / MANIFEST, "train-000003", 7)

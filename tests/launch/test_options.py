@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from promoter_dist.errors import UserError
-from promoter_dist.launch.options import ClusterOptions, executor_parameters, parse_time
+from promoter_dist.launch.options import (ClusterOptions, executor_parameters, parse_time,
+                                          refuse_control_characters)
 
 
 @pytest.mark.parametrize("text, minutes", [
@@ -46,8 +47,44 @@ def test_executor_parameters_maps_every_knob():
         "cpus_per_task": 10, "mem_gb": 480, "slurm_partition": "gpu", "slurm_account": "bio", "slurm_qos": "high",
         "slurm_constraint": "a100|h100", "slurm_signal_delay_s": 180, "slurm_exclusive": True,
         "slurm_setup": ["module load cuda"], "local_setup": ["module load cuda"],
-        "slurm_additional_parameters": {"mail-type": "END"}, "slurm_srun_args": ["--cpus-per-task", "10"],
+        "slurm_additional_parameters": {"mail-type": "END"},
+        "slurm_srun_args": ["--kill-on-bad-exit=1", "--cpus-per-task", "10"],
     }
-    # Unset knobs are left to the cluster; a CPU job asks for no GPUs at all.
+    # Unset knobs are left to the cluster; a CPU job asks for no GPUs at all. One failing task
+    # always ends the others.
     assert executor_parameters(ClusterOptions(time="10")) == {
-        "name": "promoter-dist", "timeout_min": 10, "nodes": 1, "tasks_per_node": 1, "slurm_signal_delay_s": 120}
+        "name": "promoter-dist", "timeout_min": 10, "nodes": 1, "tasks_per_node": 1, "slurm_signal_delay_s": 120,
+        "slurm_srun_args": ["--kill-on-bad-exit=1"]}
+
+
+@pytest.mark.parametrize("field, option", [
+    ("job_name", "--job-name"), ("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
+    ("constraint", "--constraint"), ("time", "--time"),
+])
+@pytest.mark.parametrize("char, name", [("\n", "newline"), ("\r", "carriage return"), ("\0", "NUL"),
+                                        ("\t", "tab"), ("\x7f", "DEL"), ("\x01", "U+0001")])
+def test_control_characters_are_refused_naming_the_option(field, option, char, name):
+    value = f"ab{char}cd" if field != "time" else f"10{char}"
+    with pytest.raises(UserError) as info:
+        ClusterOptions(**{field: value})
+    message = str(info.value)
+    assert message.startswith(f"{option}: ") and f"control character ({name}) at position 3" in message
+    assert "\n" not in message  # one line: the value is shown escaped
+
+
+def test_control_characters_in_setup_and_slurm_params_are_refused():
+    with pytest.raises(UserError, match=r"^--setup: .*\(newline\) at position 12"):
+        ClusterOptions(setup=["module load", "module load\nrm -rf x"])
+    with pytest.raises(UserError, match=r"^--setup: .*\(carriage return\)"):
+        ClusterOptions(setup=["export A=1\r"])
+    with pytest.raises(UserError, match=r"^--slurm-param mail-user: .*\(newline\)"):
+        ClusterOptions(additional={"mail-user": "me@x\nrm -rf x"})
+    with pytest.raises(UserError, match=r"^--slurm-param: 'mail\\ntype' holds .*\(newline\)"):
+        ClusterOptions(additional={"mail\ntype": "END"})
+    # A tab is plain shell whitespace inside a setup line the user writes.
+    assert ClusterOptions(setup=["export\tA=1"]).setup == ["export\tA=1"]
+
+
+def test_refuse_control_characters_accepts_clean_text():
+    refuse_control_characters("gpu,a100|h100 name-with spaces/and:colons", "--x")
+    refuse_control_characters("caf\u00e9 \u2014 unicode is fine", "--x")

@@ -56,6 +56,7 @@ def test_sbatch_script_carries_the_options(tmp_path, monkeypatch):
     assert "module load cuda" in text and "srun --unbuffered" in text
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     assert srun.endswith("--cpus-per-task 10 python -m x")  # srun of Slurm 22.05+ does not inherit it
+    assert " --kill-on-bad-exit=1 " in srun  # one failing task ends the others
 
 
 def test_submit_training_with_fake_sbatch_writes_the_job_files(tmp_path, monkeypatch):
@@ -114,6 +115,29 @@ def test_training_out_dir(tmp_path):
         submit_training(config, ["lr"], ClusterOptions(cluster="debug"))
     with pytest.raises(UserError, match="no such config"):
         submit_training(tmp_path / "missing.yaml", [], ClusterOptions(cluster="debug"))
+
+
+def test_control_characters_in_paths_and_overrides_are_refused(tmp_path):
+    """Strings that reach the job folder, the job's pickle or its log lines: refused before anything is written."""
+    config = _config(tmp_path)
+    debug = ClusterOptions(cluster="debug")
+    with pytest.raises(UserError, match=r"^--config: .*\(newline\)"):
+        submit_training(tmp_path / "run\n.yaml", [], debug)
+    with pytest.raises(UserError, match=r"^override: 'run.out_dir=a\\nrm -rf x' holds .*\(newline\) at position 14"):
+        submit_training(config, ["optim.lr=1", "run.out_dir=a\nrm -rf x"], debug)
+    with pytest.raises(UserError, match=r"^--log-dir: .*\(carriage return\)"):
+        submit_training(config, [], debug, log_dir=tmp_path / "logs\r")
+    hostile = tmp_path / "hostile.yaml"
+    hostile.write_text('run:\n  out_dir: "runs/a\\nrm -rf x"\n')  # the YAML string holds a newline
+    with pytest.raises(UserError, match=r"^run.out_dir: .*\(newline\)"):
+        submit_training(hostile, [], debug)
+    with pytest.raises(UserError, match=r"^source: .*\(NUL\)"):
+        submit_shards(tmp_path / "a\0.txt", tmp_path / "shards", debug)
+    with pytest.raises(UserError, match=r"^--out: .*\(escape\)"):
+        submit_shards(DEMO_TRAIN, tmp_path / "sh\x1bards", debug)
+    with pytest.raises(UserError, match=r"^--log-dir: .*\(newline\)"):
+        submit_shards(DEMO_TRAIN, tmp_path / "shards", debug, log_dir="logs\nx")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hostile.yaml", "run.yaml"]  # nothing written
 
 
 # --------------------------------------------------------------------------- debug executor (in-process)

@@ -154,7 +154,12 @@ def test_bad_partition_from_the_command_line(tmp_path, capsys):
 
 
 def test_failing_job_reports_its_error_and_log_tail(tmp_path):
-    job = submit_training(_config(tmp_path), ["standin.fail_at=2"], _options(tasks_per_node=2), entry=STANDIN)
+    # Rank 1 alone would count for 10 minutes: srun --kill-on-bad-exit=1 ends it when rank 0 fails,
+    # well within the wait's limit.
+    job = submit_training(_config(tmp_path), ["standin.fail_at=2", "standin.steps=6000", "standin.step_seconds=0.1"],
+                          _options(tasks_per_node=2), entry=STANDIN)
+    srun = [line for line in job.paths.submission_file.read_text().splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1 and " --kill-on-bad-exit=1 " in srun[0]
     with pytest.raises(JobFailed) as info:
         _wait(job)
     message = str(info.value)

@@ -112,3 +112,27 @@ def test_export_replaces_an_export_but_never_other_folders(tmp_path):
     with pytest.raises(UserError, match="not a model export"):
         export_pretrained(first, other, frame=0)
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_export_is_safetensors_and_json_only(sample, tmp_path):
+    torch.manual_seed(6)
+    export_pretrained(build_mlm_model(BertConfig(**TINY), **VOCABULARY), tmp_path / "export", frame=0)
+    # Nothing a reader would have to unpickle: weights in safetensors, the rest JSON.
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    tokenizer, _ = load_exported(tmp_path / "export", "mlm")
+    ids, mask = tokens(sample, 0)
+    enc = tokenizer(sample[0], padding=True, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["attention_mask"], mask)
+
+
+def test_reload_needs_safetensors_weights_and_tokenizer_json(tmp_path):
+    export_pretrained(build_mlm_model(BertConfig(**TINY), **VOCABULARY), tmp_path / "export", frame=0)
+    (tmp_path / "export" / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=r"export: no tokenizer\.json"):
+        load_exported(tmp_path / "export", "mlm")
+    (tmp_path / "export" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"no model\.safetensors in .*export"):
+        load_exported(tmp_path / "export", "mlm")
+    with pytest.raises(UserError, match=r"model\.bert\.pretrained=.*no model\.safetensors in"):
+        build_regression_model(BertConfig(**TINY, pretrained=str(tmp_path / "export")), **VOCABULARY)
