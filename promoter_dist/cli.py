@@ -92,7 +92,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
     report = synthesize(args.out, rows=args.rows, seed=args.seed, kind=args.kind, workers=args.workers,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, grammar=args.grammar, grammar_seed=args.grammar_seed)
+    if report.grammar != "default":
+        print(f"grammar: {report.grammar}, grammar seed {report.grammar_seed} (drawn parameters in the info file)")
     print(f"wrote {report.rows} rows to {report.path} in {report.seconds:.1f} s "
           f"({report.rows / max(report.seconds, 1e-9):,.0f} rows/s)")
     print(f"noise-free values: {report.noise_free_path}; parameters: {report.info_path}")
@@ -307,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (output is identical for a seed)")
     p.add_argument("--out", required=True, help="output file, e.g. train.txt")
     p.add_argument("--kind", choices=["train", "test"], default="train", help="train_sequences or test_sequences style")
+    p.add_argument("--grammar", choices=["default", "random"], default="default",
+                   help="planted grammar: the default yeast-like motifs, or one drawn from --grammar-seed")
+    p.add_argument("--grammar-seed", type=int, default=0, help="seed of a random grammar (same seed, same grammar)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

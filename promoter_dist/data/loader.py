@@ -215,8 +215,7 @@ class BlockAt:
 
 
 def read_units(labelled: bool, verify: bool = True):
-    """Stage: (where, block) for the decoded blocks of each unit, in order, each checked against its checksum
-    and the schema.
+    """Stage: each unit's decoded blocks, in order, as (where, block); every block checked (checksum, schema).
 
     ``labelled``: every label must be finite (shards built from a labelled file).
     ``verify=False`` skips the checks; only the benchmark that measures their cost uses it.
@@ -251,7 +250,8 @@ def select_view(view: str, width: int, verify: bool = True):
                 problem = check_nad_rows(codes, lengths)
                 if problem is not None:
                     raise ShardBlockError(where.path, where.number, where.offset, problem)
-            yield {"codes": codes, "len": lengths, "y": block["y"][pick], "line": block["line"][pick].astype(np.int64)}
+            yield {"codes": codes, "len": lengths, "y": block["y"][pick],
+                   "line": block["line"][pick].astype(np.int64)}
 
     return stage
 

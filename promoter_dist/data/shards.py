@@ -67,8 +67,16 @@ import xxhash
 
 from .. import __version__
 from ..errors import UserError
-from ..io import atomic_open, fsync_paths, require_regular_file, sha256_file, write_json_atomic
-from .alphabet import BASES, NOMINAL_LENGTH, PAD
+from ..io import (
+    atomic_open,
+    file_kind,
+    fsync_paths,
+    open_input,
+    require_regular_file,
+    sha256_file,
+    write_json_atomic,
+)
+from .alphabet import BASES, NOMINAL_LENGTH, PAD, T
 from .dream import ReadOptions, ReadReport, Rows, read_dream
 from .hashing import mix64
 from .nad_words import nad_eligible
@@ -87,7 +95,7 @@ KNOWN_FLAGS = FLAG_INTEGER | FLAG_NAD | FLAG_TOP
 MAX_CODE = len(BASES) - 1
 """Largest base code stored in ``seq`` (N); PAD only ever appears in padded copies."""
 MAX_MANIFEST_BYTES = 256 << 20
-"""A manifest or build log larger than this is refused unread (a real one is a few MB)."""
+"""A manifest or build log larger than this is refused (a real one is a few MB)."""
 VIEWS = {"all": None, "nad": FLAG_NAD, "top": FLAG_TOP}
 """Row subsets a loader can ask for, and the flag bit that selects each."""
 
@@ -191,9 +199,10 @@ def shard_blocks(shard: dict, manifest: str | os.PathLike) -> list[BlockIndex]:
             raise UserError(f"{manifest}: shard {shard['name']} block {i}: offset {block.offset} does not follow the "
                             f"previous block (which ends at byte {end})")
         end += block.nbytes
-    if end > shard["bytes"] or sum(b.rows for b in blocks) != shard["rows"]:
-        raise UserError(f"{manifest}: shard {shard['name']}: blocks end at byte {end} and hold "
-                        f"{sum(b.rows for b in blocks)} rows; the shard has {shard['bytes']} bytes and {shard['rows']} rows")
+    rows = sum(b.rows for b in blocks)
+    if end > shard["bytes"] or rows != shard["rows"]:
+        raise UserError(f"{manifest}: shard {shard['name']}: blocks end at byte {end} and hold {rows} rows; the "
+                        f"shard has {shard['bytes']} bytes and {shard['rows']} rows")
     return blocks
 
 
@@ -419,10 +428,13 @@ _SHARD_NAME = re.compile(r"[^\W\d]\w*-\d{6,}")
 """A shard's name as the writer makes it: ``{split}-{i:06d}``."""
 _SHARD_FILE = re.compile(r"[^\W\d]\w*-\d{6,}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_LABEL_MODES = re.compile("required|optional")
 _TEMPORARY = re.compile(
-    r"(?:manifest\.json|build-state\.jsonl|rejected\.tsv|[^\W\d]\w*-\d{6,}\.tar)\.tmp-\d+(?:-[A-Za-z0-9_-]+)?"
+    r"(?:manifest\.json|build-state\.jsonl|rejected\.tsv|\.write-check|[^\W\d]\w*-\d{6,}\.tar)"
+    r"\.tmp-\d+(?:-[0-9A-Za-z_-]+)?"
 )
-"""Temporaries this tool creates (``io.atomic_open``: ``<name>.tmp-<pid>`` or ``<name>.tmp-<pid>-<random>``)."""
+"""Temporaries this tool creates in a shard folder (``io.atomic_open``: ``<name>.tmp-<pid>-<random>``, earlier
+``<name>.tmp-<pid>``; the writability probe of ``io.check_output_folder``)."""
 
 
 def _read_state(path: Path) -> dict:
@@ -433,11 +445,10 @@ def _read_state(path: Path) -> dict:
     its fingerprint is None and it lists no shards.
     """
     state: dict = {"fingerprint": None, "shards": {}}
-    try:
-        text = _read_small_file(path)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return state
-    fields = _ManifestFields(path)
+    text = _read_small_file(path, "a shard build log")
+    typed = _ManifestFields(path)
     for i, line in enumerate(text.splitlines()):
         try:
             entry = json.loads(line)
@@ -451,7 +462,7 @@ def _read_state(path: Path) -> dict:
             state["fingerprint"] = entry["fingerprint"]
             continue
         try:
-            fields.shard_entry(entry, f"line {i + 1}")
+            typed.shard_entry(entry, f"line {i + 1}")
         except UserError:
             continue
         state["shards"][entry["name"]] = entry
@@ -484,12 +495,10 @@ def _reusable(out_dir: Path, state: dict, name: str) -> dict | None:
 
 def _previous_manifest(path: Path) -> dict | None:
     """The manifest of an earlier build in the output folder (any format version), None if there is none."""
-    try:
-        data = _read_small_file(path)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
     try:
-        return check_manifest(_parse_json(path, data), path, readable=False)
+        return check_manifest(_parse_json(path, _read_small_file(path, "a shard manifest")), path, readable=False)
     except UserError as exc:
         raise UserError(f"{exc}; shards build writes only into its own folders: choose another --out") from None
 
@@ -683,24 +692,13 @@ class ShardBlockError(UserError):
         return UserError, (str(self),)  # crosses process boundaries as the plain one-line error
 
 
-def _read_small_file(path: Path, limit: int = MAX_MANIFEST_BYTES) -> bytes:
-    """The bytes of the regular file ``path``; UserError for anything else or anything over ``limit`` bytes.
-
-    Opened without blocking, so that a FIFO or device under the name cannot hang the reader.
-    FileNotFoundError passes through for the caller to word.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    with open(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UserError(f"{path}: not a regular file")
+def _read_small_file(path: Path, expected: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    """The bytes of the regular file ``path`` (``expected`` says what it should be); UserError for
+    anything else (a FIFO, a device: see ``io.open_input``) or anything over ``limit`` bytes."""
+    with open_input(path, expected) as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
-        raise UserError(f"{path}: larger than {limit} bytes; not a file this tool wrote")
+        raise UserError(f"{path}: larger than {limit} bytes; not {expected}")
     return data
 
 
@@ -809,51 +807,49 @@ def check_manifest(manifest: object, path: str | os.PathLike, readable: bool = T
     ``splits.train.shards[3].file``. Block entries are parsed where used (:func:`shard_blocks`).
     ``readable=False`` also accepts older format versions (a rebuild reads which files they list).
     """
-    fields = _ManifestFields(path)
-    top = fields.obj(manifest, "top level")
+    typed = _ManifestFields(path)
+    top = typed.obj(manifest, "top level")
     if top.get("format") != FORMAT:
         raise UserError(f"{path}: not a promoter-dist shard manifest")
-    version, where = fields.member(top, "format_version", "")
+    version, where = typed.member(top, "format_version", "")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        fields.fail(where, f"{_show(version)} is not a format this promoter-dist reads (1 to {FORMAT_VERSION})")
+        typed.fail(where, f"{_show(version)} is not a format this promoter-dist reads (1 to {FORMAT_VERSION})")
     if readable and version < FORMAT_VERSION:
         raise UserError(f"{path}: format_version {version}: shards without block checksums; rebuild them "
                         "(promoter-dist shards build SOURCE --out DIR --overwrite)")
-    fields.count(top, "rows", "")
-    fields.count(top, "max_row_length", "")
-    source = fields.child(top, "source", "")
-    fields.text(source, "path", "source")
-    fields.text(source, "sha256", "source", _SHA256, "64 lower-case hex digits")
-    fingerprint = fields.child(top, "fingerprint", "")
-    fields.text(fields.child(fingerprint, "read", "fingerprint"), "labels", "fingerprint.read",
-                re.compile("required|optional"), "'required' or 'optional'")
-    read = fields.child(top, "read", "")
+    typed.count(top, "rows", "")
+    typed.count(top, "max_row_length", "")
+    source = typed.child(top, "source", "")
+    typed.text(source, "path", "source")
+    typed.text(source, "sha256", "source", _SHA256, "64 lower-case hex digits")
+    fingerprint = typed.child(top, "fingerprint", "")
+    typed.text(typed.child(fingerprint, "read", "fingerprint"), "labels", "fingerprint.read",
+                _LABEL_MODES, "'required' or 'optional'")
+    read = typed.child(top, "read", "")
     for key in ("rows_in", "rows_ok", "rows_rejected"):
-        fields.count(read, key, "read")
-    labels = fields.child(top, "labels", "")
-    fields.number(labels, "top_threshold", "labels")
-    fields.count(labels, "rows_top", "labels")
-    splits = fields.child(top, "splits", "")
+        typed.count(read, key, "read")
+    labels = typed.child(top, "labels", "")
+    typed.number(labels, "top_threshold", "labels")
+    typed.count(labels, "rows_top", "labels")
+    splits = typed.child(top, "splits", "")
     for split, info in splits.items():
         if not split.isidentifier():
-            fields.fail("splits", f"split name {_show(split)} is not a plain name (letters, digits, _)")
+            typed.fail("splits", f"split name {_show(split)} is not a plain name (letters, digits, _)")
         where = f"splits.{split}"
-        info = fields.obj(info, where)
+        info = typed.obj(info, where)
         for key in ("rows", "rows_nad", "rows_top"):
-            fields.count(info, key, where)
-        for i, shard in enumerate(fields.items(info, "shards", where)):
-            fields.shard_entry(shard, f"{where}.shards[{i}]")
+            typed.count(info, key, where)
+        for i, shard in enumerate(typed.items(info, "shards", where)):
+            typed.shard_entry(shard, f"{where}.shards[{i}]")
     return top
 
 
 def load_manifest(shard_dir: str | os.PathLike) -> dict:
     """The validated manifest of a built shard folder (UserError if missing, unreadable or malformed)."""
     path = Path(shard_dir) / MANIFEST
-    try:
-        data = _read_small_file(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no manifest; build the shards first (promoter-dist shards build)") from None
-    return check_manifest(_parse_json(path, data), path)
+    if not os.path.lexists(path):
+        raise UserError(f"{path}: no manifest; build the shards first (promoter-dist shards build)")
+    return check_manifest(_parse_json(path, _read_small_file(path, "a shard manifest")), path)
 
 
 def labels_required(manifest: dict) -> bool:
@@ -915,7 +911,8 @@ def _load_npy(data: bytes, member: str) -> np.ndarray:
     if match is None or match.end() != body:
         raise ValueError(f"{member}: not a one-dimensional .npy array as shards build writes it")
     if match.group(1) != descr:
-        raise ValueError(f"{member}: dtype {_show(match.group(1).decode('ascii', 'replace'))}, expected {descr.decode()!r}")
+        found = match.group(1).decode("ascii", "replace")
+        raise ValueError(f"{member}: dtype {_show(found)}, expected {descr.decode()!r}")
     count = int(match.group(2))
     if body + count * dtype.itemsize != len(data):
         raise ValueError(f"{member}: {count} values of {descr.decode()} but a body of {len(data) - body} bytes")
@@ -967,10 +964,11 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool)
     if (nad, top) != (entry.rows_nad, entry.rows_top):
         return (f"{nad} NAD-eligible and {top} top-expression rows; the manifest says {entry.rows_nad} and "
                 f"{entry.rows_top}")
-    if not (np.isfinite(y).all() if labelled else not np.isinf(y).any()):
-        row = int(np.flatnonzero(~np.isfinite(y) if labelled else np.isinf(y))[0])
-        return f"row {row} has label {y[row]} in shards built from a labelled file" if labelled else \
-            f"row {row} has an infinite label"
+    if labelled and not np.isfinite(y).all():
+        row = int(np.flatnonzero(~np.isfinite(y))[0])
+        return f"row {row} has label {y[row]} in shards built from a labelled file"
+    if not labelled and np.isinf(y).any():
+        return f"row {int(np.flatnonzero(np.isinf(y))[0])} has an infinite label"
     return None
 
 
@@ -982,7 +980,7 @@ def check_nad_rows(codes: np.ndarray, lengths: np.ndarray) -> str | None:
     """
     if (lengths != NOMINAL_LENGTH).any():
         return f"a row flagged NAD-eligible is {int(lengths[lengths != NOMINAL_LENGTH][0])} bp, not {NOMINAL_LENGTH}"
-    if codes.max(initial=0) > MAX_CODE - 1:
+    if codes.max(initial=0) > T:
         return "a row flagged NAD-eligible holds an N"
     return None
 
@@ -996,7 +994,7 @@ def _read_range(path: str | os.PathLike, offset: int, nbytes: int) -> bytes:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise UserError(f"{path}: not a regular file")
+            raise UserError(f"{path}: {file_kind(info.st_mode)}, not a regular file")
         if offset + nbytes > info.st_size:
             raise UserError(f"{path}: {info.st_size} bytes, but the manifest places blocks up to byte "
                             f"{offset + nbytes} (truncated shard?)")
@@ -1029,8 +1027,8 @@ def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], firs
         lo = entry.offset - start
         hi = lo + entry.nbytes
         if verify and block_checksum(view[lo:hi]) != entry.checksum:
-            raise ShardBlockError(path, number, entry.offset, "checksum differs from the manifest: the shard is "
-                                  "corrupt or was altered; rebuild or restore it (promoter-dist shards verify)")
+            raise ShardBlockError(path, number, entry.offset, "checksum differs from the manifest (the shard is "
+                                  "corrupt or was altered: rebuild or restore it)")
         try:
             block = _decode_block(data, lo, hi)
             problem = check_block(block, entry, labelled) if verify else None
@@ -1092,7 +1090,8 @@ def verify_shards(shard_dir: str | os.PathLike, deep: bool = True) -> VerifyResu
                 continue
             if sha256_file(path) != shard["sha256"]:
                 bad_block = _first_bad_block(path, shard, manifest_path, labelled) if deep else None
-                located = f"; block {bad_block.block} at byte {bad_block.offset}: {bad_block.problem}" if bad_block else ""
+                located = "" if bad_block is None else \
+                    f"; block {bad_block.block} at byte {bad_block.offset}: {bad_block.problem}"
                 problems.append(f"{path}: corrupted: sha256 differs from the manifest{located}")
                 continue
             if deep:
@@ -1121,7 +1120,7 @@ def _check_blocks(path: Path, blocks: list[BlockIndex], labelled: bool) -> None:
 
 
 def _first_bad_block(path: Path, shard: dict, manifest_path: Path, labelled: bool) -> ShardBlockError | None:
-    """The first block of a shard whose bytes or arrays differ from the manifest, if any (None: the damage is elsewhere)."""
+    """The first block of a shard whose bytes or arrays differ from the manifest; None if the damage is elsewhere."""
     try:
         _check_blocks(path, shard_blocks(shard, manifest_path), labelled)
     except ShardBlockError as exc:

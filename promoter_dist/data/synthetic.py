@@ -7,14 +7,19 @@ composition, rare ``N`` blocks and label style (about 58% integer "singletons",
 the rest non-integer averages printed with 15 significant digits).
 
 Each label is a noisy measurement of :func:`expression_model`, a pure function of
-the sequence built from yeast-like motifs scanned in the sequence itself, with
-position, orientation, saturating copy number, pairwise interactions, a mild GC
-effect and a saturating output. Because the noise-free value of every row is
-written beside the data (``<stem>.noise_free.txt``), a trained model can be judged
-against the oracle: Pearson(noise-free, labels) is the best any model can reach.
+the sequence built from motifs scanned in the sequence itself, with position,
+orientation, saturating copy number, pairwise interactions, a mild GC effect and a
+saturating output. Because the noise-free value of every row is written beside the
+data (``<stem>.noise_free.txt``), a trained model can be judged against the oracle:
+Pearson(noise-free, labels) is the best any model can reach.
 
-Output is byte-identical for the same ``(rows, seed, kind)`` whatever the number
-of workers: rows are made in fixed-size chunks, chunk ``i`` draws only from
+The motif set and everything derived from it is a :class:`Grammar`. The default
+grammar plants yeast-like motifs (:data:`DEFAULT_GRAMMAR`); :func:`random_grammar`
+draws another grammar of the same family from a seed, so that a model can be judged
+on several planted functions rather than on the one its recipe was tuned on.
+
+Output is byte-identical for the same ``(rows, seed, kind, grammar)`` whatever the
+number of workers: rows are made in fixed-size chunks, chunk ``i`` draws only from
 ``SeedSequence([seed, kind_code, i])``, and chunks are written in order.
 """
 
@@ -22,14 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -115,7 +122,8 @@ class GeneratorParams:
     )  # (motif a, motif b, gamma): activity += gamma * s_a * s_b with s the saturating terms
     gc_slope: float = -1.5  # activity per unit GC fraction of the whole sequence (mild, negative)
     gc_reference: float = 0.45  # GC fraction at which the GC term is zero
-    max_expression: float = 17.0  # expression = max_expression * sigmoid(activity)
+    max_expression: float = 17.0  # expression = max_expression * sigmoid(activity) ** output_exponent
+    output_exponent: float = 1.0  # asymmetry of the saturating output; 1 is the plain logistic
     # --- measurement ---
     singleton_prob: float = 0.58  # fraction of train rows observed once: integer label round(obs)
     obs_noise_sd: float = 1.30  # sd of one observation around the noise-free value
@@ -126,7 +134,6 @@ class GeneratorParams:
     test_noise_sd: float = 0.25  # sd of the precise measurement noise of kind="test" labels
 
 
-PARAMS = GeneratorParams()
 CHUNK_ROWS = 1 << 16  # rows per chunk; fixed so output never depends on the worker count
 KIND_CODES = {"train": 0, "test": 1}
 SIG_DIGITS = 15  # non-integer labels print with 15 significant digits, like the real file
@@ -144,6 +151,8 @@ class SynthReport:
     kind: str
     oracle_pearson: float
     seconds: float
+    grammar: str = "default"
+    grammar_seed: int | None = None  # the seed of a random grammar; None for the default
 
 
 # --------------------------------------------------------------------------------------
@@ -156,7 +165,7 @@ _IUPAC = {
 }  # fmt: skip
 _COMPLEMENT = str.maketrans("ACGTRYSWKMBDHVN", "TGCAYRSWMKVHDBN")
 _K = 8  # k-mer width of the lookup; sites up to 2 * _K bp are matched as two halves
-_MARGIN = 2 * _K - 7  # columns past the last base needed to see every site of >= 7 bp
+_MARGIN = 2 * _K - 7  # columns past the last base needed to see every site of >= 7 bp (_MIN_SITE)
 _NARROW_LENGTH = alphabet.NOMINAL_LENGTH + 1  # rows up to this long are scanned on a narrower view
 
 
@@ -166,7 +175,7 @@ def _revcomp(pattern: str) -> str:
 
 @dataclass(frozen=True)
 class _Site:
-    motif: int  # index into PARAMS.motifs
+    motif: int  # index into the grammar's motifs
     pattern: str  # pattern as read on the forward strand
     weight: float  # occupancy per site before the position profile
     run_base: int  # base code of a homopolymer run motif, else -1
@@ -216,12 +225,6 @@ def _profiles(params: GeneratorParams, width: int = 512) -> np.ndarray:
     return np.stack(rows)
 
 
-_SITES = _build_sites(PARAMS)
-_LUT = _build_lut(_SITES)
-_PROFILES = _profiles(PARAMS)
-_MOTIF_INDEX = {m.name: i for i, m in enumerate(PARAMS.motifs)}
-
-
 def _as_codes(codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes = np.asarray(codes)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -240,15 +243,17 @@ def _as_codes(codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nd
     return codes, lengths
 
 
-def motif_occupancy(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Weighted site count per motif, float64 (n, len(PARAMS.motifs)), in PARAMS.motifs order.
+def motif_occupancy(codes: np.ndarray, lengths: np.ndarray, grammar: Grammar | None = None) -> np.ndarray:
+    """Weighted site count per motif, float64 (n, motifs), in the grammar's motif order.
 
     Each site adds its strand weight times its motif's position profile at the site's
     distance from the 3' end. Sites overlapping N or running past a row's length do not count.
+    ``grammar`` defaults to :data:`DEFAULT_GRAMMAR`.
     """
+    grammar = DEFAULT_GRAMMAR if grammar is None else grammar
     codes, lengths = _as_codes(codes, lengths)
     n = codes.shape[0]
-    occupancy = np.zeros((n, len(PARAMS.motifs)), dtype=np.float64)
+    occupancy = np.zeros((n, len(grammar.params.motifs)), dtype=np.float64)
     if n == 0:
         return occupancy
     # Nearly all rows are <= 111 bp but rare outliers set the array width: scan the common
@@ -258,19 +263,19 @@ def motif_occupancy(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     if codes.shape[1] > narrow and common.mean() > 0.5:
         rest = np.flatnonzero(~common)
         if len(rest):
-            occupancy[rest] = _scan(codes[rest], lengths[rest])
+            occupancy[rest] = _scan(codes[rest], lengths[rest], grammar)
             keep = np.flatnonzero(common)
-            occupancy[keep] = _scan(codes[keep, :narrow], lengths[keep])
+            occupancy[keep] = _scan(codes[keep, :narrow], lengths[keep], grammar)
         else:
-            occupancy[:] = _scan(codes[:, :narrow], lengths)
+            occupancy[:] = _scan(codes[:, :narrow], lengths, grammar)
         return occupancy
-    return _scan(codes, lengths)
+    return _scan(codes, lengths, grammar)
 
 
-def _scan(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def _scan(codes: np.ndarray, lengths: np.ndarray, grammar: Grammar) -> np.ndarray:
     """motif_occupancy on rows whose width already leaves the lookup margin."""
     n, width = codes.shape
-    occupancy = np.zeros((n, len(PARAMS.motifs)), dtype=np.float64)
+    occupancy = np.zeros((n, len(grammar.params.motifs)), dtype=np.float64)
     # Rolling 8-mer ids built by doubling: 2-mers, 4-mers, then 8-mers (N and PAD fold to A/C
     # here; windows that touch them are rejected below).
     base = codes & np.uint8(3)
@@ -279,7 +284,7 @@ def _scan(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     del d2, base
     ids = (d4[:, :-4].astype(np.uint16) << 8) | d4[:, 4:]
     del d4
-    bits = _LUT[ids]
+    bits = grammar.lut[ids]
     del ids
     # A site matches at p when its first half matches the 8-mer at p and its second half the 8-mer at p + 8.
     hits = bits[:, :-_K] & (bits[:, _K:] >> np.uint32(16))
@@ -295,7 +300,7 @@ def _scan(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         np.cumsum(codes[n_rows] == alphabet.N, axis=1, out=n_cum[:, 1:])
         n_slot = np.full(n, -1, dtype=np.int64)
         n_slot[n_rows] = np.arange(len(n_rows))
-    for bit, site in enumerate(_SITES):
+    for bit, site in enumerate(grammar.sites):
         take = (values & np.uint32(1 << bit)) != 0
         if not take.any():
             continue
@@ -311,24 +316,27 @@ def _scan(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         if site.run_base >= 0:  # count a homopolymer run once, at its first base
             ok &= (p == 0) | (codes[r, np.maximum(p - 1, 0)] != site.run_base)
         r, p = r[ok], p[ok]
-        distance = np.minimum(lengths[r] - p - m, _PROFILES.shape[1] - 1)
-        weight = site.weight * _PROFILES[site.motif, distance]
+        distance = np.minimum(lengths[r] - p - m, grammar.profiles.shape[1] - 1)
+        weight = site.weight * grammar.profiles[site.motif, distance]
         occupancy[:, site.motif] += np.bincount(r, weights=weight, minlength=n)
     return occupancy
 
 
-def activity(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The model's activity (logit of expression / 17), float64 (n,)."""
+def activity(codes: np.ndarray, lengths: np.ndarray, grammar: Grammar | None = None) -> np.ndarray:
+    """The model's activity (the logit of expression / 17 when ``output_exponent`` is 1), float64 (n,).
+
+    ``grammar`` defaults to :data:`DEFAULT_GRAMMAR`.
+    """
+    grammar = DEFAULT_GRAMMAR if grammar is None else grammar
     codes, lengths = _as_codes(codes, lengths)
-    p = PARAMS
-    occupancy = motif_occupancy(codes, lengths)
-    saturation = np.array([m.saturation for m in p.motifs])
-    s = 1.0 - np.exp(-occupancy / saturation)  # saturating copy number, 0..1 per motif
+    p = grammar.params
+    occupancy = motif_occupancy(codes, lengths, grammar)
+    s = 1.0 - np.exp(-occupancy / grammar.saturation)  # saturating copy number, 0..1 per motif
     act = np.full(len(lengths), p.bias)
     for j, motif in enumerate(p.motifs):  # elementwise, so a row's value never depends on the batch
         act += motif.effect * s[:, j]
-    for a, b, gamma in p.interactions:
-        act += gamma * s[:, _MOTIF_INDEX[a]] * s[:, _MOTIF_INDEX[b]]
+    for a, b, gamma in grammar.interactions:
+        act += gamma * s[:, a] * s[:, b]
     # GC over the whole row: codes 1 and 2 (C, G) are the ones with code - 1 < 2 in uint8;
     # only the first `length` columns count, whatever the caller left beyond them.
     inside = np.arange(codes.shape[1])[None, :] < lengths[:, None]
@@ -337,13 +345,21 @@ def activity(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return act
 
 
-def expression_model(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def expression_model(codes: np.ndarray, lengths: np.ndarray, grammar: Grammar | None = None) -> np.ndarray:
     """Noise-free expression (float64, 0..17) of each row, a pure function of its sequence.
 
-    ``codes`` is uint8 (n, W) in the alphabet.py coding, PAD beyond each row's length.
+    ``codes`` is uint8 (n, W) in the alphabet.py coding, PAD beyond each row's length;
+    ``grammar`` defaults to :data:`DEFAULT_GRAMMAR`.
     """
-    act = activity(codes, lengths)
-    return PARAMS.max_expression / (1.0 + np.exp(-act))
+    grammar = DEFAULT_GRAMMAR if grammar is None else grammar
+    return _output(activity(codes, lengths, grammar), grammar.params)
+
+
+def _output(act: np.ndarray, params: GeneratorParams) -> np.ndarray:
+    """The saturating output: max_expression * sigmoid(act) ** output_exponent."""
+    if params.output_exponent == 1.0:  # the plain logistic, computed as it always was
+        return params.max_expression / (1.0 + np.exp(-act))
+    return params.max_expression * (1.0 + np.exp(-act)) ** -params.output_exponent
 
 
 # --------------------------------------------------------------------------------------
@@ -359,9 +375,6 @@ def _base_lut(probs: tuple[float, float, float, float]) -> np.ndarray:
     return np.repeat(np.arange(4, dtype=np.uint8), counts)
 
 
-_BASE_LUT = _base_lut(PARAMS.base_probs)
-_LENGTHS = np.array([length for length, _ in PARAMS.length_probs], dtype=np.int64)
-_LENGTH_CUM = np.cumsum([p for _, p in PARAMS.length_probs])
 _AD5 = alphabet.encode(ADAPTER_5P)
 _AD3 = alphabet.encode(ADAPTER_3P)
 _FLANK = len(ADAPTER_5P) + len(ADAPTER_3P)
@@ -383,13 +396,14 @@ def _choices(pattern: str) -> tuple[np.ndarray, np.ndarray]:
     return table.ravel(), counts
 
 
-def _plant(codes: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, params: GeneratorParams) -> None:
+def _plant(codes: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, grammar: Grammar) -> None:
     """Write planted motif copies into random regions, in place, motif by motif."""
+    params = grammar.params
     n = codes.shape[0]
     random_len = lengths - _FLANK
     copies_cum = np.cumsum(params.copy_probs)
     lo, hi = params.run_length_range
-    for motif in params.motifs:
+    for motif, tables in zip(params.motifs, grammar.plant_tables):
         chosen = np.flatnonzero(rng.random(n) < motif.plant_prob)
         copies = np.searchsorted(copies_cum, rng.random(len(chosen)) * copies_cum[-1], side="right") + 1
         r = np.repeat(chosen, copies)
@@ -397,7 +411,8 @@ def _plant(codes: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, par
         if motif.run:  # homopolymer of random length; A on one strand is T on the other
             m = rng.integers(lo, hi + 1, size=k)
             strand = rng.random(k) < 0.5
-            base = np.where(strand, alphabet.T, alphabet.A).astype(np.uint8)
+            run_base = alphabet.BASES.index(motif.pattern[0])
+            base = np.where(strand, 3 - run_base, run_base).astype(np.uint8)  # 3 - code is the complement
             start = len(ADAPTER_5P) + (rng.random(k) * (random_len[r] - m + 1)).astype(np.int64)
             offsets = np.arange(hi)
             mask = offsets[None, :] < m[:, None]
@@ -407,7 +422,7 @@ def _plant(codes: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, par
             continue
         # A random instance of the reverse-complement pattern is a reverse-strand copy.
         m = len(motif.pattern)
-        table, counts = _choices(motif.pattern)
+        table, counts = tables
         reverse = (rng.random(k) < 0.5).astype(np.int64)
         raw = np.frombuffer(rng.bytes(k * m), dtype=np.uint8).reshape(k, m)
         pick = (raw.astype(np.uint16) * counts[reverse]) >> 8  # uniform choice, to within 1/256
@@ -434,20 +449,21 @@ def _add_n_blocks(codes: np.ndarray, lengths: np.ndarray, rng: np.random.Generat
     codes[rr, cc] = alphabet.N
 
 
-def _sequences(n: int, kind: str, rng: np.random.Generator, params: GeneratorParams) -> tuple[np.ndarray, np.ndarray]:
+def _sequences(n: int, kind: str, rng: np.random.Generator, grammar: Grammar) -> tuple[np.ndarray, np.ndarray]:
     """(codes uint8 (n, max length + margin) PAD-filled, lengths int64 (n,))."""
     if kind == "test":
         lengths = np.full(n, alphabet.NOMINAL_LENGTH, dtype=np.int64)
     else:
-        lengths = _LENGTHS[np.searchsorted(_LENGTH_CUM, rng.random(n) * _LENGTH_CUM[-1], side="right")]
+        cum = grammar.length_cum
+        lengths = grammar.lengths[np.searchsorted(cum, rng.random(n) * cum[-1], side="right")]
     width = int(lengths.max()) + _MARGIN
     max_random = int(lengths.max()) - _FLANK
     codes = np.empty((n, width), dtype=np.uint8)
     codes[:, : len(_AD5)] = _AD5
     raw = np.frombuffer(rng.bytes(n * max_random), dtype=np.uint8).reshape(n, max_random)
-    codes[:, len(_AD5) : len(_AD5) + max_random] = _BASE_LUT[raw]
+    codes[:, len(_AD5) : len(_AD5) + max_random] = grammar.base_lut[raw]
     codes[:, len(_AD5) + max_random :] = PAD
-    _plant(codes, lengths, rng, params)
+    _plant(codes, lengths, rng, grammar)
     # The 3' adapter follows each row's own random region; everything after it is PAD.
     # Rows are grouped by length so each group is written with plain column slices.
     order = np.argsort(lengths, kind="stable")
@@ -456,8 +472,273 @@ def _sequences(n: int, kind: str, rng: np.random.Generator, params: GeneratorPar
         codes[rows, length - len(_AD3) : length] = _AD3
         codes[rows, length:] = PAD
     if kind == "train":
-        _add_n_blocks(codes, lengths, rng, params)
+        _add_n_blocks(codes, lengths, rng, grammar.params)
     return codes, lengths
+
+
+# --------------------------------------------------------------------------------------
+# Grammars: a parameter set compiled with every table derived from it
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Grammar:
+    """A :class:`GeneratorParams` with every table the generator derives from it, built once.
+
+    Made by :func:`compile_grammar` (or :func:`make_grammar` by name). Its arrays are read-only,
+    so one instance serves every caller and travels to worker processes inside the chunk tasks.
+    """
+
+    name: str  # "default", "random" or "custom"
+    seed: int | None  # the grammar seed of a random grammar, else None
+    params: GeneratorParams
+    sites: tuple[_Site, ...]  # one per strand of each motif (one for a palindrome), in lookup bit order
+    lut: np.ndarray  # 8-mer id -> site half-match bits, see _build_lut
+    profiles: np.ndarray  # (motifs, 512) position weight by distance of a site's 3' end from the row end
+    saturation: np.ndarray  # (motifs,) copy-number saturation scale
+    interactions: tuple[tuple[int, int, float], ...]  # (motif index a, motif index b, gamma)
+    plant_tables: tuple[tuple[np.ndarray, np.ndarray] | None, ...]  # _choices per motif, None for a run
+    base_lut: np.ndarray  # random byte -> base code
+    lengths: np.ndarray  # row lengths of kind="train" ...
+    length_cum: np.ndarray  # ... and their cumulative probabilities
+
+    def summary(self) -> str:
+        """One line naming the grammar and its motifs, e.g. for the command line."""
+        seed = f" {self.seed}" if self.seed is not None else ""
+        motifs = ", ".join(f"{m.name} {m.pattern} ({m.effect:+.2f})" for m in self.params.motifs)
+        return f"{self.name} grammar{seed}: {motifs}; {len(self.interactions)} interactions"
+
+
+_MIN_SITE = 7  # shortest pattern the lookup margin sees at a row's very end
+
+
+def compile_grammar(params: GeneratorParams, name: str = "custom", seed: int | None = None) -> Grammar:
+    """Check ``params`` and build the lookup, profile, planting and sequence tables of its grammar."""
+    names = [m.name for m in params.motifs]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"motif names must be present and unique, got {names}")
+    for motif in params.motifs:
+        if not _MIN_SITE <= len(motif.pattern) <= 2 * _K or any(c not in _IUPAC for c in motif.pattern):
+            raise ValueError(f"motif {motif.name}: pattern {motif.pattern!r} must be {_MIN_SITE}-{2 * _K} IUPAC letters")
+        if motif.run and (len(set(motif.pattern)) != 1 or motif.pattern[0] not in "ACGT"):
+            raise ValueError(f"motif {motif.name}: a run motif's pattern repeats one of A, C, G, T")
+    index = {n: i for i, n in enumerate(names)}
+    for a, b, _ in params.interactions:
+        if a not in index or b not in index:
+            raise ValueError(f"interaction ({a}, {b}) names an unknown motif")
+    sites = tuple(_build_sites(params))
+    plant_tables = tuple(None if m.run else _choices(m.pattern) for m in params.motifs)
+    arrays = {
+        "lut": _build_lut(list(sites)),
+        "profiles": _profiles(params),
+        "saturation": np.array([m.saturation for m in params.motifs]),
+        "base_lut": _base_lut(params.base_probs),
+        "lengths": np.array([length for length, _ in params.length_probs], dtype=np.int64),
+        "length_cum": np.cumsum([p for _, p in params.length_probs]),
+    }
+    for array in list(arrays.values()) + [a for tables in plant_tables if tables for a in tables]:
+        array.flags.writeable = False
+    return Grammar(
+        name=name,
+        seed=seed,
+        params=params,
+        sites=sites,
+        interactions=tuple((index[a], index[b], gamma) for a, b, gamma in params.interactions),
+        plant_tables=plant_tables,
+        **arrays,
+    )
+
+
+DEFAULT_GRAMMAR = compile_grammar(GeneratorParams(), "default")
+GRAMMARS = ("default", "random")
+CALIBRATION_ROWS = 8192  # rows simulated to set a random grammar's output scale and offset
+_GRAMMAR_SEED_TAG = 0x6772616D  # keeps grammar draws apart from the data seeds' streams
+_TWO_WAY = "RYSWKM"
+_SELF_COMPLEMENTARY = "SWN"
+
+
+def make_grammar(name: str, grammar_seed: int = 0) -> Grammar:
+    """The grammar ``synthesize`` plants: ``"default"`` or ``"random"`` drawn from ``grammar_seed``."""
+    if name == "default":
+        if grammar_seed != 0:
+            raise UserError(f"grammar seed {grammar_seed} applies only to the random grammar (--grammar random)")
+        return DEFAULT_GRAMMAR
+    if name == "random":
+        if isinstance(grammar_seed, bool) or not isinstance(grammar_seed, (int, np.integer)) or grammar_seed < 0:
+            raise UserError(f"grammar seed must be a non-negative integer, got {grammar_seed!r}")
+        return compile_grammar(random_grammar(int(grammar_seed)), "random", int(grammar_seed))
+    raise UserError(f"unknown grammar {name!r}; expected one of {list(GRAMMARS)}")
+
+
+def random_grammar(grammar_seed: int) -> GeneratorParams:
+    """Draw a grammar of the default's family from ``grammar_seed`` (same seed, same parameters).
+
+    Sequences (lengths, base composition, N blocks), copy numbers and the measurement model
+    are the default's; what is drawn, uniformly unless said otherwise:
+
+    * motifs: 4-7, named ``M1``... in planting order; with probability 0.5 the last one is a
+      homopolymer run (``polyA``, i.e. poly-dA:dT, with probability 0.7, else ``polyG``) of
+      8-11 bp, planted as runs of that length plus 4-7 bp more.
+    * patterns, 7-16 bp of IUPAC letters (per letter: one base 0.72, a two-base code 0.22,
+      N 0.06, never N at an end) with 12-21 bits of information (the default's span 13-21),
+      matching neither adapter on either strand and no other motif: contiguous 7-12 bp
+      (probability 0.6), bipartite 3-5 bp + 2-6 N + 3-5 bp (0.2), or palindromic, a 3-6 bp
+      half, its reverse complement and possibly an S/W/N centre (0.2).
+    * strand effects: orientation-free with probability 0.4 (and always for a palindrome),
+      else one strand 1.0 and the other 0.2-0.8, either way round.
+    * position profile: peak 15-75 bp from the 3' end, width (sd) 8-30 bp, floor 0.05-0.6.
+    * effect magnitude 0.5-1.4 before scaling, a repressor (negative) with probability 0.25
+      except for M1 and M2, which always activate; saturation scale 0.5-1.5; planted in
+      0.15-0.35 of the rows.
+    * interactions: 0-3 distinct motif pairs, gamma 0.4-1.2 before scaling, either sign.
+    * GC slope -2.5 to 1.0 before scaling; output exponent 0.6-1.6 (log-uniform).
+    * calibration: on :data:`CALIBRATION_ROWS` simulated rows, one factor scales every effect,
+      gamma and the GC slope, and the bias is set, so that the noise-free values have a mean
+      drawn in 10.4-11.8 and an sd drawn in 1.9-2.4 (the default's: 11.1 and 2.1). With the
+      default's measurement noise this keeps labels spread like the default's over 0-17 and
+      the oracle Pearson near the default's 0.85 (about 0.82-0.89).
+    """
+    if isinstance(grammar_seed, bool) or not isinstance(grammar_seed, (int, np.integer)) or grammar_seed < 0:
+        raise ValueError(f"grammar seed must be a non-negative integer, got {grammar_seed!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([_GRAMMAR_SEED_TAG, int(grammar_seed)]))
+    defaults = GeneratorParams()
+    n_motifs = int(rng.integers(4, 8))
+    has_run = bool(rng.random() < 0.5)
+    used: set[str] = set()
+    motifs = []
+    run_length_range = defaults.run_length_range
+    for i in range(n_motifs):
+        run = has_run and i == n_motifs - 1
+        if run:
+            base = "A" if rng.random() < 0.7 else "G"
+            length = int(rng.integers(8, 12))
+            pattern, name = base * length, f"poly{base}"
+            run_length_range = (length, length + int(rng.integers(4, 8)))
+        else:
+            pattern, name = _draw_pattern(rng, used), f"M{i + 1}"
+        used |= {pattern, _revcomp(pattern)}
+        if pattern == _revcomp(pattern) or rng.random() < 0.4:
+            forward, reverse = 1.0, 1.0
+        else:
+            weak = round(float(rng.uniform(0.2, 0.8)), 3)
+            forward, reverse = (1.0, weak) if rng.random() < 0.5 else (weak, 1.0)
+        sign = -1.0 if i >= 2 and rng.random() < 0.25 else 1.0
+        motifs.append(
+            MotifSpec(
+                name=name,
+                pattern=pattern,
+                forward_weight=forward,
+                reverse_weight=reverse,
+                peak=round(float(rng.uniform(15.0, 75.0)), 1),
+                width=round(float(rng.uniform(8.0, 30.0)), 1),
+                floor=round(float(rng.uniform(0.05, 0.6)), 3),
+                effect=sign * round(float(rng.uniform(0.5, 1.4)), 3),
+                saturation=round(float(rng.uniform(0.5, 1.5)), 3),
+                plant_prob=round(float(rng.uniform(0.15, 0.35)), 3),
+                run=run,
+            )
+        )
+    pairs = list(itertools.combinations([m.name for m in motifs], 2))
+    chosen = sorted(rng.choice(len(pairs), size=int(rng.integers(0, 4)), replace=False).tolist())
+    interactions = tuple(
+        (*pairs[k], (-1.0 if rng.random() < 0.5 else 1.0) * round(float(rng.uniform(0.4, 1.2)), 3)) for k in chosen
+    )
+    draft = dataclasses.replace(
+        defaults,
+        motifs=tuple(motifs),
+        run_length_range=run_length_range,
+        bias=0.0,
+        interactions=interactions,
+        gc_slope=round(float(rng.uniform(-2.5, 1.0)), 3),
+        output_exponent=round(float(np.exp(rng.uniform(np.log(0.6), np.log(1.6)))), 3),
+    )
+    target_mean = float(rng.uniform(10.4, 11.8))
+    target_sd = float(rng.uniform(1.9, 2.4))
+    return _calibrate(draft, target_mean, target_sd, rng)
+
+
+def _draw_letters(rng: np.random.Generator, k: int) -> str:
+    """k IUPAC letters: one base (0.72), a two-base code (0.22) or N (0.06), never N at an end."""
+    letters = []
+    for j in range(k):
+        u = rng.random()
+        if u < 0.72 or (u >= 0.94 and j in (0, k - 1)):
+            letters.append("ACGT"[rng.integers(4)])
+        elif u < 0.94:
+            letters.append(_TWO_WAY[rng.integers(len(_TWO_WAY))])
+        else:
+            letters.append("N")
+    return "".join(letters)
+
+
+def _information_bits(pattern: str) -> float:
+    return sum(2.0 - math.log2(len(_IUPAC[c])) for c in pattern)
+
+
+def _matches_adapters(pattern: str) -> bool:
+    """True if the pattern, on either strand, occurs inside an adapter (a constant site in every row)."""
+    for strand in (pattern, _revcomp(pattern)):
+        regex = re.compile("".join(f"[{_IUPAC[c]}]" for c in strand))
+        if regex.search(ADAPTER_5P) or regex.search(ADAPTER_3P):
+            return True
+    return False
+
+
+def _draw_pattern(rng: np.random.Generator, used: set[str]) -> str:
+    """A contiguous, bipartite or palindromic IUPAC pattern meeting random_grammar's limits."""
+    while True:  # rejection: a handful of draws at most in practice
+        form = rng.random()
+        if form < 0.2:  # palindrome: a half, an optional self-complementary centre, the half's reverse complement
+            half = _draw_letters(rng, int(rng.integers(3, 7)))
+            centre = _SELF_COMPLEMENTARY[rng.integers(3)] if 2 * len(half) < _MIN_SITE or rng.random() < 0.5 else ""
+            pattern = half + centre + _revcomp(half)
+        elif form < 0.4:  # bipartite: two half-sites with a fixed N spacer
+            left = _draw_letters(rng, int(rng.integers(3, 6)))
+            right = _draw_letters(rng, int(rng.integers(3, 6)))
+            pattern = left + "N" * int(rng.integers(2, 7)) + right
+        else:
+            pattern = _draw_letters(rng, int(rng.integers(7, 13)))
+        if (
+            _MIN_SITE <= len(pattern) <= 2 * _K
+            and 12.0 <= _information_bits(pattern) <= 21.0
+            and pattern not in used
+            and not _matches_adapters(pattern)
+        ):
+            return pattern
+
+
+def _calibrate(draft: GeneratorParams, target_mean: float, target_sd: float, rng: np.random.Generator) -> GeneratorParams:
+    """Scale the draft's effects, gammas and GC slope and set its bias to hit the noise-free mean and sd."""
+    compiled = compile_grammar(draft)
+    codes, lengths = _sequences(CALIBRATION_ROWS, "train", rng, compiled)
+    act0 = activity(codes, lengths, compiled)  # bias is 0 in the draft
+
+    def bias_for(act: np.ndarray, params: GeneratorParams) -> float:
+        lo, hi = -40.0, 40.0  # the mean rises with the bias
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if _output(mid + act, params).mean() < target_mean else (lo, mid)
+        return 0.5 * (lo + hi)
+
+    def sd_at(scale: float) -> float:
+        act = scale * act0
+        return float(_output(bias_for(act, draft) + act, draft).std())
+
+    lo, hi = math.log(1e-3), math.log(50.0)  # the sd at a fixed mean rises with the scale
+    if sd_at(math.exp(hi)) < target_sd:
+        raise ValueError("the drawn grammar cannot reach the target spread")
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if sd_at(math.exp(mid)) < target_sd else (lo, mid)
+    scale = math.exp(0.5 * (lo + hi))
+    scaled = dataclasses.replace(
+        draft,
+        motifs=tuple(dataclasses.replace(m, effect=round(m.effect * scale, 4)) for m in draft.motifs),
+        interactions=tuple((a, b, round(gamma * scale, 4)) for a, b, gamma in draft.interactions),
+        gc_slope=round(draft.gc_slope * scale, 4),
+    )
+    act = activity(codes, lengths, compile_grammar(scaled))
+    return dataclasses.replace(scaled, bias=round(bias_for(act, scaled), 4))
 
 
 # --------------------------------------------------------------------------------------
@@ -560,12 +841,15 @@ class _ChunkResult:
     moments: tuple[float, float, float, float, float]  # mean x, mean y, M2 x, M2 y, C xy (x noise-free, y label)
 
 
-def _make_chunk(task: tuple[int, int, int, str]) -> _ChunkResult:
-    seed, index, n, kind = task
+_Task = tuple[int, int, int, str, "Grammar"]  # seed, chunk index, rows, kind, grammar
+
+
+def _make_chunk(task: _Task) -> _ChunkResult:
+    seed, index, n, kind, grammar = task
     rng = np.random.default_rng(np.random.SeedSequence([seed, KIND_CODES[kind], index]))
-    codes, lengths = _sequences(n, kind, rng, PARAMS)
-    f = expression_model(codes, lengths)
-    labels, integer = _labels(f, kind, rng, PARAMS)
+    codes, lengths = _sequences(n, kind, rng, grammar)
+    f = expression_model(codes, lengths, grammar)
+    labels, integer = _labels(f, kind, rng, grammar.params)
     nf_chars, nf_len, x = _format_numbers(f, np.zeros(n, dtype=bool))
     lab_chars, lab_len, y = _format_numbers(labels, integer)
     text = _rows_text(DECODE_LUT[codes], lengths, ord("\t"), lab_chars, lab_len)
@@ -606,11 +890,15 @@ def _merge(acc: _Moments, part: _ChunkResult) -> _Moments:
     )
 
 
-def _tasks(rows: int, seed: int, kind: str) -> list[tuple[int, int, int, str]]:
-    return [(seed, i, min(CHUNK_ROWS, rows - i * CHUNK_ROWS), kind) for i in range(math.ceil(rows / CHUNK_ROWS))]
+def _tasks(rows: int, seed: int, kind: str, grammar: Grammar) -> list[_Task]:
+    # The compiled grammar travels in each task (a few hundred kB pickled), so a worker
+    # process never rebuilds it and never relies on state set up in the parent.
+    return [
+        (seed, i, min(CHUNK_ROWS, rows - i * CHUNK_ROWS), kind, grammar) for i in range(math.ceil(rows / CHUNK_ROWS))
+    ]
 
 
-def _results(tasks: list[tuple[int, int, int, str]], workers: int) -> Iterator[_ChunkResult]:
+def _results(tasks: list[_Task], workers: int) -> Iterator[_ChunkResult]:
     if workers <= 1 or len(tasks) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         yield from map(_make_chunk, tasks)
         return
@@ -630,12 +918,16 @@ def synthesize(
     kind: str = "train",
     workers: int | None = None,
     progress: bool = True,
+    grammar: Literal["default", "random"] = "default",
+    grammar_seed: int = 0,
 ) -> SynthReport:
     """Write ``rows`` synthetic rows to ``out`` plus ``<stem>.noise_free.txt`` and ``<stem>.synth.json``.
 
     ``kind="train"`` mimics train_sequences.txt (mixed lengths, rare N, integer singletons and
     averaged labels); ``kind="test"`` mimics the test set (110 bp, no N, precise float labels).
-    The bytes depend only on ``(rows, seed, kind)``, never on ``workers`` (default: all CPUs).
+    ``grammar="default"`` plants :data:`DEFAULT_GRAMMAR`; ``grammar="random"`` plants
+    ``random_grammar(grammar_seed)``. The bytes depend only on ``(rows, seed, kind, grammar,
+    grammar_seed)``, never on ``workers`` (default: all CPUs).
     """
     if kind not in KIND_CODES:
         raise UserError(f"unknown kind {kind!r}; expected one of {sorted(KIND_CODES)}")
@@ -644,6 +936,7 @@ def synthesize(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     rows, seed = int(rows), int(seed)
+    planted = make_grammar(grammar, grammar_seed)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if workers < 1:
@@ -654,7 +947,7 @@ def synthesize(
     nf_path, info_path = _side_paths(out)
 
     started = time.perf_counter()
-    tasks = _tasks(rows, seed, kind)
+    tasks = _tasks(rows, seed, kind, planted)
     acc: _Moments = (0, 0.0, 0.0, 0.0, 0.0, 0.0)
     integers = with_n = 0
     length_counts: dict[int, int] = {}
@@ -691,7 +984,8 @@ def synthesize(
         "noise_free_mean": mean_x,
         "noise_free_sd": math.sqrt(sxx / n),
         "length_histogram": {str(k): length_counts[k] for k in sorted(length_counts)},
-        "params": dataclasses.asdict(PARAMS),
+        "grammar": {"name": planted.name, "seed": planted.seed},
+        "params": dataclasses.asdict(planted.params),
         "seconds": seconds,
     }
     write_json_atomic(info_path, info)
@@ -704,4 +998,6 @@ def synthesize(
         kind=kind,
         oracle_pearson=pearson,
         seconds=seconds,
+        grammar=planted.name,
+        grammar_seed=planted.seed,
     )

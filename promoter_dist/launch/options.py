@@ -87,12 +87,15 @@ class ClusterOptions:
     or "debug" (one task inside the submitting process; for pdb)."""
     nodes: int = 1
     """Nodes (``--nodes``); "local" and "debug" run on one."""
-    gpus_per_node: int = 0
-    """GPUs per node (``--gpus-per-node``); 0 asks for none."""
+    gpus_per_node: int | None = None
+    """GPUs per node (``--gpus-per-node``); 0 asks for none. None: a training job takes the
+    cluster's answer (:func:`promoter_dist.launch.submit.training_options`: refused on a SLURM
+    partition with GPUs, 0 on one without; every GPU of this machine for ``local``)."""
     tasks_per_node: int | None = None
     """Processes per node (``--ntasks-per-node``); default: one per GPU, or 1 without GPUs."""
     cpus_per_task: int | None = None
-    """CPU cores per process (``--cpus-per-task``): dataloader workers + 1 is a good start."""
+    """CPU cores per process (``--cpus-per-task``); None: a training job takes its loader's
+    ``data.num_workers`` + 1, other jobs the cluster's default."""
     mem_gb: float | None = None
     """Memory per node in GB (``--mem``); None: the partition's default."""
     partition: str | None = None
@@ -125,8 +128,12 @@ class ClusterOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
-        if self.gpus_per_node < 0:
+        if self.gpus_per_node is not None and self.gpus_per_node < 0:
             raise UserError(f"--gpus-per-node must be >= 0, not {self.gpus_per_node}")
+        if self.gpus_per_node and self.tasks_per_node is not None and self.tasks_per_node > self.gpus_per_node:
+            # Said before the job queues: in the job, ranks would share a GPU or ask for one that is not there.
+            raise UserError(f"--tasks-per-node {self.tasks_per_node} with --gpus-per-node {self.gpus_per_node}: "
+                            "more tasks than GPUs; start one task per GPU (leave --tasks-per-node unset)")
         if self.mem_gb is not None and self.mem_gb < 0:
             raise UserError(f"--mem-gb must be >= 0, not {self.mem_gb}")
         if self.cluster in ("local", "debug") and self.nodes != 1:
@@ -151,7 +158,7 @@ class ClusterOptions:
         """Processes per node actually requested."""
         if self.tasks_per_node is not None:
             return self.tasks_per_node
-        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+        return self.gpus_per_node if self.gpus_per_node else 1
 
     @property
     def timeout_min(self) -> int:
@@ -171,12 +178,15 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, time: str, job_name: 
                         "debug: one task inside this process (default: slurm)")
     if training:
         g.add_argument("--nodes", type=int, default=1, help="nodes (--nodes; default: 1)")
-        g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (--gpus-per-node; default: 0)")
+        g.add_argument("--gpus-per-node", type=int, default=None,
+                       help="GPUs per node (--gpus-per-node); 0 trains on CPUs. Default: on slurm, none on a "
+                            "partition without GPUs and an error on one with GPUs (say how many); on local, "
+                            "every GPU this shell sees (CUDA_VISIBLE_DEVICES, else nvidia-smi)")
         g.add_argument("--tasks-per-node", type=int, default=None,
                        help="processes per node (--ntasks-per-node; default: one per GPU, 1 without GPUs)")
     g.add_argument("--cpus-per-task", type=int, default=None,
-                   help="cores per process (--cpus-per-task; default: " +
-                        ("the cluster's default)" if training else "all cores of a node of the partition)"))
+                   help="cores per process (--cpus-per-task, given to srun too; default: " +
+                        ("the config's data.num_workers + 1)" if training else "all cores of a node of the partition)"))
     g.add_argument("--mem-gb", type=float, default=None,
                    help="memory per node in GB (--mem; default: " +
                         ("the partition's default)" if training else "all of the node's memory)"))
@@ -226,7 +236,7 @@ def executor_parameters(options: ClusterOptions) -> dict[str, Any]:
         "nodes": options.nodes,
         "tasks_per_node": options.tasks,
     }
-    if options.gpus_per_node > 0:
+    if options.gpus_per_node:
         params["gpus_per_node"] = options.gpus_per_node
     # One task exiting non-zero ends the others: the ranks left would otherwise wait in a
     # collective for the dead one until the time limit.

@@ -11,6 +11,9 @@ task routes that signal to the trainer on every rank
 progress on all ranks and returns, then rank 0 requeues the job (same job id) and the rerun
 resumes from ``<run.out_dir>/checkpoints/latest``. The trainer gets up to ``stop_grace_s``
 (set here from the signal's lead) to reach that step boundary.
+
+A training job's unset sizes are filled in before it is submitted (:func:`training_options`):
+its GPUs from the partition (sinfo) or this machine, its cores from the loader's workers.
 """
 
 from __future__ import annotations
@@ -19,15 +22,14 @@ import contextlib
 import dataclasses
 import io
 import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..errors import UserError
 from .jobs import DEFAULT_ENTRY, ShardsJob, TrainingJob
 from .options import ClusterOptions, executor_parameters, refuse_control_characters
+from .resources import partition_cpus, read_partition_gpus, shell_gpus, visible_devices
 
 if TYPE_CHECKING:  # submitit is imported where used: `promoter-dist --help` should not pay for it
     import submitit
@@ -45,39 +47,38 @@ def check_cluster(cluster: str) -> None:
             )
 
 
+def local_visible_gpus(options: ClusterOptions, environ: Mapping[str, str] | None = None) -> tuple[int, ...] | None:
+    """The GPU indices a ``local`` job's tasks may use: the submitting shell's ``CUDA_VISIBLE_DEVICES``.
+
+    submitit's local executor sets ``CUDA_VISIBLE_DEVICES`` of the tasks to ``0..G-1`` unless
+    it is given these (it then takes the first G): without them a shell limited to GPUs 4-7
+    would run on 0-3. None when the variable is unset or the job asks for no GPUs.
+    """
+    environ = os.environ if environ is None else environ
+    if options.cluster != "local" or not options.gpus_per_node or "CUDA_VISIBLE_DEVICES" not in environ:
+        return None
+    ids = visible_devices(environ["CUDA_VISIBLE_DEVICES"])
+    if not all(entry.isdigit() for entry in ids):
+        raise UserError(f"--cluster local: CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} names GPUs by "
+                        "UUID, and submitit's local executor passes its tasks GPU indices only: list the GPUs by "
+                        "index (e.g. CUDA_VISIBLE_DEVICES=0,1), or pass --gpus-per-node 0 to train on CPUs")
+    return tuple(int(entry) for entry in ids)
+
+
 def make_executor(options: ClusterOptions, folder: str | os.PathLike) -> submitit.AutoExecutor:
     """A configured submitit executor writing job files under ``folder`` (may contain ``%j``)."""
     import submitit
 
     check_cluster(options.cluster)
+    visible = local_visible_gpus(options)
     executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster,
                                      slurm_max_num_timeout=options.max_timeouts)
     executor.update_parameters(**executor_parameters(options))
+    if visible is not None:
+        # AutoExecutor does not pass visible_gpus on; the local executor's own update_parameters
+        # takes it, and checks it against the GPUs asked for in the same call.
+        executor._executor.update_parameters(gpus_per_node=options.gpus_per_node, visible_gpus=visible)
     return executor
-
-
-def partition_cpus(partition: str | None = None) -> int | None:
-    """CPU cores of one node of ``partition`` (the default partition when None), from sinfo.
-
-    The smallest node of the partition counts (sinfo prints "32+" for mixed sizes).
-    None when sinfo is missing or says nothing useful.
-    """
-    sinfo = shutil.which("sinfo")
-    if sinfo is None:
-        return None
-    cmd = [sinfo, "-h", "-o", "%P %c"] + (["-p", partition] if partition else [])
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        name, _, cpus = line.strip().partition(" ")
-        if partition is None and not name.endswith("*"):
-            continue  # the default partition is marked with '*'
-        match = re.match(r"(\d+)", cpus.strip())
-        if match:
-            return int(match.group(1))
-    return None
 
 
 def submit(executor: submitit.AutoExecutor, job: Callable[[], Any]) -> submitit.Job:
@@ -103,28 +104,124 @@ def job_folder(log_dir: str | os.PathLike) -> str:
     return str(Path(log_dir).absolute() / "%j")
 
 
-def training_out_dir(config: str | os.PathLike, overrides: Sequence[str]) -> str | None:
-    """``run.out_dir`` of a run: the last ``run.out_dir=`` override, else the config file's value.
+LOADER_WORKERS_DEFAULT = 0
+"""``data.num_workers`` of a config that does not set it: the trainer's ``DataConfig.num_workers``
+(read here as a constant, since the config module imports the models; a test keeps them equal)."""
 
-    Read without the trainer's config module (the login node imports no training code);
-    None when neither names one.
+_UNSET = object()
+
+
+def _lookup(value: Any, path: Sequence[str]) -> Any:
+    """``value[path[0]][path[1]]...``, or ``_UNSET`` where a level is missing or not a mapping."""
+    for name in path:
+        if not isinstance(value, dict) or name not in value:
+            return _UNSET
+        value = value[name]
+    return value
+
+
+def config_value(config: str | os.PathLike, overrides: Sequence[str], key: str) -> Any:
+    """The value a run's dotted ``key`` (``"data.num_workers"``) gets from its config file and overrides.
+
+    As in the trainer, the last override setting the key (``data.num_workers=4``, or the
+    section, ``data={num_workers: 4}``) wins over the file, and override values are YAML. Read
+    without the trainer's config module (the login node imports no training code); None when
+    neither sets the key.
     """
-    for item in reversed(list(overrides)):
-        key, sep, value = item.partition("=")
-        if sep and key.strip() == "run.out_dir":
-            return value
-    try:
-        import yaml
+    import yaml
 
+    path = key.split(".")
+    for item in reversed(list(overrides)):
+        dotted, sep, raw = item.partition("=")
+        names = dotted.strip().split(".")
+        if not sep or names != path[: len(names)]:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: the value is not valid YAML") from None
+        found = _lookup(value, path[len(names):])
+        if found is not _UNSET:
+            return found
+    try:
         with open(config) as handle:
             data = yaml.safe_load(handle) or {}
     except FileNotFoundError:
         raise UserError(f"{config}: no such file") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{config}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    run = data.get("run") if isinstance(data, dict) else None
-    out = run.get("out_dir") if isinstance(run, dict) else None
-    return str(out) if out else None
+    found = _lookup(data, path)
+    return None if found is _UNSET else found
+
+
+def training_out_dir(config: str | os.PathLike, overrides: Sequence[str]) -> str | None:
+    """``run.out_dir`` of a run: the last ``run.out_dir=`` override, else the config file's value; None when neither names one."""
+    out = config_value(config, overrides, "run.out_dir")
+    return None if out is None or out == "" else str(out)
+
+
+def loader_workers(config: str | os.PathLike, overrides: Sequence[str]) -> int:
+    """``data.num_workers`` of a run (the loader's worker processes per rank), checked as the trainer checks it."""
+    value = config_value(config, overrides, "data.num_workers")
+    if value is None:
+        return LOADER_WORKERS_DEFAULT
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{config}: data.num_workers: expected an integer, got {value!r}")
+    if value < 0:
+        raise UserError(f"{config}: data.num_workers must be >= 0, not {value}")
+    return value
+
+
+GPU_SLURM_PARAMS = ("gpus", "gpus-per-node", "gpus-per-task", "gpus-per-socket", "G")
+"""``--slurm-param`` keys that ask for GPUs another way than ``--gpus-per-node`` (so does a ``gres`` naming gpu)."""
+
+
+def default_gpus_per_node(options: ClusterOptions) -> int:
+    """GPUs per node for a training job that did not say: what the cluster (or this machine) has.
+
+    - slurm: 0 on a partition without GPUs (or when sinfo cannot tell); on a partition with
+      GPUs, a :class:`UserError` asking for ``--gpus-per-node N`` (or 0 on purpose), since a job
+      without GPUs would silently train on CPUs; 0 as well when ``--slurm-param`` already asks
+      for GPUs (``gres=gpu:...``, ``gpus-per-task=1`` ...).
+    - local: every GPU the submitting shell sees (``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``).
+    - debug: one task in this process, so at most one.
+    """
+    if options.cluster == "slurm":
+        check_cluster("slurm")
+        asked = any(key in GPU_SLURM_PARAMS or (key == "gres" and "gpu" in value)
+                    for key, value in options.additional.items())
+        found = None if asked else read_partition_gpus(options.partition)
+        if found is None or found.gpus == 0:
+            return 0
+        raise UserError(f"partition {found.name} has GPUs ({found.gres}) but the job asks for none: pass "
+                        f"--gpus-per-node N (or --gpus-per-node 0 to train on CPUs on purpose)")
+    count = len(shell_gpus() or [])
+    return count if options.cluster == "local" else min(count, 1)
+
+
+def training_options(options: ClusterOptions, config: str | os.PathLike, overrides: Sequence[str]) -> ClusterOptions:
+    """``options`` of a training job with what was left unset filled in (a copy).
+
+    GPUs per node: :func:`default_gpus_per_node`. Cores per task: the run's
+    ``data.num_workers`` + 1, one core for the rank and one for each of its loader workers
+    (many clusters give one core per task otherwise, shared by all of them).
+    """
+    options = dataclasses.replace(options)
+    if options.gpus_per_node is None:
+        gpus = default_gpus_per_node(options)
+        if options.cluster == "local" and gpus and options.tasks_per_node is not None and options.tasks_per_node > gpus:
+            raise UserError(f"--tasks-per-node {options.tasks_per_node}, but this shell sees {gpus} GPU(s): start at "
+                            "most one task per GPU, or pass --gpus-per-node 0 to run the tasks on CPUs")
+        options.gpus_per_node = gpus
+    elif options.cluster == "local" and options.gpus_per_node:
+        seen = shell_gpus()
+        if seen is not None and options.gpus_per_node > len(seen):
+            raise UserError(f"--gpus-per-node {options.gpus_per_node}, but this shell sees {len(seen)} GPU(s)"
+                            + (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
+                               if "CUDA_VISIBLE_DEVICES" in os.environ else ""))
+    if options.cpus_per_task is None:
+        options.cpus_per_task = loader_workers(config, overrides) + 1
+    return dataclasses.replace(options)  # checked again with the values filled in
 
 
 def submit_training(config: str | os.PathLike, overrides: Sequence[str], options: ClusterOptions,
@@ -153,6 +250,7 @@ def submit_training(config: str | os.PathLike, overrides: Sequence[str], options
             raise UserError(f"{config}: no run.out_dir in the config; add run.out_dir=DIR or pass --log-dir")
         log_dir = Path(out_dir) / "slurm"
         refuse_control_characters(str(log_dir.absolute()), "run.out_dir")  # from the config file or the cwd
+    options = training_options(options, config, overrides)
     # The job starts in the submitting directory; an absolute config path survives a `cd` in setup.
     argv = ("--config", str(config.absolute()), *overrides)
     executor = make_executor(options, job_folder(log_dir))
@@ -199,6 +297,7 @@ def submit_shards(source: str | os.PathLike, out_dir: str | os.PathLike, options
 
 
 __all__ = [
-    "check_cluster", "job_folder", "make_executor", "partition_cpus", "submit", "submit_shards", "submit_training",
-    "training_out_dir",
+    "GPU_SLURM_PARAMS", "LOADER_WORKERS_DEFAULT", "check_cluster", "config_value", "default_gpus_per_node",
+    "job_folder", "loader_workers", "local_visible_gpus", "make_executor", "submit", "submit_shards",
+    "submit_training", "training_options", "training_out_dir",
 ]

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -322,7 +323,7 @@ class LegNetCore(nn.Module):
     def __init__(self, in_channels: int, config: LegNetConfig):
         super().__init__()
         widths = (in_channels, *config.block_channels)
-        self.blocks = nn.Sequential(*(LegNetBlock(c_in, c_out, config) for c_in, c_out in zip(widths, widths[1:])))
+        self.blocks = nn.Sequential(*(LegNetBlock(c_in, c_out, config) for c_in, c_out in pairwise(widths)))
         self.out_channels = widths[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

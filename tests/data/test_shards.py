@@ -295,6 +295,23 @@ def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
     assert verify_shards(resumed).ok
 
 
+def test_shards_of_format_version_1_are_refused_until_rebuilt(tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    build_shards(DEMO_TRAIN, out, SMALL, progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["format_version"] = manifest["fingerprint"]["format_version"] = 1
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            shard["blocks"] = [entry[:6] for entry in shard["blocks"]]  # no checksums
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"manifest\.json: format_version 1: shards without block checksums; rebuild"):
+        load_manifest(out)
+    with pytest.raises(UserError, match=r"holds shards of format version 1 \(no block checksums\); pass --overwrite"):
+        build_shards(DEMO_TRAIN, out, SMALL, progress=False)
+    result = build_shards(DEMO_TRAIN, out, SMALL, overwrite=True, progress=False)
+    assert result.manifest["format_version"] == 2 and verify_shards(out).ok
+
+
 def test_rebuild_of_finished_folder_is_a_no_op(small_shards: Path) -> None:
     before = _tree_digest(small_shards)
     result = build_shards(DEMO_TRAIN, small_shards, SMALL, progress=False, log=lambda *_: None)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import pickle
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,7 +15,18 @@ import pytest
 
 from promoter_dist.data import alphabet
 from promoter_dist.data import synthetic as synth
-from promoter_dist.data.synthetic import SynthReport, expression_model, synthesize
+from promoter_dist.cli import main as cli_main
+from promoter_dist.data.synthetic import (
+    DEFAULT_GRAMMAR,
+    GeneratorParams,
+    MotifSpec,
+    SynthReport,
+    compile_grammar,
+    expression_model,
+    make_grammar,
+    random_grammar,
+    synthesize,
+)
 from promoter_dist.errors import UserError
 
 LINE = re.compile(rb"^[ACGTN]+\t(?:\d+|\d+\.\d+)$")
@@ -171,7 +185,8 @@ def test_noise_free_aligns_and_oracle_recomputes(
     assert info["oracle_pearson"] == pytest.approx(recomputed, abs=1e-9)
     assert train50k.oracle_pearson == pytest.approx(recomputed, abs=1e-9)
     assert info["seed"] == 7 and info["rows"] == STATS_ROWS and info["kind"] == "train"
-    assert info["params"] == json.loads(json.dumps(synth.dataclasses.asdict(synth.PARAMS)))
+    assert info["params"] == json.loads(json.dumps(synth.dataclasses.asdict(DEFAULT_GRAMMAR.params)))
+    assert info["grammar"] == {"name": "default", "seed": None}
     histogram = Counter(len(s) for s in seqs)
     assert info["length_histogram"] == {str(k): histogram[k] for k in sorted(histogram)}
 
@@ -204,7 +219,7 @@ def test_failure_leaves_no_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(synth, "CHUNK_ROWS", 100)
     real = synth._make_chunk
 
-    def flaky(task: tuple[int, int, int, str]) -> object:
+    def flaky(task: tuple) -> object:
         if task[1] == 2:
             raise RuntimeError("disk on fire")
         return real(task)
@@ -260,12 +275,12 @@ INSTANCES = {  # one concrete site per planted motif
     "Gcn4": "TGACTCA",
     "polyAT": "TTTTTTTTTTTT",
 }
-PEAK_D = {m.name: int(m.peak) for m in synth.PARAMS.motifs}
+PEAK_D = {m.name: int(m.peak) for m in DEFAULT_GRAMMAR.params.motifs}
 
 
 def test_background_has_no_sites() -> None:
     occupancy = synth.motif_occupancy(*encode_rows([row()]))
-    assert occupancy.shape == (1, len(synth.PARAMS.motifs))
+    assert occupancy.shape == (1, len(DEFAULT_GRAMMAR.params.motifs))
     assert not occupancy.any()
 
 
@@ -274,7 +289,7 @@ def test_each_motif_raises_expression(name: str) -> None:
     base, with_site = expr(row(), row((INSTANCES[name], PEAK_D[name])))
     assert with_site > base + 0.5  # every planted motif is an activator
     occupancy = synth.motif_occupancy(*encode_rows([row((INSTANCES[name], PEAK_D[name]))]))[0]
-    hit = [m.name for m, o in zip(synth.PARAMS.motifs, occupancy) if o > 0]
+    hit = [m.name for m, o in zip(DEFAULT_GRAMMAR.params.motifs, occupancy) if o > 0]
     assert hit == [name]
 
 
@@ -357,3 +372,233 @@ def test_pure_function_of_the_sequence() -> None:
     np.testing.assert_array_equal(expression_model(codes[::-1], lengths[::-1]), alone[::-1])
     with pytest.raises(ValueError):
         expression_model(np.full((1, 10), 9, dtype=np.uint8), np.array([10]))
+
+
+# ---------------------------------------------------------------- grammars
+
+# Hashes of the default grammar's output, computed with the generator as it was before grammars
+# became objects (one module-level grammar), so the default stays byte-identical:
+#   promoter-dist synth --rows 3000 --seed 5 --out train.txt --workers 1 --no-progress
+#   promoter-dist synth --rows 1000 --seed 2 --kind test --out test.txt --workers 1 --no-progress
+#   sha256sum train.txt train.noise_free.txt test.txt test.noise_free.txt
+# and, for several chunks, synthesize(out, 4500, seed=11, workers=2) with CHUNK_ROWS = 1000.
+DEFAULT_SHA256 = {
+    ("train", 3000, 5): (
+        "5ef4a2f1cf787b212b5135b6ca20faebb29480860ce611902ac2c1a01d905866",
+        "82dfe1e58bbef5216f1ca729a45b865ade7c879194af7ad0b6550787ab57c5d2",
+    ),
+    ("test", 1000, 2): (
+        "68edf856a4ae02999dbc6ee953ea284ed443f913e6541ee5f85e333fffe83502",
+        "479bb2ccae910a5df0661234a83cbc173b76557ef4417700916255949349260a",
+    ),
+}
+CHUNKED_SHA256 = (
+    "187b6162f4d8e859bf6cab820cdf1563b2cd32c8dd13f79639606381ba40ee17",
+    "0a5cae757578495b3f1eeab8933db07cafed298a26980391c85fca26fac2575e",
+)
+RANDOM_ROWS = 20_000
+
+
+def sha256_pair(report: SynthReport) -> tuple[str, str]:
+    return (
+        hashlib.sha256(Path(report.path).read_bytes()).hexdigest(),
+        hashlib.sha256(Path(report.noise_free_path).read_bytes()).hexdigest(),
+    )
+
+
+@pytest.mark.parametrize(("kind", "rows", "seed"), list(DEFAULT_SHA256))
+def test_default_grammar_output_unchanged(tmp_path: Path, kind: str, rows: int, seed: int) -> None:
+    report = synthesize(tmp_path / f"{kind}.txt", rows, seed=seed, kind=kind, workers=1, progress=False)
+    assert sha256_pair(report) == DEFAULT_SHA256[(kind, rows, seed)]
+    explicit = synthesize(tmp_path / "again.txt", rows, seed=seed, kind=kind, workers=1, progress=False,
+                          grammar="default", grammar_seed=0)
+    assert sha256_pair(explicit) == DEFAULT_SHA256[(kind, rows, seed)]
+
+
+def test_default_grammar_output_unchanged_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synth, "CHUNK_ROWS", 1000)
+    report = synthesize(tmp_path / "chunked.txt", 4500, seed=11, workers=2, progress=False)
+    assert sha256_pair(report) == CHUNKED_SHA256
+
+
+def test_default_grammar_is_read_only_and_named() -> None:
+    assert make_grammar("default") is DEFAULT_GRAMMAR
+    assert DEFAULT_GRAMMAR.name == "default" and DEFAULT_GRAMMAR.seed is None
+    assert DEFAULT_GRAMMAR.params == GeneratorParams()
+    with pytest.raises(ValueError):
+        DEFAULT_GRAMMAR.lut[0] = 1  # tables shared by every caller cannot be changed by one
+    with pytest.raises(ValueError):
+        DEFAULT_GRAMMAR.profiles[0, 0] = 0.0
+
+
+def test_random_grammar_is_deterministic_and_seed_dependent() -> None:
+    first, again, other = random_grammar(3), random_grammar(3), random_grammar(4)
+    assert first == again
+    assert first != other
+    assert [m.pattern for m in first.motifs] != [m.pattern for m in other.motifs]
+    assert first != GeneratorParams()
+    # The drawn parameters survive the info file's JSON round trip unchanged.
+    assert json.loads(json.dumps(synth.dataclasses.asdict(first))) == synth.dataclasses.asdict(first)
+
+
+def test_random_grammar_output_deterministic_and_seed_dependent(tmp_path: Path) -> None:
+    def run(name: str, grammar_seed: int, seed: int = 1) -> bytes:
+        report = synthesize(tmp_path / f"{name}.txt", 3000, seed=seed, grammar="random", grammar_seed=grammar_seed,
+                            workers=1, progress=False)
+        return Path(report.path).read_bytes() + Path(report.noise_free_path).read_bytes()
+
+    a, again, b, other_data = run("a", 5), run("again", 5), run("b", 6), run("c", 5, seed=2)
+    assert a == again
+    assert a != b and a != other_data
+    default = synthesize(tmp_path / "d.txt", 3000, seed=1, workers=1, progress=False)
+    assert a != Path(default.path).read_bytes() + Path(default.noise_free_path).read_bytes()
+
+
+def test_random_grammar_any_worker_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synth, "CHUNK_ROWS", 1000)  # several chunks from few rows
+    reports = [
+        synthesize(tmp_path / f"w{workers}.txt", 3500, seed=9, grammar="random", grammar_seed=2, workers=workers,
+                   progress=False)
+        for workers in (1, 2, 3)
+    ]
+    for report in reports[1:]:
+        assert sha256_pair(report) == sha256_pair(reports[0])
+        assert report.oracle_pearson == reports[0].oracle_pearson
+
+
+def test_compiled_grammar_pickles_for_workers() -> None:
+    grammar = make_grammar("random", 7)
+    copy = pickle.loads(pickle.dumps(grammar))
+    codes, lengths = encode_rows([row(("TATAAAAG", 30)), row(("TTTTTTTTTTTT", 50)), row()])
+    np.testing.assert_array_equal(expression_model(codes, lengths, copy), expression_model(codes, lengths, grammar))
+    assert copy.params == grammar.params and copy.seed == 7
+
+
+@pytest.mark.parametrize("grammar_seed", [0, 1, 2])
+def test_random_grammar_data_is_realistic(tmp_path: Path, grammar_seed: int) -> None:
+    report = synthesize(tmp_path / "train.txt", RANDOM_ROWS, seed=grammar_seed + 100, grammar="random",
+                        grammar_seed=grammar_seed, workers=1, progress=False)
+    assert report.grammar == "random" and report.grammar_seed == grammar_seed
+    assert 0.6 <= report.oracle_pearson <= 0.95
+    seqs, texts = read_rows(report.path)
+    values = np.array([float(x) for x in texts])
+    assert values.min() >= 0 and values.max() <= 17
+    assert 9.5 <= values.mean() <= 12.5  # the default's: 11.1
+    assert 1.8 <= values.std() <= 3.2  # the default's: 2.35
+    integer = np.array(["." not in t for t in texts])
+    assert integer.mean() == pytest.approx(0.58, abs=0.03)
+    for line_seq in seqs[:200]:
+        assert line_seq.startswith(alphabet.ADAPTER_5P) and line_seq.endswith(alphabet.ADAPTER_3P)
+    # The noise-free file is the random grammar's expression_model of each row, and the info
+    # file names the grammar and holds the drawn parameters.
+    grammar = make_grammar("random", grammar_seed)
+    noise_free = np.loadtxt(report.noise_free_path, dtype=np.float64)
+    np.testing.assert_allclose(noise_free, expression_model(*encode_rows(seqs), grammar), rtol=0, atol=1e-12)
+    assert report.oracle_pearson == pytest.approx(float(np.corrcoef(noise_free, values)[0, 1]), abs=1e-9)
+    info = json.loads(Path(report.info_path).read_text())
+    assert info["grammar"] == {"name": "random", "seed": grammar_seed}
+    assert info["params"] == json.loads(json.dumps(synth.dataclasses.asdict(grammar.params)))
+    # The planted signal is the grammar's own: the default grammar explains these labels less well.
+    default_f = expression_model(*encode_rows(seqs))
+    assert float(np.corrcoef(default_f, values)[0, 1]) < report.oracle_pearson - 0.2
+
+
+def test_random_grammar_ranges() -> None:
+    """The drawn parameters stay within the ranges random_grammar documents."""
+    adapters = (alphabet.ADAPTER_5P, alphabet.ADAPTER_3P)
+    motif_counts, strand_free, repressors, runs = set(), 0, 0, 0
+    for grammar_seed in range(12):
+        params = random_grammar(grammar_seed)
+        grammar = compile_grammar(params, "random", grammar_seed)  # at most 16 lookup sites, valid patterns
+        motif_counts.add(len(params.motifs))
+        assert 4 <= len(params.motifs) <= 7 and len(grammar.sites) <= 16
+        assert len(params.interactions) <= 3
+        assert len({(a, b) for a, b, _ in params.interactions}) == len(params.interactions)
+        assert 0.6 <= params.output_exponent <= 1.6
+        assert params.motifs[0].effect > 0 and params.motifs[1].effect > 0
+        assert {k: v for k, v in synth.dataclasses.asdict(params).items() if k not in RANDOM_FIELDS} == {
+            k: v for k, v in synth.dataclasses.asdict(GeneratorParams()).items() if k not in RANDOM_FIELDS
+        }  # sequences and measurement are the default's
+        patterns = set()
+        for motif in params.motifs:
+            assert 7 <= len(motif.pattern) <= 16
+            assert motif.pattern[0] != "N" and motif.pattern[-1] != "N"
+            assert 15 <= motif.peak <= 75 and 8 <= motif.width <= 30 and 0.05 <= motif.floor <= 0.6
+            assert 0.5 <= motif.saturation <= 1.5 and 0.15 <= motif.plant_prob <= 0.35
+            assert {motif.forward_weight, motif.reverse_weight} <= {1.0} or (
+                max(motif.forward_weight, motif.reverse_weight) == 1.0
+                and 0.2 <= min(motif.forward_weight, motif.reverse_weight) <= 0.8
+            )
+            strand_free += motif.forward_weight == motif.reverse_weight
+            repressors += motif.effect < 0
+            runs += motif.run
+            if motif.run:
+                assert motif.pattern[0] in "AG" and 8 <= len(motif.pattern) <= 11
+                assert params.run_length_range[0] == len(motif.pattern)
+                assert 4 <= params.run_length_range[1] - params.run_length_range[0] <= 7
+                continue
+            bits = sum(2 - math.log2(len(synth._IUPAC[c])) for c in motif.pattern)
+            assert 12 <= bits <= 21
+            for strand in (motif.pattern, synth._revcomp(motif.pattern)):
+                regex = re.compile("".join(f"[{synth._IUPAC[c]}]" for c in strand))
+                assert not any(regex.search(adapter) for adapter in adapters)
+            assert motif.pattern not in patterns and synth._revcomp(motif.pattern) not in patterns
+            patterns.add(motif.pattern)
+    # The family varies: several motif counts, both strand behaviours, repressors and runs occur.
+    assert len(motif_counts) >= 3 and strand_free > 0 and repressors > 0 and runs > 0
+
+
+RANDOM_FIELDS = {"motifs", "run_length_range", "bias", "interactions", "gc_slope", "output_exponent"}
+
+
+def test_compile_grammar_rejects_bad_parameters() -> None:
+    good = MotifSpec("X", "TTACCCG", 1.0, 1.0, 40.0, 10.0, 0.2, 1.0, 0.8, 0.2)
+    with pytest.raises(ValueError, match="pattern"):
+        compile_grammar(GeneratorParams(motifs=(synth.dataclasses.replace(good, pattern="TACG"),), interactions=()))
+    with pytest.raises(ValueError, match="pattern"):
+        compile_grammar(GeneratorParams(motifs=(synth.dataclasses.replace(good, pattern="TTACCXG"),), interactions=()))
+    with pytest.raises(ValueError, match="run"):
+        compile_grammar(GeneratorParams(motifs=(synth.dataclasses.replace(good, run=True),), interactions=()))
+    with pytest.raises(ValueError, match="unique"):
+        compile_grammar(GeneratorParams(motifs=(good, good), interactions=()))
+    with pytest.raises(ValueError, match="unknown motif"):
+        compile_grammar(GeneratorParams(motifs=(good,), interactions=(("X", "Y", 1.0),)))
+    with pytest.raises(ValueError, match="16"):  # 9 non-palindromic motifs need 18 lookup sites
+        motifs = tuple(synth.dataclasses.replace(good, name=f"X{i}") for i in range(9))
+        compile_grammar(GeneratorParams(motifs=motifs, interactions=()))
+
+
+def test_bad_grammar_arguments(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="unknown grammar"):
+        synthesize(tmp_path / "x.txt", 10, grammar="yeast", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="random grammar"):
+        synthesize(tmp_path / "x.txt", 10, grammar="default", grammar_seed=3, progress=False)
+    with pytest.raises(UserError, match="non-negative"):
+        synthesize(tmp_path / "x.txt", 10, grammar="random", grammar_seed=-1, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_grammar_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.txt"
+    args = ["synth", "--rows", "2000", "--seed", "4", "--out", str(out), "--workers", "1", "--no-progress"]
+    assert cli_main(args + ["--grammar", "random", "--grammar-seed", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "grammar: random, grammar seed 8" in printed and "oracle Pearson" in printed
+    info = json.loads(out.with_name("r.synth.json").read_text())
+    assert info["grammar"] == {"name": "random", "seed": 8}
+    assert info["params"] == json.loads(json.dumps(synth.dataclasses.asdict(random_grammar(8))))
+    api = synthesize(tmp_path / "api.txt", 2000, seed=4, grammar="random", grammar_seed=8, workers=1, progress=False)
+    assert out.read_bytes() == Path(api.path).read_bytes()
+    # Without the options, the default grammar, printed as before.
+    default_out = tmp_path / "d.txt"
+    assert cli_main(["synth", "--rows", "2000", "--seed", "4", "--out", str(default_out), "--no-progress"]) == 0
+    assert "grammar:" not in capsys.readouterr().out
+    assert json.loads(default_out.with_name("d.synth.json").read_text())["grammar"]["name"] == "default"
+    # A grammar seed without --grammar random, or an unknown grammar, is a user error.
+    assert cli_main(["synth", "--rows", "10", "--out", str(tmp_path / "e.txt"), "--grammar-seed", "2"]) == 2
+    assert "applies only to the random grammar" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["synth", "--rows", "10", "--out", str(tmp_path / "f.txt"), "--grammar", "yeast"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "e.txt").exists() and not (tmp_path / "f.txt").exists()

@@ -35,6 +35,30 @@ def test_cluster_options_validation():
     assert ClusterOptions(gpus_per_node=8).tasks == 8
     assert ClusterOptions(gpus_per_node=8, tasks_per_node=1).tasks == 1
     assert ClusterOptions().tasks == 1
+    # GPUs unset (None: the submission asks the cluster) and 0 both mean one task unless told.
+    assert ClusterOptions().gpus_per_node is None and ClusterOptions(gpus_per_node=0).tasks == 1
+
+
+def test_more_tasks_than_gpus_is_refused_before_the_job_queues():
+    with pytest.raises(UserError, match=r"^--tasks-per-node 4 with --gpus-per-node 2: more tasks than GPUs"):
+        ClusterOptions(gpus_per_node=2, tasks_per_node=4)
+    assert ClusterOptions(gpus_per_node=0, tasks_per_node=4).tasks == 4  # CPU ranks
+    assert ClusterOptions(tasks_per_node=4).tasks == 4  # GPUs not decided yet
+
+
+def test_command_line_leaves_gpus_and_cores_unset():
+    import argparse
+
+    from promoter_dist.launch.options import add_cluster_arguments, cluster_options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_cluster_arguments(parser, time="1:00:00", job_name="x")
+    options = cluster_options_from_args(parser.parse_args([]))
+    assert options.gpus_per_node is None and options.cpus_per_task is None
+    assert cluster_options_from_args(parser.parse_args(["--gpus-per-node", "0"])).gpus_per_node == 0
+    shards = argparse.ArgumentParser()
+    add_cluster_arguments(shards, time="1:00:00", job_name="x", training=False)
+    assert cluster_options_from_args(shards.parse_args([])).gpus_per_node == 0  # the shard build is a CPU job
 
 
 def test_executor_parameters_maps_every_knob():

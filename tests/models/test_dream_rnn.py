@@ -10,14 +10,25 @@ import torch.nn.functional as F
 
 from promoter_dist.errors import ConfigError
 from promoter_dist.models.common import count_parameters
-from promoter_dist.models.dream_rnn import ConvBranches, LSTMCore, PrixFixeConfig, PrixFixeNet
-from promoter_dist.models.legnet import BinHead, LegNet, LegNetConfig, LegNetCore, soft_argmax
+from promoter_dist.models.dream_rnn import (
+    ConvBranches,
+    LSTMCore,
+    PrixFixeConfig,
+    PrixFixeNet,
+)
+from promoter_dist.models.legnet import (
+    BinHead,
+    LegNet,
+    LegNetConfig,
+    LegNetCore,
+    soft_argmax,
+)
 
 from .test_legnet import encoded, soft_targets
 
 DREAM_RNN_SIZE = 4_130_578  # the organisers' notebook (models.md, "Prix Fixe")
 DREAM_CNN_SIZE = 1_933_970
-TINY = dict(first_channels=8, lstm_hidden=6, core_channels=8, legnet_blocks=(8, 8), legnet_kernel_size=3)
+TINY = {"first_channels": 8, "lstm_hidden": 6, "core_channels": 8, "legnet_blocks": (8, 8), "legnet_kernel_size": 3}
 
 
 def build(seed: int = 0, **changes) -> PrixFixeNet:

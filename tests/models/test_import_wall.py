@@ -44,7 +44,7 @@ def test_no_model_source_imports_across_the_wall() -> None:
 
 def test_importing_the_models_loads_nothing_across_the_wall() -> None:
     code = (
-        "import sys, promoter_dist.models.common, promoter_dist.models.nad, promoter_dist.models.bert\n"
+        "import sys, promoter_dist.models.common, promoter_dist.models.nad, promoter_dist.models.bert, promoter_dist.models.legnet, promoter_dist.models.dream_rnn\n"
         f"print(sorted(m for m in sys.modules if m.startswith({FORBIDDEN!r})))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

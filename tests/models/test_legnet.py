@@ -23,7 +23,7 @@ from promoter_dist.models.legnet import (
 )
 
 PUBLISHED_SIZE = 1_852_846  # autosome.org's challenge model (models.md, "The winner: LegNet")
-TINY = dict(stem_channels=16, block_channels=(16, 8), kernel_size=3)
+TINY = {"stem_channels": 16, "block_channels": (16, 8), "kernel_size": 3}
 
 
 def encoded(batch: int, length: int = 150, seed: int = 0) -> torch.Tensor:

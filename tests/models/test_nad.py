@@ -1,13 +1,15 @@
-"""Team NAD's model: shapes, size, frozen embedding, BatchNorm modes, GloVe loading,
-config errors, defaults against the data's constants, a debug-size training step, and the
-relative position bias."""
+"""Team NAD's model: shapes, size (published layer choices and the other variant), frozen
+embedding, BatchNorm modes, GloVe loading, config errors, defaults against the data's constants,
+a debug-size training step, the debug recipe's variant, and both relative position biases."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from promoter_dist.data.glove import load_embedding_tensor
 from promoter_dist.data.nad_words import NUM_WORDS, WORDS_PER_ROW, word_id
@@ -15,17 +17,23 @@ from promoter_dist.errors import ConfigError, UserError
 from promoter_dist.models.common import count_parameters
 from promoter_dist.models.nad import (
     DEFAULT_NUM_WORDS,
+    BucketedPositionBias,
+    ExactOffsetBias,
     LevelEncoder,
     NADConfig,
     NADModel,
     PositionDepthwise,
     SandwichLayer,
     random_embedding,
+    t5_buckets,
 )
 
-NAD_VECTORS = Path(__file__).resolve().parents[2] / "data" / "dream2022" / "nad_glove" / "vectors.txt"
+REPO = Path(__file__).resolve().parents[2]
+NAD_VECTORS = REPO / "data" / "dream2022" / "nad_glove" / "vectors.txt"
 PUBLISHED_SIZE = 14.2e6  # NAD's published model: "about 14.2M parameters"
 DEBUG = dict(channels=(32, 48, 64, 80, 96), fpn_dim=64, heads=4, head_dim=16, depths=(1, 1, 1, 1))
+# The variant with one exact-offset bias table per layer, a biased attention output and unbiased depthwise convs.
+EXACT_VARIANT = {"position_bias": "exact_per_layer", "attention_bias": True, "positional_depthwise_bias": False}
 
 
 def words(batch: int, length: int = 80, seed: int = 0) -> torch.Tensor:
@@ -70,7 +78,21 @@ def test_published_parameter_count(published: NADModel) -> None:
     print(f"NAD published configuration: {trainable:,} trainable parameters "
           f"(+{published.embedding.numel():,} frozen embedding values, not counted)")
     assert abs(trainable - PUBLISHED_SIZE) / PUBLISHED_SIZE < 0.02
-    assert trainable == 14_183_312  # the module docstring's figure
+    assert trainable == 14_176_716  # the team's definition built with x-transformers 0.28.4 (models.md)
+
+    def size(*modules: torch.nn.Module) -> int:
+        return sum(count_parameters(m, trainable_only=True) for m in modules)
+
+    heads = [encoder.head for encoder in published.encoders]
+    assert size(published.stages) == 2_848_128
+    assert size(published.fpn) == 804_608
+    assert size(published.position_depthwise) == 840
+    assert size(published.encoders) - size(*heads) == 10_522_112
+    assert size(*heads) == 1_028
+    # One T5 table (32 buckets x 8 heads) per encoder, none inside the layers; no attention-output bias.
+    assert [e.position_bias.table.shape for e in published.encoders] == [(32, 8)] * 4
+    assert all(layer.attn.position_bias is None and layer.attn.out.bias is None
+               for e in published.encoders for layer in e.layers)
     # The frozen table is a buffer, so counting all parameters adds nothing.
     assert count_parameters(published, trainable_only=False) == trainable
     assert published.embedding.numel() == 1024 * 128
@@ -80,6 +102,27 @@ def test_published_parameter_count(published: NADModel) -> None:
     assert isinstance(mixers[0], torch.nn.Identity)
     assert [m.conv.in_channels for m in mixers[1:] if isinstance(m, PositionDepthwise)] == [20, 40, 80]
     assert [len(e.layers) for e in published.encoders] == [3, 3, 2, 2]
+    assert all(m.conv.bias is not None for m in mixers[1:])
+
+
+def test_exact_offset_variant_parameter_count() -> None:
+    torch.manual_seed(0)
+    model = NADModel(NADConfig(**EXACT_VARIANT))
+    trainable = count_parameters(model, trainable_only=True)
+    print(f"NAD with exact-offset tables per layer: {trainable:,} trainable parameters")
+    assert trainable == 14_183_312  # the module docstring's figure
+    assert all(e.position_bias is None for e in model.encoders)
+    tables = [layer.attn.position_bias.table.shape for e in model.encoders for layer in e.layers]
+    assert tables == [(8, 19)] * 3 + [(8, 39)] * 3 + [(8, 79)] * 2 + [(8, 159)] * 2
+
+
+def test_debug_recipe_selects_the_variant_it_was_tuned_with() -> None:
+    settings = yaml.safe_load((REPO / "configs" / "nad" / "debug.yaml").read_text())["model"]["nad"]
+    config = NADConfig(**settings)
+    assert (config.position_bias, config.attention_bias, config.positional_depthwise_bias) == (
+        "exact_per_layer", True, False)
+    assert count_parameters(NADModel(config), trainable_only=True) == 602_784
+    assert count_parameters(NADModel(NADConfig(**DEBUG)), trainable_only=True) == 601_996
 
 
 def test_embedding_is_frozen_buffer_and_all_parameters_learn(published: NADModel) -> None:
@@ -153,6 +196,11 @@ def test_load_embedding_tensor_matches_file() -> None:
         ({"ff_mult": 0}, "model.nad.ff_mult"),
         ({"embed_dim": True}, "model.nad.embed_dim"),
         ({"positional_depthwise": "yes"}, "model.nad.positional_depthwise"),
+        ({"positional_depthwise_bias": 1}, "model.nad.positional_depthwise_bias must be true or false"),
+        ({"attention_bias": "no"}, "model.nad.attention_bias must be true or false"),
+        ({"position_bias": "rotary"}, "model.nad.position_bias must be one of"),
+        ({"position_buckets": 2}, "model.nad.position_buckets must be >= 4"),
+        ({"position_max_distance": 8}, r"model.nad.position_max_distance \(8\) must exceed"),
     ],
 )
 def test_config_errors_name_the_field(changes: dict, field: str) -> None:
@@ -209,16 +257,24 @@ def test_other_lengths_divisible_by_eight() -> None:
         model(words(2, length=80))
 
 
-def test_relative_position_bias_breaks_permutation_equivariance() -> None:
+@pytest.mark.parametrize("variant", ["t5_shared", "exact_per_layer"])
+def test_relative_position_bias_breaks_permutation_equivariance(variant: str) -> None:
     torch.manual_seed(0)
-    config = NADConfig(**{**DEBUG, "depths": (2, 1, 1, 1)})
+    config = NADConfig(**{**DEBUG, "depths": (2, 1, 1, 1), "position_bias": variant})
     encoder = LevelEncoder(config, length=10, depth=2).eval()
     x = torch.randn(2, 10, 64)
     perm = torch.randperm(10, generator=torch.Generator().manual_seed(1))
-    tables = [layer.attn.position_bias.table for layer in encoder.layers]
+    if variant == "t5_shared":
+        assert isinstance(encoder.position_bias, BucketedPositionBias)
+        modules = [encoder.position_bias]  # one table, read by both layers
+    else:
+        assert encoder.position_bias is None
+        modules = [layer.attn.position_bias for layer in encoder.layers]
+        assert all(isinstance(m, ExactOffsetBias) for m in modules) and modules[0] is not modules[1]
+    tables = [m.table for m in modules]
 
     # The bias depends only on the offset j - i.
-    bias = encoder.layers[0].attn.position_bias()
+    bias = modules[0]()
     assert bias.shape == (4, 10, 10)
     torch.testing.assert_close(bias[:, 1:, 1:], bias[:, :-1, :-1])
 
@@ -233,6 +289,47 @@ def test_relative_position_bias_breaks_permutation_equivariance() -> None:
         control = (encoder.encode(x[:, perm]) - encoder.encode(x)[:, perm]).abs().max()
     assert gap > 0.1
     assert control < 1e-4
+
+
+def reference_t5_bucket(offset: int, buckets: int = 32, max_distance: int = 128) -> int:
+    """T5's bidirectional bucket of key-minus-query ``offset``, written out with Python numbers."""
+    half = buckets // 2
+    exact = half // 2
+    base = half if offset > 0 else 0
+    distance = abs(offset)
+    if distance < exact:
+        return base + distance
+    spaced = exact + int(math.log(distance / exact) / math.log(max_distance / exact) * (half - exact))
+    return base + min(spaced, half - 1)
+
+
+def test_t5_buckets_against_a_direct_computation() -> None:
+    offsets = torch.arange(-200, 201)
+    expected = torch.tensor([reference_t5_bucket(o) for o in offsets.tolist()])
+    assert torch.equal(t5_buckets(offsets, 32, 128), expected)
+    # Keys before the query (and the query itself) use buckets 0-15, keys after it 16-31; offsets
+    # below 8 are exact; 127 still gets a bucket of its own below the last; beyond 128 all share it.
+    assert t5_buckets(torch.tensor([0, -1, 1, -7, 7, -8, 8, -127, -128, -1000, 1000]), 32, 128).tolist() == [
+        0, 1, 17, 7, 23, 8, 24, 15, 15, 15, 31]
+    # The shortest and longest published levels (10 and 80 positions) use 17 and 29 of the 32 buckets.
+    assert len(t5_buckets(torch.arange(-9, 10), 32, 128).unique()) == 17
+    assert len(t5_buckets(torch.arange(-79, 80), 32, 128).unique()) == 29
+
+
+def test_shared_t5_bias_is_scaled_by_the_head_width_and_reaches_every_layer() -> None:
+    torch.manual_seed(0)
+    config = NADConfig(**{**DEBUG, "depths": (2, 1, 1, 1)})
+    encoder = LevelEncoder(config, length=10, depth=2)
+    module = encoder.position_bias
+    assert module.scale == math.sqrt(16)
+    expected = module.table[t5_buckets(torch.arange(10)[None, :] - torch.arange(10)[:, None], 32, 128)]
+    torch.testing.assert_close(module(), 4.0 * expected.permute(2, 0, 1))
+    # The table is an embedding initialised N(0, 1), as the library's.
+    assert 0.5 < module.table.std().item() < 1.5
+    encoder.encode(torch.randn(2, 10, 64)).sum().backward()
+    assert module.table.grad is not None and module.table.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="owns no position bias"):
+        encoder.layers[0].attn(torch.randn(2, 10, 64))
 
 
 def test_sandwich_norm_sits_on_the_branch_before_the_residual_add() -> None:
