@@ -4,5 +4,5 @@
 #   bash launchers/local_nad_debug.sh [extra key=value overrides]
 # Needs the demo shards and GloVe vectors: promoter-dist demo --out out/demo
 set -euo pipefail
-python launchers/submit.py --config configs/nad/debug.yaml --cluster local --tasks-per-node 2 --time 1:00:00 \
-    run.out_dir=runs/nad-debug-local "$@"
+python launchers/submit.py --config configs/nad/debug.yaml --cluster local --tasks-per-node 2 --gpus-per-node 0 \
+    --time 1:00:00 run.out_dir=runs/nad-debug-local "$@"

@@ -249,11 +249,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_submit_train(args: argparse.Namespace) -> int:
     from .launch.options import cluster_options_from_args
-    from .launch.submit import submit_training
+    from .launch.submit import submit_training, training_options
 
     options = cluster_options_from_args(args)
     job = submit_training(args.config, args.overrides, options, log_dir=args.log_dir, entry=args.entry)
-    return _follow_job(job, options, args.wait)
+    # Described with the GPUs, tasks and cores the submission filled in.
+    return _follow_job(job, training_options(options, args.config, args.overrides), args.wait)
 
 
 def cmd_submit_shards(args: argparse.Namespace) -> int:

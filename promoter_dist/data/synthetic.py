@@ -34,9 +34,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -56,7 +57,7 @@ class MotifSpec:
     """One planted motif: how it is recognised, where and how strongly it acts, how it is planted."""
 
     name: str  # short name used in reports and interaction terms
-    pattern: str  # IUPAC consensus on the forward strand, 5'->3' (at most 16 bp)
+    pattern: str  # IUPAC consensus on the forward strand, 5'->3' (7 to 16 bp)
     forward_weight: float  # occupancy added by one site on the forward strand
     reverse_weight: float  # occupancy added by one site read on the reverse strand (palindromes ignore it)
     peak: float  # distance (bp) from the motif's 3' end to the sequence's 3' end where a site counts most
@@ -133,6 +134,16 @@ class GeneratorParams:
     obs_weight_shape: float = 2.0  # gamma shape of each observation's weight (read-count-like) in the average
     test_noise_sd: float = 0.25  # sd of the precise measurement noise of kind="test" labels
 
+    @classmethod
+    def from_dict(cls, data: dict) -> GeneratorParams:
+        """The parameters an info file's ``"params"`` holds (``dataclasses.asdict`` after a JSON round trip)."""
+
+        def as_tuples(value: object) -> object:
+            return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+        fields = {k: as_tuples(v) for k, v in data.items() if k != "motifs"}
+        return cls(motifs=tuple(MotifSpec(**m) for m in data["motifs"]), **fields)
+
 
 CHUNK_ROWS = 1 << 16  # rows per chunk; fixed so output never depends on the worker count
 KIND_CODES = {"train": 0, "test": 1}
@@ -165,7 +176,8 @@ _IUPAC = {
 }  # fmt: skip
 _COMPLEMENT = str.maketrans("ACGTRYSWKMBDHVN", "TGCAYRSWMKVHDBN")
 _K = 8  # k-mer width of the lookup; sites up to 2 * _K bp are matched as two halves
-_MARGIN = 2 * _K - 7  # columns past the last base needed to see every site of >= 7 bp (_MIN_SITE)
+_MIN_SITE = 7  # shortest pattern: the lookup margin must see a site at a row's very end
+_MARGIN = 2 * _K - _MIN_SITE  # columns past the last base needed to see every site of >= _MIN_SITE bp
 _NARROW_LENGTH = alphabet.NOMINAL_LENGTH + 1  # rows up to this long are scanned on a narrower view
 
 
@@ -502,15 +514,6 @@ class Grammar:
     lengths: np.ndarray  # row lengths of kind="train" ...
     length_cum: np.ndarray  # ... and their cumulative probabilities
 
-    def summary(self) -> str:
-        """One line naming the grammar and its motifs, e.g. for the command line."""
-        seed = f" {self.seed}" if self.seed is not None else ""
-        motifs = ", ".join(f"{m.name} {m.pattern} ({m.effect:+.2f})" for m in self.params.motifs)
-        return f"{self.name} grammar{seed}: {motifs}; {len(self.interactions)} interactions"
-
-
-_MIN_SITE = 7  # shortest pattern the lookup margin sees at a row's very end
-
 
 def compile_grammar(params: GeneratorParams, name: str = "custom", seed: int | None = None) -> Grammar:
     """Check ``params`` and build the lookup, profile, planting and sequence tables of its grammar."""
@@ -715,7 +718,7 @@ def _calibrate(draft: GeneratorParams, target_mean: float, target_sd: float, rng
 
     def bias_for(act: np.ndarray, params: GeneratorParams) -> float:
         lo, hi = -40.0, 40.0  # the mean rises with the bias
-        for _ in range(60):
+        for _ in range(45):  # to within 80 / 2**45, far below the 4 decimals kept
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if _output(mid + act, params).mean() < target_mean else (lo, mid)
         return 0.5 * (lo + hi)
@@ -727,7 +730,7 @@ def _calibrate(draft: GeneratorParams, target_mean: float, target_sd: float, rng
     lo, hi = math.log(1e-3), math.log(50.0)  # the sd at a fixed mean rises with the scale
     if sd_at(math.exp(hi)) < target_sd:
         raise ValueError("the drawn grammar cannot reach the target spread")
-    for _ in range(40):
+    for _ in range(30):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if sd_at(math.exp(mid)) < target_sd else (lo, mid)
     scale = math.exp(0.5 * (lo + hi))

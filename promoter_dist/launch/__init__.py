@@ -5,6 +5,7 @@ On the login node:
 - :mod:`promoter_dist.launch.options`: cluster options (:class:`ClusterOptions`), their
   command-line form and the submitit keywords they map to.
 - :mod:`promoter_dist.launch.submit`: submitting the training and shard jobs (sbatch).
+- :mod:`promoter_dist.launch.resources`: a partition's cores and GPUs (sinfo), this shell's GPUs.
 - :mod:`promoter_dist.launch.monitor`: job state, waiting for results, failure reports.
 
 Inside the job's tasks:

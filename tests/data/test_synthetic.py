@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from promoter_dist.cli import main as cli_main
 from promoter_dist.data import alphabet
 from promoter_dist.data import synthetic as synth
-from promoter_dist.cli import main as cli_main
 from promoter_dist.data.synthetic import (
     DEFAULT_GRAMMAR,
     GeneratorParams,
@@ -187,6 +187,7 @@ def test_noise_free_aligns_and_oracle_recomputes(
     assert info["seed"] == 7 and info["rows"] == STATS_ROWS and info["kind"] == "train"
     assert info["params"] == json.loads(json.dumps(synth.dataclasses.asdict(DEFAULT_GRAMMAR.params)))
     assert info["grammar"] == {"name": "default", "seed": None}
+    assert GeneratorParams.from_dict(info["params"]) == DEFAULT_GRAMMAR.params
     histogram = Counter(len(s) for s in seqs)
     assert info["length_histogram"] == {str(k): histogram[k] for k in sorted(histogram)}
 
@@ -438,7 +439,7 @@ def test_random_grammar_is_deterministic_and_seed_dependent() -> None:
     assert [m.pattern for m in first.motifs] != [m.pattern for m in other.motifs]
     assert first != GeneratorParams()
     # The drawn parameters survive the info file's JSON round trip unchanged.
-    assert json.loads(json.dumps(synth.dataclasses.asdict(first))) == synth.dataclasses.asdict(first)
+    assert GeneratorParams.from_dict(json.loads(json.dumps(synth.dataclasses.asdict(first)))) == first
 
 
 def test_random_grammar_output_deterministic_and_seed_dependent(tmp_path: Path) -> None:
@@ -498,6 +499,7 @@ def test_random_grammar_data_is_realistic(tmp_path: Path, grammar_seed: int) -> 
     info = json.loads(Path(report.info_path).read_text())
     assert info["grammar"] == {"name": "random", "seed": grammar_seed}
     assert info["params"] == json.loads(json.dumps(synth.dataclasses.asdict(grammar.params)))
+    assert GeneratorParams.from_dict(info["params"]) == grammar.params  # the info file rebuilds the grammar
     # The planted signal is the grammar's own: the default grammar explains these labels less well.
     default_f = expression_model(*encode_rows(seqs))
     assert float(np.corrcoef(default_f, values)[0, 1]) < report.oracle_pearson - 0.2

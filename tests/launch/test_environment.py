@@ -152,3 +152,72 @@ def test_hostnames_falls_back_to_the_parser_without_scontrol(monkeypatch):
     monkeypatch.setattr(E.shutil, "which", lambda name: None)
     assert E.scontrol_hostnames("gpu[1-2]") is None
     assert E.hostnames("gpu[1-2]", prefer_scontrol=True) == ["gpu1", "gpu2"]
+
+
+# --------------------------------------------------------------------------- each rank's GPU under each binding
+
+
+def gpu_job_task(node: int, local: int, tasks_per_node: str = "4(x2)", visible: str = "0,1,2,3") -> dict[str, str]:
+    """The variables srun gives one task of a 2-node job on gpu[01-02] (4 tasks per node unless told),
+    with the ``CUDA_VISIBLE_DEVICES`` SLURM (or the site) set for it."""
+    per_node = E.expand_tasks_per_node(tasks_per_node)
+    return slurm_env(SLURM_PROCID=str(sum(per_node[:node]) + local), SLURM_LOCALID=str(local), SLURM_NODEID=str(node),
+                     SLURM_NTASKS=str(sum(per_node)), SLURM_STEP_NUM_TASKS=str(sum(per_node)),
+                     SLURM_JOB_NODELIST="gpu[01-02]", SLURM_STEP_NODELIST="gpu[01-02]", SLURM_NODELIST="gpu[01-02]",
+                     SLURM_TASKS_PER_NODE=tasks_per_node, SLURM_STEP_TASKS_PER_NODE=tasks_per_node,
+                     CUDA_VISIBLE_DEVICES=visible)
+
+
+def gpu_of(environ: dict[str, str]) -> tuple[int, str]:
+    """The index (among the GPUs the task sees) its rank computes on, and that GPU's entry of
+    CUDA_VISIBLE_DEVICES: what the trainer derives in the task (torch counts the listed GPUs)."""
+    from promoter_dist.distributed import device_index
+
+    dist = E.setup(environ, prefer_scontrol=False)
+    listed = environ["CUDA_VISIBLE_DEVICES"].split(",")
+    index = device_index(dist, visible=len(listed), visible_list=environ["CUDA_VISIBLE_DEVICES"])
+    return index, listed[index]
+
+
+def test_every_gpu_of_the_node_visible_each_rank_takes_its_local_rank():
+    # --gpus-per-node 4 --ntasks-per-node 4, no binding: every task sees the node's four GPUs.
+    for node in (0, 1):
+        assert [gpu_of(gpu_job_task(node, local)) for local in range(4)] == [(0, "0"), (1, "1"), (2, "2"), (3, "3")]
+
+
+@pytest.mark.parametrize("own_id", [lambda local: str(local), lambda local: "0"], ids=["node-index", "cgroup-masked"])
+def test_one_gpu_bound_per_task_each_rank_takes_the_one_it_sees(own_id):
+    # --gpus-per-task=1 or --gpu-bind=single:1: SLURM lists one GPU per task, by its index on the node,
+    # or as 0 where the task's cgroup hides the others (ConstrainDevices=yes).
+    for node in (0, 1):
+        got = [gpu_of(gpu_job_task(node, local, visible=own_id(local))) for local in range(4)]
+        assert got == [(0, own_id(local)) for local in range(4)]
+
+
+def test_a_sites_own_list_each_rank_takes_its_entry():
+    # The site (or the user's --setup) lists the job's GPUs itself: GPUs 4-7 of the node.
+    got = [gpu_of(gpu_job_task(1, local, visible="4,5,6,7")) for local in range(4)]
+    assert got == [(0, "4"), (1, "5"), (2, "6"), (3, "7")]
+    # More GPUs listed than tasks: the first ones, one per task.
+    assert [gpu_of(gpu_job_task(0, local, "2(x2)", visible="4,5,6,7")) for local in range(2)] == [(0, "4"), (1, "5")]
+
+
+def test_uneven_tasks_per_node_and_submitit_local():
+    # 4 tasks on the first node, 2 on the second: the second node's ranks 4 and 5 take its GPUs 0 and 1.
+    assert [gpu_of(gpu_job_task(1, local, "4,2")) for local in range(2)] == [(0, "0"), (1, "1")]
+    # submitit's local executor passes the shell's CUDA_VISIBLE_DEVICES (submit.local_visible_gpus) to every task.
+    for local in range(2):
+        environ = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": str(local),
+                   "SUBMITIT_LOCAL_LOCALID": str(local), "SUBMITIT_LOCAL_JOB_ID": "77", "CUDA_VISIBLE_DEVICES": "5,7"}
+        assert gpu_of(environ) == (local, "57"[local])
+
+
+def test_more_tasks_than_gpus_on_a_node_is_a_clear_error():
+    from promoter_dist.distributed import device_index
+    from promoter_dist.errors import UserError
+
+    with pytest.raises(UserError, match=r"^rank 7: 4 tasks on this node but 2 GPUs visible to each "
+                                        r"\(CUDA_VISIBLE_DEVICES=0,1\): start one task per GPU"):
+        gpu_of(gpu_job_task(1, 3, visible="0,1"))
+    with pytest.raises(UserError, match=r"^rank 0: no GPU visible \(CUDA_VISIBLE_DEVICES=\)"):
+        device_index(E.derive(gpu_job_task(0, 0, visible="")), visible=0, visible_list="")

@@ -17,17 +17,25 @@ from promoter_dist.errors import UserError
 from promoter_dist.launch.jobs import DEFAULT_ENTRY, TrainingJob
 from promoter_dist.launch.monitor import JobFailed, wait
 from promoter_dist.launch.options import ClusterOptions
-from promoter_dist.launch.submit import job_folder, make_executor, submit_shards, submit_training, training_out_dir
+from promoter_dist.launch.submit import (LOADER_WORKERS_DEFAULT, config_value, job_folder, local_visible_gpus,
+                                         make_executor, submit_shards, submit_training, training_options,
+                                         training_out_dir)
 from tests.conftest import DEMO_TRAIN, REPO
 from tests.launch import standin_trainer
+from tests.launch.test_resources import fake_sinfo
 
 STANDIN = "tests.launch.standin_trainer:main"
 
 
-def fake_slurm_bin(folder: Path, sbatch_stderr: str | None = None) -> Path:
-    """A folder with stand-ins for srun (presence only) and sbatch (prints a job id, or refuses)."""
+# The partitions of the stand-in sinfo: the default one without GPUs, one with.
+SINFO_GRES = "debug* (null)\ngpu gpu:a100:4(S:0-1)\ngpu gpu:a100:8(S:0-1)"
+
+
+def fake_slurm_bin(folder: Path, sbatch_stderr: str | None = None, sinfo_gres: str = SINFO_GRES) -> Path:
+    """A folder with stand-ins for srun (presence only), sbatch (prints a job id, or refuses) and
+    sinfo (``sinfo_gres`` as the partitions' generic resources)."""
     folder.mkdir(parents=True, exist_ok=True)
-    scripts = {"srun": "#!/bin/sh\nexit 0\n"}
+    scripts = {"srun": "#!/bin/sh\nexit 0\n", "sinfo": "#!/bin/sh\n" + fake_sinfo({"%P %G": sinfo_gres}) + "\n"}
     if sbatch_stderr is None:
         scripts["sbatch"] = "#!/bin/sh\necho 'Submitted batch job 4242'\n"
     else:
@@ -140,6 +148,137 @@ def test_control_characters_in_paths_and_overrides_are_refused(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["hostile.yaml", "run.yaml"]  # nothing written
 
 
+# --------------------------------------------------------------------------- GPUs and cores a training job asks for
+
+
+def _script(job) -> str:
+    return job.paths.submission_file.read_text()
+
+
+def _srun(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("srun "))
+
+
+def test_default_submit_on_a_partition_without_gpus_asks_for_none_and_cores_for_the_loader(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{fake_slurm_bin(tmp_path / 'bin')}:{os.environ['PATH']}")
+    text = _script(submit_training(_config(tmp_path), [], ClusterOptions(time="10")))
+    assert "--gpus-per-node" not in text and "gres" not in text
+    # No data.num_workers in the config: the trainer's default, 0 workers, so one core per task.
+    assert "#SBATCH --cpus-per-task=1\n" in text and " --cpus-per-task 1 " in _srun(text)
+
+
+def test_gpu_partition_without_gpus_asked_for_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", f"{fake_slurm_bin(tmp_path / 'bin')}:{os.environ['PATH']}")
+    config = _config(tmp_path)
+    with pytest.raises(UserError) as info:
+        submit_training(config, [], ClusterOptions(partition="gpu", time="10"))
+    message = str(info.value)
+    assert message == ("partition gpu has GPUs (gpu:a100:8(S:0-1)) but the job asks for none: pass --gpus-per-node N "
+                       "(or --gpus-per-node 0 to train on CPUs on purpose)")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    status = cli.main(["submit", "train", "--config", str(config), "--partition", "gpu", "--time", "5"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "--gpus-per-node N" in err
+    # The default partition has GPUs: the same.
+    gpu_default = fake_slurm_bin(tmp_path / "bin2", sinfo_gres="cpu (null)\ngpu* gpu:8")
+    monkeypatch.setenv("PATH", f"{gpu_default}:{os.environ['PATH']}")
+    with pytest.raises(UserError, match=r"^partition gpu has GPUs \(gpu:8\)"):
+        submit_training(config, [], ClusterOptions(time="10"))
+
+
+def test_gpus_asked_for_on_a_gpu_partition(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{fake_slurm_bin(tmp_path / 'bin')}:{os.environ['PATH']}")
+    config = _config(tmp_path)
+    text = _script(submit_training(config, [], ClusterOptions(partition="gpu", gpus_per_node=4, time="10")))
+    assert "#SBATCH --gpus-per-node=4\n" in text and "#SBATCH --ntasks-per-node=4\n" in text
+    # 0 on purpose: CPU ranks on a GPU partition.
+    text = _script(submit_training(config, [], ClusterOptions(partition="gpu", gpus_per_node=0, time="10")))
+    assert "--gpus-per-node" not in text
+    # GPUs asked for through another sbatch option: no refusal, and no --gpus-per-node added.
+    for key, value in (("gpus-per-task", "1"), ("gres", "gpu:a100:4"), ("gpus", "8")):
+        options = ClusterOptions(partition="gpu", tasks_per_node=4, additional={key: value}, time="10")
+        text = _script(submit_training(config, [], options))
+        assert f"#SBATCH --{key}={value}\n" in text and "--gpus-per-node" not in text
+
+
+def test_cores_per_task_follow_the_loader_workers(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{fake_slurm_bin(tmp_path / 'bin')}:{os.environ['PATH']}")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\ndata:\n  num_workers: 4\n")
+    text = _script(submit_training(config, [], ClusterOptions(gpus_per_node=2, time="10")))
+    assert "#SBATCH --cpus-per-task=5\n" in text and " --cpus-per-task 5 " in _srun(text)
+    for overrides, cores in ((["data.num_workers=2"], 3), (["data={num_workers: 6, batch_size: 8}"], 7),
+                             (["data.num_workers=2", "data={batch_size: 8}"], 3), (["data.num_workers=0"], 1)):
+        assert training_options(ClusterOptions(gpus_per_node=2), config, overrides).cpus_per_task == cores, overrides
+    # Said on the command line: kept.
+    text = _script(submit_training(config, [], ClusterOptions(gpus_per_node=2, cpus_per_task=12, time="10")))
+    assert "#SBATCH --cpus-per-task=12\n" in text and " --cpus-per-task 12 " in _srun(text)
+    for bad, message in (("data.num_workers=four", "expected an integer, got 'four'"),
+                         ("data.num_workers=true", "expected an integer, got True"),
+                         ("data.num_workers=-1", "must be >= 0, not -1"),
+                         ("data.num_workers=[1", "not valid YAML")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            submit_training(config, [bad], ClusterOptions(gpus_per_node=2, time="10"))
+
+
+def test_loader_workers_default_is_the_trainers():
+    import dataclasses
+
+    from promoter_dist.config import DataConfig
+
+    default = {f.name: f.default for f in dataclasses.fields(DataConfig)}["num_workers"]
+    assert LOADER_WORKERS_DEFAULT == default
+
+
+def test_config_value(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("run:\n  out_dir: runs/a\ndata:\n  num_workers: 4\n  shards: out/shards\n")
+    assert config_value(config, [], "data.num_workers") == 4
+    assert config_value(config, ["data.num_workers=8", "optim.lr=1"], "data.num_workers") == 8
+    assert config_value(config, ["data.num_workers=8", "data.num_workers=2"], "data.num_workers") == 2
+    assert config_value(config, ["data={num_workers: 3}"], "data.num_workers") == 3
+    assert config_value(config, ["data={batch_size: 3}"], "data.num_workers") == 4  # a section override merges
+    assert config_value(config, ["data.num_workers_x=1"], "data.num_workers") == 4
+    assert config_value(config, [], "data.batch_size") is None and config_value(config, [], "engine.x") is None
+    assert config_value(config, [], "run.out_dir.x") is None  # below a value that is not a section
+    assert config_value(config, ["run.out_dir=runs/b"], "run.out_dir") == "runs/b"
+
+
+def test_local_job_keeps_the_shells_gpus(tmp_path, monkeypatch):
+    """submitit's local executor would give the tasks GPUs 0..G-1: they get the shell's own list."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    options = training_options(_local_options(gpus_per_node=None, tasks_per_node=2), _config(tmp_path), [])
+    assert options.gpus_per_node == 2 and options.tasks == 2  # every GPU this shell sees
+    assert local_visible_gpus(options) == (5, 7)
+    job = submit_training(_config(tmp_path), ["standin.steps=1"], _local_options(gpus_per_node=None), entry=STANDIN)
+    assert [r["rank"] for r in wait(job, poll_s=0.5)] == [0, 1]
+    for rank in (0, 1):  # each task sees both; the trainer picks the local rank's (distributed.device_index)
+        env = json.loads((tmp_path / "run" / "env" / f"rank{rank}-restart0.json").read_text())
+        assert env["CUDA_VISIBLE_DEVICES"] == "5,7" and env["LOCAL_RANK"] == str(rank)
+
+
+def test_local_gpus_checked_against_the_shell(tmp_path, monkeypatch):
+    config = _config(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert training_options(_local_options(gpus_per_node=1), config, []).gpus_per_node == 1
+    assert local_visible_gpus(_local_options(gpus_per_node=1)) == (5, 7)  # submitit takes the first one
+    assert local_visible_gpus(_local_options(gpus_per_node=0)) is None  # CPU tasks: submitit hides every GPU
+    with pytest.raises(UserError, match=r"^--gpus-per-node 4, but this shell sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=5,7\)"):
+        training_options(_local_options(gpus_per_node=4), config, [])
+    with pytest.raises(UserError, match=r"^--tasks-per-node 4, but this shell sees 2 GPU\(s\).*--gpus-per-node 0"):
+        training_options(_local_options(gpus_per_node=None, tasks_per_node=4), config, [])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,GPU-11bc")
+    with pytest.raises(UserError, match=r"^--cluster local: CUDA_VISIBLE_DEVICES=GPU-8f2a,GPU-11bc names GPUs by UUID"):
+        make_executor(_local_options(gpus_per_node=2), tmp_path / "logs")
+    assert not (tmp_path / "logs").exists()
+    # No GPU anywhere (no variable, no nvidia-smi): CPU tasks; in-process debug runs take at most one GPU.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", str(fake_slurm_bin(tmp_path / "bin")))
+    assert training_options(_local_options(gpus_per_node=None), config, []).gpus_per_node == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert training_options(ClusterOptions(cluster="debug"), config, []).gpus_per_node == 1
+
+
 # --------------------------------------------------------------------------- debug executor (in-process)
 
 
@@ -177,7 +316,9 @@ def test_debug_shards_job_builds_and_verifies(tmp_path, capsys):
 
 
 def _local_options(**kwargs) -> ClusterOptions:
-    # The tasks import the stand-in from the repository; sbatch-like setup lines do that.
+    # The tasks import the stand-in from the repository; sbatch-like setup lines do that. CPU
+    # tasks whatever GPUs this machine has, unless a test says otherwise.
+    kwargs.setdefault("gpus_per_node", 0)
     return ClusterOptions(cluster="local", time="5", setup=[f"export PYTHONPATH={REPO}"], **kwargs)
 
 
