@@ -26,18 +26,23 @@ from .data.loader import KmerFrame, LoaderConfig, Tokens, View
 from .errors import ConfigError, UserError
 from .io import read_input
 from .models.bert import BertConfig
+from .models.dream_rnn import PrixFixeConfig
+from .models.legnet import LegNetConfig
 from .models.nad import NADConfig
 from .optim.gsam import GSAMConfig
 
-ModelName = Literal["nad", "bert"]
+ModelName = Literal["nad", "bert", "legnet", "dream_rnn"]
 """The models a run trains."""
-TaskName = Literal["regression", "mlm"]
+BIN_MODELS: tuple[ModelName, ...] = ("legnet", "dream_rnn")
+"""Models that predict expression bins from one-hot windows (trained with task.name=soft_classification)."""
+TaskName = Literal["regression", "mlm", "soft_classification"]
 """The objectives a run trains for."""
 Precision = Literal["fp32", "bf16", "fp16"]
 """Engine arithmetic: fp32, bf16 autocast over fp32 weights, or DeepSpeed fp16."""
 TASK_METRICS: dict[TaskName, tuple[str, ...]] = {
     "regression": ("loss", "pearson", "spearman"),
     "mlm": ("loss", "accuracy"),
+    "soft_classification": ("loss", "pearson", "spearman"),
 }
 """Validation metrics each task reports (what best_metric and plateau_metric may name)."""
 
@@ -65,7 +70,7 @@ class RunConfig:
     resume: Literal["auto", "never"] = "auto"
     """'auto': continue from <out_dir>/checkpoints when one exists; 'never': refuse to reuse a folder that has one."""
     best_metric: str = ""
-    """Validation metric that selects the best checkpoint (higher is better, 'loss' lower); '' picks the task's: pearson for regression, loss for MLM."""
+    """Validation metric that selects the best checkpoint (higher is better, 'loss' lower); '' picks the task's: pearson for regression and soft_classification, loss for MLM."""
     plots: bool = True
     """Write PNG curves and a predicted-vs-measured plot into the run folder."""
     trust_pickled_checkpoints: bool = False
@@ -124,11 +129,15 @@ class ModelConfig:
     """Which model, and the settings of each."""
 
     name: ModelName = "nad"
-    """'nad' (GloVe + CNN/FPN + transformers) or 'bert' (SYSU-SAIL's 3-mer BERT)."""
+    """'nad' (GloVe + CNN/FPN + transformers), 'bert' (SYSU-SAIL's 3-mer BERT), 'legnet' (autosome.org's LegNet) or 'dream_rnn' (a Prix Fixe composition: DREAM-RNN, or DREAM-CNN with dream_rnn.core=legnet)."""
     nad: NADConfig = field(default_factory=NADConfig)
     """Team NAD's model (read when name is 'nad')."""
     bert: BertConfig = field(default_factory=BertConfig)
     """Team SYSU-SAIL's BERT (read when name is 'bert')."""
+    legnet: LegNetConfig = field(default_factory=LegNetConfig)
+    """LegNet, the DREAM 2022 winner (read when name is 'legnet'); defaults are the published 1,852,846-parameter model."""
+    dream_rnn: PrixFixeConfig = field(default_factory=PrixFixeConfig)
+    """Prix Fixe blocks (read when name is 'dream_rnn'); defaults are DREAM-RNN, core=legnet gives DREAM-CNN."""
 
 
 @dataclass
@@ -136,7 +145,7 @@ class TaskConfig:
     """What the model is trained to do: its objective and targets."""
 
     name: TaskName = "regression"
-    """'regression' (expression from sequence) or 'mlm' (masked-token pretraining, BERT only)."""
+    """'regression' (expression from sequence), 'mlm' (masked-token pretraining, BERT only) or 'soft_classification' (expression bins, LegNet and Prix Fixe models)."""
     loss: Literal["smooth_l1", "mse"] = "smooth_l1"
     """Regression loss: 'smooth_l1' or 'mse'."""
     smooth_l1_beta: float = 0.1
@@ -147,6 +156,12 @@ class TaskConfig:
     """Std of Gaussian noise added to training targets, clipped to [0,1] under the 'nad' map (NAD: 0.05; 0: off)."""
     mask_prob: float = 0.15
     """MLM: fraction of tokens chosen for prediction (80% [MASK], 10% random, 10% kept)."""
+    target_shift: float = 0.5
+    """soft_classification: the target is N(y + target_shift, target_scale) integrated over the unit bins (LegNet: 0.5)."""
+    target_scale: float = 0.5
+    """soft_classification: standard deviation of the target distribution (LegNet: 0.5)."""
+    reverse_complement: bool = True
+    """soft_classification: train on every row in both orientations (each batch of B rows is 2B samples, is-reverse 0 and 1) and average the two orientations' predictions in validation and predict, as LegNet did."""
 
     def __post_init__(self) -> None:
         if self.smooth_l1_beta <= 0:
@@ -155,14 +170,16 @@ class TaskConfig:
             raise ConfigError(f"task.label_noise must be >= 0, not {self.label_noise}")
         if not 0 < self.mask_prob < 1:
             raise ConfigError(f"task.mask_prob must be in (0, 1), not {self.mask_prob}")
+        if self.target_scale <= 0:
+            raise ConfigError(f"task.target_scale must be > 0, not {self.target_scale}")
 
 
 @dataclass
 class OptimConfig:
     """The optimizer (a torch optimizer handed to DeepSpeed) and its GSAM wrapper."""
 
-    name: Literal["adamw", "adam"] = "adamw"
-    """'adamw' (NAD; BERT pretraining) or 'adam' (BERT fine-tuning)."""
+    name: Literal["adamw", "adam", "lion"] = "adamw"
+    """'adamw' (NAD; BERT pretraining; LegNet), 'adam' (BERT fine-tuning) or 'lion' (LegNet's optimised variant; lion-pytorch, decoupled weight decay scaled by the rate)."""
     lr: float = 2e-4
     """Peak learning rate (NAD: 2e-4)."""
     weight_decay: float = 5e-2
@@ -184,15 +201,47 @@ class OptimConfig:
 
 
 @dataclass
+class OneCycleConfig:
+    """torch's OneCycleLR settings (cosine annealing, two phases); defaults are torch's, as LegNet used them."""
+
+    pct_start: float = 0.3
+    """Fraction of the cycle spent raising the rate from lr / div_factor to lr (LegNet: 0.3)."""
+    div_factor: float = 25.0
+    """The cycle starts at optim.lr / div_factor (LegNet: 25)."""
+    final_div_factor: float = 1e4
+    """The cycle ends at optim.lr / div_factor / final_div_factor (torch's default, 1e4)."""
+    cycle_momentum: bool = True
+    """Move the optimizer's beta1 opposite to the rate, max_momentum -> base_momentum -> max_momentum (torch's default; LegNet's challenge run had it, the optimised variant not)."""
+    base_momentum: float = 0.85
+    """beta1 at the peak rate."""
+    max_momentum: float = 0.95
+    """beta1 at the start and end of the cycle."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.pct_start < 1:
+            raise ConfigError(f"schedule.one_cycle.pct_start must be in (0, 1), not {self.pct_start}")
+        for key in ("div_factor", "final_div_factor"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"schedule.one_cycle.{key} must be > 0, not {getattr(self, key)}")
+        for key in ("base_momentum", "max_momentum"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"schedule.one_cycle.{key} must be in [0, 1), not {getattr(self, key)}")
+
+
+@dataclass
 class ScheduleConfig:
     """How the learning rate moves; see promoter_dist.schedules."""
 
-    name: Literal["linear", "cosine", "constant", "plateau"] = "linear"
-    """'linear' (decay to final_factor x lr), 'cosine', 'constant' or 'plateau' (ReduceLROnPlateau on a metric)."""
+    name: Literal["linear", "cosine", "constant", "plateau", "one_cycle"] = "linear"
+    """'linear' (decay to final_factor x lr), 'cosine', 'constant', 'plateau' (ReduceLROnPlateau on a metric) or 'one_cycle' (torch's OneCycleLR with optim.lr as the peak, every step)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up from 0 (linear, cosine, constant)."""
     decay_epochs: float = 50.0
-    """Epochs over which linear/cosine reach final_factor (NAD: 50, the whole run)."""
+    """Epochs over which linear/cosine reach final_factor and one_cycle ends (NAD: 50, the whole run)."""
+    decay_steps: int = 0
+    """Optimizer steps over which linear/cosine reach final_factor and one_cycle ends; 0: decay_epochs epochs (LegNet: 80,000)."""
+    one_cycle: OneCycleConfig = field(default_factory=OneCycleConfig)
+    """Shape of the 'one_cycle' schedule."""
     final_factor: float = 0.01
     """Learning rate at the end of the decay, as a fraction of optim.lr (NAD: 0.01); with 'plateau', the rate at which a GSAM rho schedule reaches rho_min."""
     per_epoch: bool = True
@@ -207,6 +256,11 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps must be >= 0, not {self.warmup_steps}")
+        if self.warmup_steps and self.name == "one_cycle":
+            raise ConfigError("schedule.warmup_steps does not apply to schedule.name=one_cycle, which warms up "
+                              "itself (schedule.one_cycle.pct_start): set it to 0")
+        if self.decay_steps < 0:
+            raise ConfigError(f"schedule.decay_steps must be >= 0, not {self.decay_steps}")
         if self.decay_epochs <= 0:
             raise ConfigError(f"schedule.decay_epochs must be > 0, not {self.decay_epochs}")
         if not 0 <= self.final_factor <= 1:
@@ -279,6 +333,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task.name == "mlm" and self.model.name != "bert":
             raise ConfigError("task.name=mlm needs model.name=bert")
+        if (self.model.name in BIN_MODELS) != (self.task.name == "soft_classification"):
+            raise ConfigError(f"model.name={self.model.name} with task.name={self.task.name}: the bin models "
+                              f"({', '.join(BIN_MODELS)}) train with task.name=soft_classification, and only they do")
         if self.model.name == "nad" and self.data.view not in ("", "nad"):
             raise ConfigError("model.name=nad reads NAD words, which exist only in data.view=nad (110 bp, no N)")
         if self.model.name == "nad" and self.engine.precision == "fp16":
@@ -295,7 +352,7 @@ class TrainConfig:
         # kept, and the plateau schedule would cut the rate after every `patience + 1` evaluations.
         metrics = TASK_METRICS[self.task.name]
         if not self.run.best_metric:
-            self.run.best_metric = "pearson" if self.task.name == "regression" else "loss"
+            self.run.best_metric = "loss" if self.task.name == "mlm" else "pearson"
         checked = [("schedule.plateau_metric", self.schedule.plateau_metric), ("run.best_metric", self.run.best_metric)]
         for key, value in checked:
             if value not in metrics:
@@ -313,6 +370,8 @@ class TrainConfig:
     @property
     def tokens(self) -> Tokens:
         """The loader's token kind for this model."""
+        if self.model.name in BIN_MODELS:
+            return "onehot"
         return "nad" if self.model.name == "nad" else "kmer"
 
     def loader_config(self, split: str, training: bool) -> LoaderConfig:
@@ -559,4 +618,8 @@ def to_deepspeed(config: TrainConfig, world_size: int, device_type: str = "cpu")
     # cast, and bf16 weights swallow GSAM's small perturbation. The models are small; compute is bf16.
     if engine.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if config.optim.name == "lion":
+        # DeepSpeed lists the optimizers its ZeRO stages were tested with; Lion (lion-pytorch) steps on the same
+        # flat fp32 partitions as AdamW does and is checked against one process by the tests.
+        ds["zero_allow_untested_optimizer"] = True
     return ds

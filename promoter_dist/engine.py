@@ -34,6 +34,15 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = config.optim
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.name == "lion":
+        kwargs.pop("eps")  # Lion takes the sign of its update: no denominator
+        if config.engine.offload_optimizer == "cpu" and device.type == "cuda":
+            from deepspeed.ops.lion import DeepSpeedCPULion
+
+            return DeepSpeedCPULion(params, **kwargs)
+        from lion_pytorch import Lion
+
+        return Lion(params, **kwargs)
     if config.engine.offload_optimizer == "cpu" and device.type == "cuda":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -92,6 +101,12 @@ def set_learning_rate(engine: Any, lr: float) -> None:
     """Set the rate on every parameter group; ZeRO wrappers share the client optimizer's groups."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def set_beta1(engine: Any, beta1: float) -> None:
+    """Set the first moment decay (Adam's and Lion's beta1, a one-cycle schedule's "momentum") on every group."""
+    for group in engine.optimizer.param_groups:
+        group["betas"] = (beta1, *tuple(group["betas"])[1:])
 
 
 def parameters_finite(engine: Any) -> bool:

@@ -25,14 +25,14 @@ from . import distributed as dist
 from .checkpointing import BEST, LATEST, CheckpointManager, fp32_state_dict
 from .config import TrainConfig, config_dict, dump_yaml
 from .data.loader import ShardLoader
-from .engine import build_engine, set_learning_rate
+from .engine import build_engine, set_beta1, set_learning_rate
 from .errors import NonFiniteLossError, UserError
 from .io import atomic_open
 from .launch.environment import DistEnv
 from .models.common import count_parameters
 from .optim.engine_grads import zero_engine_gradients
 from .records import MetricsLog, setup_logging
-from .schedules import Plateau, lr_at
+from .schedules import ONE_CYCLE, Plateau, lr_at, one_cycle_momentum, span_steps
 from .stopping import StopRequest
 from .tasks import build_task
 
@@ -143,6 +143,7 @@ class Trainer:
     def train_step(self, micro_batches: list[Batch]) -> float:
         """One optimizer step over ``grad_accum`` micro batches; returns the mean loss."""
         set_learning_rate(self.engine, self.learning_rate())
+        self.cycle_momentum()
         if self.gsam is not None:
             return float(self.gsam.step(micro_batches, self.forward_loss))
         return sum(self.forward_backward(b) for b in micro_batches) / len(micro_batches)
@@ -152,8 +153,19 @@ class Trainer:
         s, base = self.config.schedule, self.config.optim.lr
         rate = lr_at(self.step, base_lr=base, steps_per_epoch=self.steps_per_epoch, name=s.name,
                      warmup_steps=s.warmup_steps, decay_epochs=s.decay_epochs, final_factor=s.final_factor,
-                     per_epoch=s.per_epoch)
+                     per_epoch=s.per_epoch, decay_steps=s.decay_steps, pct_start=s.one_cycle.pct_start,
+                     div_factor=s.one_cycle.div_factor, final_div_factor=s.one_cycle.final_div_factor)
         return rate * (self.plateau.scale if self.plateau is not None else 1.0)
+
+    def cycle_momentum(self) -> None:
+        """Under schedule one_cycle with cycle_momentum, the step's beta1 on the optimizer (as torch's OneCycleLR)."""
+        s = self.config.schedule
+        if s.name != ONE_CYCLE or not s.one_cycle.cycle_momentum:
+            return
+        total = span_steps(self.steps_per_epoch, s.decay_epochs, s.decay_steps)
+        set_beta1(self.engine, one_cycle_momentum(self.step, total_steps=total, pct_start=s.one_cycle.pct_start,
+                                                  base_momentum=s.one_cycle.base_momentum,
+                                                  max_momentum=s.one_cycle.max_momentum))
 
     def discard_step(self, micro_steps_before: int) -> None:
         """Drop a half-done step: clear accumulated gradients and the engine's micro-step count."""

@@ -11,7 +11,7 @@ of small generator stages (composed with ``webdataset.DataPipeline``); each cons
     -> select_view    (all rows / NAD-eligible / top-expression subset, padded to one width)
     -> shuffle_rows   (a vectorised shuffle buffer of `shuffle_buffer` rows; off without shuffle)
     -> batch_rows     (exactly this worker's quota of batches)
-    -> to_model_inputs (NAD words, 3-mer BERT ids or raw codes, as torch tensors)
+    -> to_model_inputs (NAD words, 3-mer BERT ids, LegNet windows or raw codes, as torch tensors)
 
 Units come from the manifest's block index (``shards.BlockIndex``): its row count
 of the view, byte offset, size and checksum; webdataset only chains the stages.
@@ -52,7 +52,9 @@ from ..choices import check_choice_fields
 from ..errors import ConfigError, UserError
 from .alphabet import NOMINAL_LENGTH
 from .nad_words import words_from_codes
+from .onehot import window_codes
 from .shards import (
+    FLAG_INTEGER,
     FLAG_NAD,
     MANIFEST,
     VIEWS,
@@ -68,8 +70,8 @@ from .shards import (
 
 View = Literal["all", "nad", "top"]
 """Row subsets a loader streams: the keys of ``shards.VIEWS``."""
-Tokens = Literal["nad", "kmer", "bases"]
-"""Model inputs a loader makes: NAD 5-mer word ids, 3-mer BERT ids or base codes."""
+Tokens = Literal["nad", "kmer", "bases", "onehot"]
+"""Model inputs a loader makes: NAD 5-mer word ids, 3-mer BERT ids, base codes or LegNet's one-hot windows."""
 KmerFrame = Literal[0, 1, 2]
 """Reading frame of the 3-mer tokens."""
 
@@ -83,7 +85,7 @@ class LoaderConfig:
     view: View = "all"
     """Row subset: 'all', 'nad' (110 bp, no N) or 'top' (top-expression subset)."""
     tokens: Tokens = "bases"
-    """Model inputs: 'nad' (5-mer word ids), 'kmer' (3-mer BERT ids) or 'bases' (codes)."""
+    """Model inputs: 'nad' (5-mer word ids), 'kmer' (3-mer BERT ids), 'bases' (codes) or 'onehot' (LegNet's windows)."""
     batch_size: int = 256
     """Rows per batch on each rank."""
     shuffle: bool = True
@@ -251,7 +253,7 @@ def select_view(view: str, width: int, verify: bool = True):
                 if problem is not None:
                     raise ShardBlockError(where.path, where.number, where.offset, problem)
             yield {"codes": codes, "len": lengths, "y": block["y"][pick],
-                   "line": block["line"][pick].astype(np.int64)}
+                   "line": block["line"][pick].astype(np.int64), "flags": block["flags"][pick]}
 
     return stage
 
@@ -352,6 +354,10 @@ def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False)
                 ids, mask = encode_for_model(rows["codes"], rows["len"], kmer_frame, kmer_all_frames)
                 out["input_ids"], out["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
                 out["lengths"] = torch.from_numpy(rows["len"])  # where the row's own tokens are
+            elif tokens == "onehot":
+                # Window codes and the singleton flag; data.onehot.one_hot expands them on the model's device.
+                out["window"] = torch.from_numpy(window_codes(rows["codes"], rows["len"]))
+                out["singleton"] = torch.from_numpy((rows["flags"] & FLAG_INTEGER).astype(np.uint8))
             else:
                 width = int(rows["len"].max(initial=0))
                 out["codes"] = torch.from_numpy(rows["codes"][:, :width].astype(np.int64))

@@ -892,9 +892,9 @@ def iter_tar_members(data: bytes, where: str = "", start: int = 0, end: int | No
 
 _NPY_HEADER = re.compile(rb"\{'descr': '([^']+)', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
 _MEMBER_NPY = {member: (descr.encode(), np.dtype(descr)) for member, descr in MEMBER_DTYPES.items()}
-# Dot with the count of each flag value: the rows that carry the bit (one vector product per block).
-_NAD_FLAG_VALUES = np.array([bool(value & FLAG_NAD) for value in range(KNOWN_FLAGS + 1)], dtype=np.int64)
-_TOP_FLAG_VALUES = np.array([bool(value & FLAG_TOP) for value in range(KNOWN_FLAGS + 1)], dtype=np.int64)
+# The flag values that carry each view's bit: summing their counts gives the view's rows.
+_NAD_FLAG_VALUES = [value for value in range(KNOWN_FLAGS + 1) if value & FLAG_NAD]
+_TOP_FLAG_VALUES = [value for value in range(KNOWN_FLAGS + 1) if value & FLAG_TOP]
 
 
 def _load_npy(data: bytes, member: str) -> np.ndarray:
@@ -960,7 +960,8 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool)
     if len(counts) > KNOWN_FLAGS + 1:
         unknown = int(np.bitwise_or.reduce(flags)) & ~KNOWN_FLAGS
         return f"unknown flag bits {unknown:#04x} (known: {KNOWN_FLAGS:#04x})"
-    nad, top = int(counts @ _NAD_FLAG_VALUES), int(counts @ _TOP_FLAG_VALUES)
+    per_value = counts.tolist()  # eight numbers: Python sums beat numpy calls here
+    nad, top = sum(per_value[v] for v in _NAD_FLAG_VALUES), sum(per_value[v] for v in _TOP_FLAG_VALUES)
     if (nad, top) != (entry.rows_nad, entry.rows_top):
         return (f"{nad} NAD-eligible and {top} top-expression rows; the manifest says {entry.rows_nad} and "
                 f"{entry.rows_top}")

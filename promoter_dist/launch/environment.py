@@ -23,10 +23,11 @@ variable               SLURM task (``srun``)               submitit ``local`` ex
 Outside any job (submitit's ``debug`` executor, a plain ``python`` call) it is one process:
 rank 0 of 1 on 127.0.0.1.
 
-``CUDA_VISIBLE_DEVICES`` is deliberately left alone: every task of a node sees all of the
-node's GPUs and DeepSpeed picks ``cuda:LOCAL_RANK``. (Restricting each task to its own GPU,
-as submitit's ``TorchDistributedEnvironment().export()`` does by default, makes that device
-index invalid on every local rank above 0.)
+``CUDA_VISIBLE_DEVICES`` is deliberately left as SLURM or the site set it: a task that sees
+every GPU of its node computes on ``cuda:LOCAL_RANK``, a task bound to one GPU on the only one
+it sees (:func:`promoter_dist.distributed.device_index` decides, and refuses more tasks than
+GPUs). Overwriting it here, as submitit's ``TorchDistributedEnvironment().export()`` does by
+default, would hide the binding a site chose.
 
 MASTER_ADDR is the first host of the node list because SLURM's default (block)
 distribution puts task 0 on the first node (``--distribution=cyclic`` etc. also start it

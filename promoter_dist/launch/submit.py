@@ -155,7 +155,10 @@ def config_value(config: str | os.PathLike, overrides: Sequence[str], key: str) 
 
 
 def training_out_dir(config: str | os.PathLike, overrides: Sequence[str]) -> str | None:
-    """``run.out_dir`` of a run: the last ``run.out_dir=`` override, else the config file's value; None when neither names one."""
+    """``run.out_dir`` of a run: the last ``run.out_dir=`` override, else the config file's value.
+
+    None when neither names one.
+    """
     out = config_value(config, overrides, "run.out_dir")
     return None if out is None or out == "" else str(out)
 

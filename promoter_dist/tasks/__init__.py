@@ -18,6 +18,10 @@ def build_task(config: Any) -> Any:
         from .mlm import MLMTask
 
         return MLMTask(config)
+    if config.task.name == "soft_classification":
+        from .soft_classification import SoftClassificationTask
+
+        return SoftClassificationTask(config)
     from .regression import RegressionTask
 
     return RegressionTask(config)

@@ -1,4 +1,4 @@
-"""What the login node reads about the hardware: sinfo's GPUs and cores, nvidia-smi, CUDA_VISIBLE_DEVICES (pure parsing)."""
+"""What the login node reads about the hardware: sinfo's GPUs and cores, nvidia-smi, CUDA_VISIBLE_DEVICES."""
 
 from __future__ import annotations
 

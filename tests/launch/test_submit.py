@@ -263,7 +263,8 @@ def test_local_gpus_checked_against_the_shell(tmp_path, monkeypatch):
     assert training_options(_local_options(gpus_per_node=1), config, []).gpus_per_node == 1
     assert local_visible_gpus(_local_options(gpus_per_node=1)) == (5, 7)  # submitit takes the first one
     assert local_visible_gpus(_local_options(gpus_per_node=0)) is None  # CPU tasks: submitit hides every GPU
-    with pytest.raises(UserError, match=r"^--gpus-per-node 4, but this shell sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=5,7\)"):
+    with pytest.raises(UserError, match=r"^--gpus-per-node 4, but this shell sees 2 GPU\(s\) "
+                                        r"\(CUDA_VISIBLE_DEVICES=5,7\)"):
         training_options(_local_options(gpus_per_node=4), config, [])
     with pytest.raises(UserError, match=r"^--tasks-per-node 4, but this shell sees 2 GPU\(s\).*--gpus-per-node 0"):
         training_options(_local_options(gpus_per_node=None, tasks_per_node=4), config, [])
