@@ -18,8 +18,8 @@ the script exits 1 at the end:
    (same command, same run folder) to step 2k. Rows: *train* (median ``samples_per_s`` of the
    run's ``metrics.jsonl`` windows, first window of each launch left out; peak memory; model FLOPs
    utilisation for BERT), *validation* (a validation record at k and 2k), *resume* (checkpoint of
-   step k saved, the rerun logs ``resumed from`` it and reaches 2k), and for regression models
-   *predict* (``promoter-dist predict`` rows/s on the synthetic test file).
+   step k saved, the rerun logs ``resumed from`` it and reaches 2k), and for every task but
+   masked-LM pretraining *predict* (``promoter-dist predict`` rows/s on the synthetic test file).
 4. *GSAM ZeRO 0 vs 3*: the trainer with GSAM on the NAD config (or the first config that enables
    GSAM) at ZeRO stages 0 and 3, same seed and data, fp32 with TF32 off; the per-step losses must
    agree within :data:`GSAM_TOLERANCE` (relative). bf16 rounding would hide a small disagreement
@@ -53,9 +53,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -73,6 +74,10 @@ OPTIONAL_MODULES = ("gensim", "scipy", "matplotlib", "tensorboard")
 """Big libraries the check's path should not need; gensim is not on the GPU machine at all."""
 ABSENT_ON_GPU_MACHINE = ("gensim",)
 """Of those, the ones whose import is a failure (the GPU machine lacks them)."""
+START_ALLOWANCE = 90.0
+"""Seconds every subprocess may take beyond its plan: the first DeepSpeed launch of a fresh environment
+compiles DeepSpeed's CPU communication op (about a minute on 2 cores) and every module's bytecode. A
+launch stopped while it compiles leaves a lock in ~/.cache/torch_extensions that stalls the next ones."""
 
 
 # --------------------------------------------------------------------------- the plan
@@ -92,6 +97,8 @@ class Plan:
     """k: the first launch stops at step k, the rerun goes on to 2k."""
     log_every: int
     """Steps per ``samples_per_s`` window."""
+    batch_size: int
+    """Micro batch of every training launch (0: the config's own)."""
     gsam_steps: int
     """Steps of each GSAM run."""
     build_rows: int
@@ -100,20 +107,20 @@ class Plan:
     """The whole check's time limit."""
     seconds: dict[str, float]
     """Planned seconds per part: environment, data, train (per config, both launches), gsam,
-    predict (per regression config), shards."""
+    predict (per config that predicts), shards."""
     note: str
     """Where the planned seconds come from."""
 
 
 GPU_PLAN = Plan(
-    size="full", train_rows=300_000, test_rows=50_000, resume_step=100, log_every=20, gsam_steps=10,
+    size="full", train_rows=300_000, test_rows=50_000, resume_step=100, log_every=20, batch_size=0, gsam_steps=10,
     build_rows=DREAM_TRAIN_ROWS, limit_s=480.0,
-    seconds={"environment": 15, "data": 20, "train": 60, "gsam": 50, "predict": 15, "shards": 70},
-    note="estimates for one H200 and 16 cores: a DeepSpeed launch starts in about 20-25 s; 6.7M rows "
-         "synthesised and built at roughly 1M rows/s",
+    seconds={"environment": 10, "data": 15, "train": 45, "gsam": 40, "predict": 10, "shards": 50},
+    note="estimates for one H200 and 16 cores, not yet measured there: a DeepSpeed launch starting in about "
+         "15 s, 200 steps in 5-10 s, 6.7M rows synthesised and built at over 1M rows/s",
 )
 QUICK_PLAN = Plan(
-    size="debug", train_rows=4_000, test_rows=500, resume_step=2, log_every=1, gsam_steps=3,
+    size="debug", train_rows=3_000, test_rows=500, resume_step=2, log_every=1, batch_size=16, gsam_steps=3,
     build_rows=20_000, limit_s=420.0,
     seconds={"environment": 10, "data": 5, "train": 35, "gsam": 35, "predict": 8, "shards": 5},
     note="measured on the 2-core development machine: a DeepSpeed launch on a CPU takes about 15 s",
@@ -145,8 +152,8 @@ class CheckFailed(Exception):
 class Clock:
     """The check's time limit, and what each subprocess may take of it.
 
-    A subprocess may run past its own plan (up to ``overrun`` times it) but never into the time
-    reserved for the parts after it: half of their planned seconds.
+    A subprocess may run past its own plan (``overrun`` times it, plus :data:`START_ALLOWANCE`) but
+    never into the time reserved for the parts after it: half of their planned seconds.
     """
 
     def __init__(self, limit_s: float, overrun: float = 4.0):
@@ -165,7 +172,7 @@ class Clock:
         if left < 5:
             raise CheckFailed(f"not started: {max(self.limit_s - self.elapsed(), 0):.0f} s left of the check's "
                               f"{self.limit_s:.0f} s limit")
-        return min(self.overrun * planned + 30, left)
+        return min(self.overrun * planned + START_ALLOWANCE, left)
 
 
 # --------------------------------------------------------------------------- subprocesses
@@ -191,6 +198,9 @@ def child_environment(device: str, extra: dict[str, str] | None = None) -> dict[
     env["DS_ACCELERATOR"] = device
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+        # One thread per rank: on a shared CPU, kernels whose threads wait for a busy core run many
+        # times slower (see benchmarks/README.md, "Threads"), which would swamp a check sized in seconds.
+        env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env
 
@@ -264,6 +274,11 @@ class RunConfig:
     """model.bert.pretrained, when the model is BERT."""
     error: str = ""
     """Why the config does not load ('' when it does)."""
+
+    @property
+    def predicts(self) -> bool:
+        """Whether its runs predict expression (every task but masked-LM pretraining)."""
+        return bool(self.task) and self.task != "mlm"
 
     @property
     def run_name(self) -> str:
@@ -379,7 +394,7 @@ class GPUCheck:
         if gsam:
             parts.append(("gsam", s["gsam"]))
         if not self.skipped("predict"):
-            parts += [(f"predict {c.name}", s["predict"]) for c in configs if c.task == "regression"]
+            parts += [(f"predict {c.name}", s["predict"]) for c in configs if c.predicts]
         if not self.skipped("shards"):
             parts.append(("shards", s["shards"]))
         return parts
@@ -410,7 +425,7 @@ class GPUCheck:
         self.print_budget(parts)
 
         self.reserve_after(parts, "environment")
-        environment = self.attempt("environment", self.plan.seconds["environment"], self.check_environment)
+        self.attempt("environment", self.plan.seconds["environment"], self.check_environment)
         self.reserve_after(parts, "data")
         data = self.attempt("synthetic data", self.plan.seconds["data"], self.make_data)
         # A package module that fails to import fails the environment row, but training may not need it.
@@ -437,13 +452,13 @@ class GPUCheck:
                              lambda: self.check_gsam(gsam_config))
         if not self.skipped("predict"):
             for config in configs:
-                if config.task != "regression":
+                if not config.predicts:
                     continue
                 self.reserve_after(parts, f"predict {config.name}")
                 if config.name not in self.trained:
                     self.fail(f"predict {config.name}", "not run: its training failed", self.plan.seconds["predict"])
                     continue
-                self.attempt(f"predict {config.name}", self.plan.seconds["predict"], lambda: self.predict(config))
+                self.attempt(f"predict {config.name}", self.plan.seconds["predict"], lambda config=config: self.predict(config))
         if not self.skipped("shards"):
             self.reserve_after(parts, "shards")
             self.attempt(f"shard build ({self.plan.build_rows:,} rows)", self.plan.seconds["shards"],
@@ -501,9 +516,10 @@ class GPUCheck:
 
     def overrides(self, run_dir: Path, steps: int) -> list[str]:
         """What every training launch of the check sets on top of a config."""
+        batch = [f"data.batch_size={self.plan.batch_size}"] if self.plan.batch_size else []
         return [f"data.shards={self.shards}", "data.glove=", f"run.out_dir={run_dir}", "run.epochs=1000",
                 f"run.max_steps={steps}", "run.eval_every=0", "run.checkpoint_every=0", "run.plots=false",
-                "engine.tensorboard=false", "engine.csv=false"]
+                "engine.tensorboard=false", "engine.csv=false", *batch]
 
     def launch(self, config: RunConfig, overrides: list[str], label: str, planned: float) -> str:
         """``deepspeed --num_gpus 1`` on the config; returns its output; the peak memory lands in memory/."""
@@ -593,7 +609,8 @@ class GPUCheck:
         figures: dict[str, Any] = {"samples_per_s": samples, "windows": len(steady), "peak_memory_bytes": peak,
                                    "peak_memory_measure": peaks[0]["measure"], "parameters": parameters,
                                    "steps": 2 * k, "precision": self.precision}
-        summary = (f"{samples:,.0f} samples/s (median of {len(steady)} windows of {every} steps); "
+        summary = (f"{samples:,.0f} samples/s (median of {len(steady)} windows of {every} "
+                   f"step{'s' if every > 1 else ''}); "
                    f"peak {peak / 2**30:.2f} GiB ({'GPU' if self.device == 'cuda' else 'RSS'}); "
                    f"{parameters:,} params")
         if config.model == "bert":
@@ -669,8 +686,8 @@ class GPUCheck:
         rows, rate = int(match.group(1)), float(match.group(2).replace(",", ""))
         if rows != self.plan.test_rows:
             raise CheckFailed(f"{rows} predictions for {self.plan.test_rows} test rows")
-        return (f"{rows:,} rows: {rate:,.0f} rows/s predicting, {rows / seconds:,.0f} rows/s with start-up "
-                f"({seconds:.1f} s)", {"rows": rows, "rows_per_s": rate, "rows_per_s_all_in": rows / seconds})
+        return ((f"{rows:,} rows: {rate:,.0f} rows/s predicting, {rows / seconds:,.0f} rows/s with start-up "
+                 f"({seconds:.1f} s)"), {"rows": rows, "rows_per_s": rate, "rows_per_s_all_in": rows / seconds})
 
     def shard_build(self) -> tuple[str, dict[str, Any]]:
         """Synthesise and build ``build_rows`` rows with every core; rows/s of each. The files are removed after."""
@@ -699,8 +716,8 @@ class GPUCheck:
         figures = {"rows": self.plan.build_rows, "workers": workers, "build_rows_per_s": rate,
                    "bytes_per_row": per_row, "build_seconds": float(match.group(1)), "command_seconds": seconds,
                    "synth_rows_per_s": float(synth_rate.group(1).replace(",", "")) if synth_rate else None}
-        return (f"{workers} workers: build {rate:,.0f} rows/s ({float(match.group(1)):.1f} s, {per_row:.1f} B/row; "
-                f"{seconds:.1f} s with start-up); synth {figures['synth_rows_per_s'] or 0:,.0f} rows/s", figures)
+        return ((f"{workers} workers: build {rate:,.0f} rows/s ({float(match.group(1)):.1f} s, {per_row:.1f} B/row; "
+                 f"{seconds:.1f} s with start-up); synth {figures['synth_rows_per_s'] or 0:,.0f} rows/s"), figures)
 
     # -- output ---------------------------------------------------------------------------
 
@@ -867,6 +884,7 @@ def prepare_work(work: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; ``--skip`` becomes a set of part names."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -884,7 +902,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.skip = {part.strip() for part in args.skip.split(",") if part.strip()}
     unknown = args.skip - {"gsam", "predict", "shards"}
     if unknown:
-        parser.error(f"--skip: unknown part {sorted(unknown)[0]!r} (gsam, predict, shards)")
+        parser.error(f"--skip: unknown part {min(unknown)!r} (gsam, predict, shards)")
     return args
 
 

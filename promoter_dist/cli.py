@@ -355,13 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = add("demo", cmd_demo,
-            "run synthetic data -> shards -> verify -> GloVe -> NAD training and BERT pretraining/fine-tuning end to end")
+            "run synthetic data -> shards -> verify -> GloVe -> NAD, LegNet and BERT pretraining/fine-tuning end to end")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--rows", type=int, default=100_000, help="synthetic training rows (default: 100000)")
     p.add_argument("--procs", type=int, default=2,
                    help="DeepSpeed processes for training (CPU: gloo ranks; GPU: GPUs); 0 skips training (default: 2)")
-    p.add_argument("--models", default="nad,bert",
-                   help="models to train, comma-separated: nad, bert (pretraining then fine-tuning) (default: nad,bert)")
+    p.add_argument("--models", default="nad,legnet,bert",
+                   help="models to train, comma-separated: nad, legnet, bert (pretraining then fine-tuning) "
+                        "(default: nad,legnet,bert)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every training run, e.g. run.epochs=2")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--glove-iterations", type=int, default=50, help="GloVe passes (default: 50)")

@@ -115,7 +115,12 @@ class DataConfig:
     kmer_all_frames: bool = False
     """BERT: tokenize every row in all three reading frames (input_ids (B, 3, T)); regression averages the model's outputs over them, as SYSU-SAIL's model code averaged three token sequences; the masked LM trains on all three. Three times the compute per row; the Hugging Face export holds the model and the data.kmer_frame tokenizer (average over the three frames' outputs yourself)."""
 
+    onehot_window: int = 150
+    """LegNet and Prix Fixe models: input window (bp), the row without its 5' adapter after vector sequence, its last this many bases (published: 150)."""
+
     def __post_init__(self) -> None:
+        if not 1 <= self.onehot_window <= 150:
+            raise ConfigError(f"data.onehot_window must be in [1, 150] (the vector flank is 150 bp), not {self.onehot_window}")
         for key in ("batch_size", "shuffle_buffer"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1, not {getattr(self, key)}")
@@ -245,7 +250,7 @@ class ScheduleConfig:
     final_factor: float = 0.01
     """Learning rate at the end of the decay, as a fraction of optim.lr (NAD: 0.01); with 'plateau', the rate at which a GSAM rho schedule reaches rho_min."""
     per_epoch: bool = True
-    """Change the rate once per epoch as NAD did (False: every optimizer step)."""
+    """Change the rate once per epoch as NAD did (False: every optimizer step; one_cycle always moves every step)."""
     plateau_metric: str = "loss"
     """Validation metric watched by 'plateau': 'loss' (lower is better) or e.g. 'pearson' (higher is better)."""
     plateau_factor: float = 0.5
@@ -382,7 +387,7 @@ class TrainConfig:
             batch_size=data.batch_size if training else (data.eval_batch_size or data.batch_size),
             shuffle=training, shuffle_buffer=data.shuffle_buffer, drop_last=training,
             seed=self.run.seed, num_workers=data.num_workers if training else 0, kmer_frame=data.kmer_frame,
-            kmer_all_frames=data.kmer_all_frames,
+            kmer_all_frames=data.kmer_all_frames, onehot_window=data.onehot_window,
         )
 
 

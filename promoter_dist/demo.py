@@ -29,7 +29,7 @@ from .metrics import pearson
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 """The run configurations of a source checkout; the demo trains their debug sizes."""
-MODELS = ("nad", "bert")
+MODELS = ("nad", "legnet", "bert")
 """Models the demo can train."""
 DATA_STAGES = 4
 """Stages before training: data, shards, verify, GloVe."""
@@ -72,7 +72,7 @@ class TrainingRun:
 
 
 def run_demo(options: DemoOptions) -> int:
-    """Synthetic data -> shards -> verify -> GloVe -> NAD and BERT training, with the figures a user checks.
+    """Synthetic data -> shards -> verify -> GloVe -> NAD, LegNet and BERT training, with the figures a user checks.
 
     Returns the exit status: 1 when the shards fail verification, else 0. A failed training run
     raises :class:`UserError`.
@@ -136,7 +136,7 @@ def make_glove(shard_dir: Path, options: DemoOptions) -> Path:
 
 
 def plan_training(options: DemoOptions, shard_dir: Path, vectors: Path) -> list[TrainingRun]:
-    """The training runs of the chosen models, in launch order (BERT pretraining before fine-tuning)."""
+    """The training runs of the chosen models, in launch order: NAD, LegNet, BERT pretraining, BERT fine-tuning."""
     unknown = sorted(set(options.models) - set(MODELS))
     if unknown:
         raise UserError(f"--models: unknown model {unknown[0]!r} (choose from {', '.join(MODELS)})")
@@ -146,6 +146,9 @@ def plan_training(options: DemoOptions, shard_dir: Path, vectors: Path) -> list[
     if "nad" in options.models:
         runs.append(TrainingRun("NAD (GloVe + CNN/FPN + transformers)", REPO_CONFIGS / "nad" / "debug.yaml",
                                 (*data, f"data.glove={vectors}"), runs_dir / "nad"))
+    if "legnet" in options.models:
+        runs.append(TrainingRun("LegNet (one-hot CNN, 18 expression bins)", REPO_CONFIGS / "legnet" / "debug.yaml",
+                                data, runs_dir / "legnet"))
     if "bert" in options.models:
         pretrain = runs_dir / "bert-pretrain"
         runs.append(TrainingRun("BERT masked-LM pretraining", REPO_CONFIGS / "bert" / "pretrain_debug.yaml",

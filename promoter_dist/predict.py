@@ -26,6 +26,12 @@ Rows a model cannot take
     The BERT models take any length whose tokens fit ``model.bert.max_tokens``; a longer
     row is an error naming its line (nothing is truncated silently). ``pad`` does not
     apply to them.
+    The bin models (LegNet, Prix Fixe) read the window of every row, as in training
+    (``data.onehot``: vector sequence + the row without its 5' adapter, the last
+    ``data.onehot_window`` bp, 150 as published),
+    with N as 0.25 in each base channel and the singleton channel 0; with
+    ``task.reverse_complement`` the prediction is the mean over both orientations of the
+    row. Every row fits; ``pad`` does not apply to them.
 
 Memory
     The file is read in chunks of whole lines and each chunk is encoded only when its
@@ -122,7 +128,7 @@ def load_model(checkpoint: str | os.PathLike, which: str = "best", device: str |
 
     ``checkpoint`` is a run folder (its run.out_dir) or a file written by ``promoter-dist export``
     (safetensors with the run's config). The model holds fp32 weights (loaded strictly), is in eval
-    mode and sits on ``device``. Only regression runs predict expression; an MLM run is refused.
+    mode and sits on ``device``. Regression and soft-classification runs predict expression; an MLM run is refused.
     Checkpoint files are read weights-only unless ``trust_pickle``.
     """
     from .checkpointing import checkpoint_tag, fp32_state_dict, is_export, read_export
@@ -159,7 +165,7 @@ def load_model(checkpoint: str | os.PathLike, which: str = "best", device: str |
 
 
 def _check_regression(config: Any, origin: str) -> None:
-    if config.task.name != "regression":
+    if config.task.name == "mlm":
         raise UserError(f"{origin}: a {config.task.name} run (task.name={config.task.name}) predicts no expression; "
                         f"use a regression run (e.g. a fine-tuned one)")
 
@@ -217,6 +223,7 @@ class RowEncoder:
         self.path = path
         self.pad = pad
         self.nad = config.model.name == "nad"
+        self.onehot = config.tokens == "onehot"
 
     def check(self, codes: np.ndarray, lengths: np.ndarray, has_n: np.ndarray, lines: np.ndarray) -> None:
         """Raise InputError at the first row this model cannot take (see the module docstring)."""
@@ -235,6 +242,8 @@ class RowEncoder:
                                             f"{NOMINAL_LENGTH} bp ({int(off.sum())} such rows in this part of the "
                                             f"file); --pad fits rows to {NOMINAL_LENGTH} bp with vector sequence",
                                  line=int(lines[at]), field="sequence")
+            return
+        if self.onehot:  # every row has a window: vector sequence fills what it lacks
             return
         from .data.kmer_tokenizer import kmer_count
 
@@ -255,6 +264,10 @@ class RowEncoder:
 
             codes = fit_nominal(batch.codes, batch.lengths) if self.pad else batch.codes
             return {"words": torch.from_numpy(words_from_codes(codes).astype(np.int64))}
+        if self.onehot:
+            from .data.onehot import window_codes
+
+            return {"window": torch.from_numpy(window_codes(batch.codes, batch.lengths, self.config.data.onehot_window))}
         from .data.kmer_tokenizer import encode_for_model
 
         data = self.config.data  # all frames: the regression task averages over the three

@@ -179,12 +179,12 @@ CHOICES = [
     ("run", "resume", "sometimes", ["auto", "never"]),
     ("data", "view", "short", ["", "all", "nad", "top"]),
     ("data", "kmer_frame", 3, [0, 1, 2]),
-    ("model", "name", "cnn", ["nad", "bert"]),
-    ("task", "name", "ranking", ["regression", "mlm"]),
+    ("model", "name", "cnn", ["nad", "bert", "legnet", "dream_rnn"]),
+    ("task", "name", "ranking", ["regression", "mlm", "soft_classification"]),
     ("task", "loss", "l1", ["smooth_l1", "mse"]),
     ("task", "label_map", "log", ["nad", "none"]),
-    ("optim", "name", "sgd", ["adamw", "adam"]),
-    ("schedule", "name", "step", ["linear", "cosine", "constant", "plateau"]),
+    ("optim", "name", "sgd", ["adamw", "adam", "lion"]),
+    ("schedule", "name", "step", ["linear", "cosine", "constant", "plateau", "one_cycle"]),
     ("engine", "zero_stage", 4, [0, 1, 2, 3]),
     ("engine", "precision", "fp8", ["fp32", "bf16", "fp16"]),
     ("engine", "nonfinite", "ignore", ["stop", "skip"]),
@@ -231,6 +231,10 @@ def test_every_allowed_choice_loads():
                 overrides.append("model.name=bert")  # NAD reads only its own view, fp32 or bf16
             if (section, name, choice) == ("engine", "offload_optimizer", "cpu"):
                 overrides.append("engine.zero_stage=1")
+            if (section, name, choice) in {("model", "name", "legnet"), ("model", "name", "dream_rnn")}:
+                overrides.append("task.name=soft_classification")  # the bin models' objective, and theirs only
+            if (section, name, choice) == ("task", "name", "soft_classification"):
+                overrides.append("model.name=legnet")
             assert getattr(getattr(load_config(overrides=overrides), section), name) == choice
 
 
@@ -447,7 +451,7 @@ def test_the_loaders_view_type_is_the_shards_views():
 
 @pytest.mark.parametrize("settings, key, bad, choices", [
     ({"view": "short"}, "loader.view", "short", ["all", "nad", "top"]),
-    ({"tokens": "chars"}, "loader.tokens", "chars", ["nad", "kmer", "bases"]),
+    ({"tokens": "chars"}, "loader.tokens", "chars", ["nad", "kmer", "bases", "onehot"]),
     ({"tokens": "kmer", "kmer_frame": 3}, "loader.kmer_frame", 3, [0, 1, 2]),
     ({"tokens": "kmer", "kmer_frame": True}, "loader.kmer_frame", True, [0, 1, 2]),
 ])

@@ -64,19 +64,20 @@ def test_data_stages_print_each_stage_and_stop_without_training(tmp_path, capsys
     assert (tmp_path / "demo" / "test.txt").is_file() and (tmp_path / "demo" / "glove" / "vectors.w2v.txt").is_file()
 
 
-def test_plan_trains_nad_then_bert_pretraining_then_fine_tuning(tmp_path):
+def test_plan_trains_nad_legnet_then_bert_pretraining_then_fine_tuning(tmp_path):
     shards, vectors = tmp_path / "shards", tmp_path / "glove" / "vectors.w2v.txt"
-    runs = plan_training(options(tmp_path), shards, vectors)
-    assert [run.run_dir.name for run in runs] == ["nad", "bert-pretrain", "bert-finetune"]
+    runs = plan_training(options(tmp_path, models=("nad", "legnet", "bert")), shards, vectors)
+    assert [run.run_dir.name for run in runs] == ["nad", "legnet", "bert-pretrain", "bert-finetune"]
     assert all(run.config.is_file() and run.config.is_relative_to(REPO_CONFIGS) for run in runs)
     assert runs[0].overrides == (f"data.shards={shards}", f"data.glove={vectors}")
-    assert runs[2].overrides == (f"data.shards={shards}", f"model.bert.pretrained={runs[1].run_dir / 'export'}")
+    assert runs[1].overrides == (f"data.shards={shards}",) and runs[1].config == REPO_CONFIGS / "legnet" / "debug.yaml"
+    assert runs[3].overrides == (f"data.shards={shards}", f"model.bert.pretrained={runs[2].run_dir / 'export'}")
     assert [run.run_dir.name for run in plan_training(options(tmp_path, models=("bert",)), shards, vectors)] == [
         "bert-pretrain", "bert-finetune"]
 
 
 def test_plan_names_an_unknown_model(tmp_path):
-    with pytest.raises(UserError, match=r"--models: unknown model 'gpt' \(choose from nad, bert\)"):
+    with pytest.raises(UserError, match=r"--models: unknown model 'gpt' \(choose from nad, legnet, bert\)"):
         plan_training(options(tmp_path, models=("nad", "gpt")), tmp_path, tmp_path)
 
 

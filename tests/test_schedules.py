@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from promoter_dist.schedules import Plateau, lr_at
+from promoter_dist.schedules import Plateau, lr_at, one_cycle_lr, one_cycle_momentum
 
 LR = 2e-4
 SPE = 10  # steps per epoch
@@ -172,3 +173,66 @@ def test_plateau_state_dict_round_trip_continues_identically():
     fresh = Plateau()
     fresh.load_state_dict(Plateau().state_dict())
     assert fresh.best is None and fresh.scale == 1.0 and not math.isnan(fresh.scale)
+
+
+# --------------------------------------------------------------------------- one cycle (LegNet)
+
+
+def torch_one_cycle(total: int, max_lr: float, pct_start: float, div_factor: float,
+                    final_div_factor: float = 1e4) -> tuple[list[float], list[float]]:
+    """(rates, beta1s) of every step of torch's OneCycleLR on AdamW, as the team's train.py built it."""
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=max_lr / div_factor, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=pct_start,
+                                                    div_factor=div_factor, final_div_factor=final_div_factor)
+    rates, betas = [], []
+    for step in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        betas.append(optimizer.param_groups[0]["betas"][0])
+        optimizer.step()
+        if step < total - 1:
+            scheduler.step()
+    return rates, betas
+
+
+@pytest.mark.parametrize("total, pct_start, div_factor, final_div", [
+    (1000, 0.3, 25.0, 1e4),  # LegNet's shape (its run: 80,000 steps)
+    (37, 0.3, 25.0, 1e4),  # phase boundary between steps
+    (10, 0.25, 10.0, 100.0),
+])
+def test_one_cycle_matches_torch_one_cycle_lr_step_by_step(total, pct_start, div_factor, final_div):
+    expected_rates, expected_betas = torch_one_cycle(total, 0.005, pct_start, div_factor, final_div)
+    rates = [one_cycle_lr(s, max_lr=0.005, total_steps=total, pct_start=pct_start, div_factor=div_factor,
+                          final_div_factor=final_div) for s in range(total)]
+    betas = [one_cycle_momentum(s, total_steps=total, pct_start=pct_start) for s in range(total)]
+    assert rates == pytest.approx(expected_rates, rel=1e-9, abs=1e-15)
+    assert betas == pytest.approx(expected_betas, rel=1e-12)
+    # through lr_at, as the trainer calls it: decay_steps, or decay_epochs x steps per epoch
+    via = [lr_at(s, base_lr=0.005, steps_per_epoch=7, name="one_cycle", decay_steps=total,
+                            pct_start=pct_start, div_factor=div_factor, final_div_factor=final_div)
+                      for s in range(0, total, max(total // 97, 1))]
+    assert via == pytest.approx(expected_rates[:: max(total // 97, 1)], rel=1e-9, abs=1e-15)
+    assert via[0] == pytest.approx(0.005 / div_factor)
+
+
+def test_one_cycle_shape_and_end():
+    total = 80_000
+    rates = [one_cycle_lr(s, max_lr=0.005, total_steps=total) for s in range(total)]
+    peak = int(np.argmax(rates))
+    assert peak == 23_999 and rates[peak] == pytest.approx(0.005)  # pct_start 0.3: the peak at step 0.3 x 80,000 - 1
+    assert rates[0] == pytest.approx(0.0002) and rates[-1] == pytest.approx(0.0002 / 1e4)
+    assert all(b >= a for a, b in zip(rates[:peak], rates[1:peak + 1]))
+    assert all(b <= a for a, b in zip(rates[peak:], rates[peak + 1:]))
+    # past the end the rate and beta1 stay where the cycle ended (torch raises instead)
+    assert one_cycle_lr(total + 5, max_lr=0.005, total_steps=total) == rates[-1]
+    assert one_cycle_momentum(peak, total_steps=total) == pytest.approx(0.85)
+    assert one_cycle_momentum(total * 2, total_steps=total) == pytest.approx(0.95)
+    epochs = [lr_at(s, base_lr=0.005, steps_per_epoch=1000, name="one_cycle", decay_epochs=80) for s in (0, 23_999)]
+    assert epochs == pytest.approx([rates[0], rates[23_999]])  # 80 epochs of 1,000 steps = decay_steps 80,000
+
+
+def test_decay_steps_replace_decay_epochs_for_linear_and_cosine():
+    for name in ("linear", "cosine"):
+        by_steps = rates(40, name=name, decay_steps=20, decay_epochs=99, final_factor=0.1, per_epoch=False)
+        by_epochs = rates(40, name=name, decay_epochs=2, final_factor=0.1, per_epoch=False)
+        assert by_steps == pytest.approx(by_epochs, rel=1e-12)

@@ -104,6 +104,8 @@ class LoaderConfig:
     """Reading frame of the 3-mer tokens."""
     kmer_all_frames: bool = False
     """3-mer tokens in all three frames: input_ids and attention_mask (B, 3, T) instead of (B, T)."""
+    onehot_window: int = 150
+    """Length (bp) of the 'onehot' windows: vector sequence + the row without its 5' adapter, the last this many."""
 
     def __post_init__(self) -> None:
         # Built in code, not through the config coercer: the choices are checked here, from the types.
@@ -337,7 +339,7 @@ def batch_rows(batch_size: int, quota: int, skip: int, partial_last: bool):
     return stage
 
 
-def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False):
+def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False, onehot_window: int = 150):
     """Stage: row arrays -> torch tensors for the model (None passes through: skipped batch)."""
 
     def stage(batches: Iterable[dict[str, np.ndarray] | None]) -> Iterator[dict[str, torch.Tensor] | None]:
@@ -356,7 +358,7 @@ def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False)
                 out["lengths"] = torch.from_numpy(rows["len"])  # where the row's own tokens are
             elif tokens == "onehot":
                 # Window codes and the singleton flag; data.onehot.one_hot expands them on the model's device.
-                out["window"] = torch.from_numpy(window_codes(rows["codes"], rows["len"]))
+                out["window"] = torch.from_numpy(window_codes(rows["codes"], rows["len"], onehot_window))
                 out["singleton"] = torch.from_numpy((rows["flags"] & FLAG_INTEGER).astype(np.uint8))
             else:
                 width = int(rows["len"].max(initial=0))
@@ -408,7 +410,7 @@ class _RankStream(IterableDataset):
             select_view(cfg.view, self.width, self.verify),
             shuffle_rows(cfg.shuffle_buffer, rng),
             batch_rows(cfg.batch_size, quota, skip, partial_last=not cfg.drop_last),
-            to_model_inputs(cfg.tokens, cfg.kmer_frame, cfg.kmer_all_frames),
+            to_model_inputs(cfg.tokens, cfg.kmer_frame, cfg.kmer_all_frames, cfg.onehot_window),
         )
         return iter(pipeline)
 

@@ -36,6 +36,7 @@ WINDOW = 150
 CHANNELS = 6
 """A, C, G, T, is-reverse, is-singleton."""
 REVERSE_CHANNEL, SINGLETON_CHANNEL = 4, 5
+"""Channels of the is-reverse and is-singleton flags (every position holds the row's flag)."""
 UPSTREAM_CODES = encode(UPSTREAM_150)
 """Base codes of the vector's 150 bp upstream of the insert (ending with the 5' adapter)."""
 COMPLEMENT = np.array([3, 2, 1, 0, N, PAD], dtype=np.uint8)
@@ -92,9 +93,9 @@ def one_hot(windows: torch.Tensor, singleton: torch.Tensor | None, reverse: bool
     table = torch.tensor(BASE_ROWS, device=windows.device)
     bases = table[windows.long()].transpose(1, 2)  # (B, 4, L)
     rows, _, length = bases.shape
-    flags = torch.zeros(rows, 2, length, dtype=bases.dtype, device=bases.device)
+    x = torch.cat([bases, bases.new_zeros(rows, CHANNELS - 4, length)], dim=1)
     if reverse:
-        flags[:, 0] = 1.0
+        x[:, REVERSE_CHANNEL] = 1.0
     if singleton is not None:
-        flags[:, 1] = singleton.to(device=bases.device, dtype=bases.dtype).reshape(rows, 1)
-    return torch.cat([bases, flags], dim=1)
+        x[:, SINGLETON_CHANNEL] = singleton.to(device=bases.device, dtype=bases.dtype).reshape(rows, 1)
+    return x

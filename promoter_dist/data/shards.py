@@ -55,6 +55,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import reprlib
 import stat
 import tarfile
 import time
@@ -181,8 +182,8 @@ def block_checksum(data: bytes | memoryview) -> str:
 
 
 def _show(value: object, limit: int = 60) -> str:
-    """A value from a file, for a one-line message: its repr (no raw newlines), cut to ``limit`` characters."""
-    text = repr(value)
+    """A value from a file, for a one-line message: its abbreviated repr (no raw newlines), at most ``limit`` long."""
+    text = reprlib.repr(value)  # abbreviates long containers and strings without building their whole repr
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -504,10 +505,15 @@ def _previous_manifest(path: Path) -> dict | None:
 
 
 def _check_ours(out: Path, previous: dict | None, state: dict) -> None:
-    """UserError unless ``out`` is a shard folder of this tool (its manifest or build log) or holds nothing else."""
+    """UserError unless ``out`` is a shard folder of this tool (its manifest or build log) or holds no files.
+
+    Files are what a build could overwrite or remove; subfolders (``submit shards`` keeps its
+    job files in ``slurm/`` inside the shard folder) are never touched, so they do not count.
+    """
     if previous is not None or state["fingerprint"] is not None:
         return
-    foreign = sorted(p.name for p in out.iterdir() if not _TEMPORARY.fullmatch(p.name))
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not _TEMPORARY.fullmatch(p.name) and (p.is_symlink() or not p.is_dir()))
     if foreign:
         raise UserError(
             f"{out}: holds files ({_show(foreign[0])}{' ...' if len(foreign) > 1 else ''}) but no {MANIFEST} or "
@@ -527,7 +533,7 @@ def _listed_shards(out: Path, previous: dict | None, state: dict) -> list[str]:
     names = {entry["file"] for entry in state["shards"].values()}
     if previous is not None:
         names |= {shard["file"] for info in previous["splits"].values() for shard in info["shards"]}
-    return sorted(name for name in names if os.path.lexists(out / name))
+    return sorted(name for name in names if (out / name).is_symlink() or (out / name).is_file())
 
 
 def build_shards(
@@ -947,7 +953,7 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool)
     if not len(lengths) == len(y) == len(flags) == len(block["line"]) == entry.rows:
         return (f"row counts differ: len {len(lengths)}, y {len(y)}, line {len(block['line'])}, flags {len(flags)}; "
                 f"the manifest says {entry.rows}")
-    total = int(lengths.sum(dtype=np.int64))
+    total = int(lengths.sum())  # accumulates in uint64
     if total != len(seq):
         return f"row lengths sum to {total} bases but seq holds {len(seq)}"
     longest = int(lengths.max(initial=0))
@@ -979,11 +985,12 @@ def check_nad_rows(codes: np.ndarray, lengths: np.ndarray) -> str | None:
     NAD's words are read from exactly 110 bases of A C G T: a shorter row (padded), a
     longer one or an N would make word ids outside the vocabulary.
     """
+    # Two reductions on the hot path: a short row shows as PAD in its codes, a long one in its length.
+    if codes.max(initial=0) <= T and lengths.max(initial=0) <= NOMINAL_LENGTH:
+        return None
     if (lengths != NOMINAL_LENGTH).any():
         return f"a row flagged NAD-eligible is {int(lengths[lengths != NOMINAL_LENGTH][0])} bp, not {NOMINAL_LENGTH}"
-    if codes.max(initial=0) > T:
-        return "a row flagged NAD-eligible holds an N"
-    return None
+    return "a row flagged NAD-eligible holds an N"
 
 
 def _read_range(path: str | os.PathLike, offset: int, nbytes: int) -> bytes:

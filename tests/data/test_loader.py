@@ -152,6 +152,15 @@ def test_evaluation_mode_sees_every_row_once(small_shards: Path) -> None:
     assert sorted(lines.tolist()) == sorted(set(lines.tolist())) and len(lines) == manifest["splits"]["val"]["rows"]
 
 
+@pytest.mark.parametrize("config", [NAD, LoaderConfig(tokens="kmer", batch_size=64, chunk_blocks=3)])
+def test_block_checks_change_no_batch(small_shards: Path, config: LoaderConfig) -> None:
+    checked = list(ShardLoader(small_shards, config, rank=0, world_size=1))
+    unchecked = list(ShardLoader(small_shards, config, rank=0, world_size=1, verify=False))
+    assert len(checked) == len(unchecked) > 0
+    for a, b in zip(checked, unchecked):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_plan_balances_rows_over_ranks(small_shards: Path) -> None:
     manifest = load_manifest(small_shards)
     plan = plan_epoch(manifest, str(small_shards), NAD, epoch=0, world_size=3)

@@ -55,8 +55,7 @@ def _source_rows(path: Path) -> dict[int, tuple[str, float]]:
 def _all_blocks(shard_dir: Path, split: str):
     manifest = load_manifest(shard_dir)
     for shard in manifest["splits"][split]["shards"]:
-        for number, block in enumerate(shard_blocks(shard, shard_dir / MANIFEST)):
-            yield from read_block_range(shard_dir / shard["file"], [block], number)
+        yield from read_block_range(shard_dir / shard["file"], shard_blocks(shard, shard_dir / MANIFEST))
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:

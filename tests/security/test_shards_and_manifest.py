@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -212,8 +213,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_line_naming_the_field(work: Path, 
     for command in (["shards", "info", str(work)], ["shards", "verify", str(work)]):
         assert main(command) == 2
         one_error_line(capsys, f"{manifest_path}: {problem}")
-    with pytest.raises(UserError, match="^" + f"{manifest_path}: {problem}".replace("(", r"\(").replace("[", r"\[")
-                       .replace(".", r"\.")):
+    with pytest.raises(UserError, match="^" + re.escape(f"{manifest_path}: {problem}")):
         ShardLoader(work, ALL_ROWS, rank=0, world_size=1)
 
 
@@ -280,6 +280,14 @@ def test_a_folder_that_is_not_ours_is_refused_before_anything_is_removed(tmp_pat
     assert main(command + (["--overwrite"] if overwrite else [])) == 2
     one_error_line(capsys, f"{out}: holds files", "but no manifest.json or build-state.jsonl")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_a_folder_holding_only_subfolders_is_built_into_and_they_are_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    (out / "slurm" / "1234").mkdir(parents=True)  # where ``submit shards`` keeps its job files
+    (out / "slurm" / "1234" / "log.out").write_text("job log\n")
+    assert main(["shards", "build", str(DEMO_TRAIN), "--out", str(out), "--no-progress", *SMALL]) == 0
+    assert (out / "slurm" / "1234" / "log.out").read_text() == "job log\n" and load_manifest(out)["rows"] == 6370
 
 
 def test_a_foreign_manifest_is_not_taken_for_ours(tmp_path: Path, capsys) -> None:
