@@ -198,3 +198,28 @@ def test_resume_on_two_ranks_ends_every_rank_with_the_reason(trained, one_block_
                if f"error: rank {rank}:" in line and victim in line and why in line]
     assert len(reasons) == 2, output[-4000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == tag_dir.name  # nothing was saved
+
+
+# --------------------------------------------------------------------------- a corrupt block on one rank
+
+
+def test_a_corrupt_block_read_by_one_rank_ends_both_ranks_with_its_name(one_block_val_shards, tmp_path):
+    """A flipped byte in one training block: the rank that reads it finds the checksum mismatch, and
+    both ranks stop promptly with the same line naming that rank, the shard and the block."""
+    import json
+
+    shards = tmp_path / "shards"
+    shutil.copytree(one_block_val_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][0]
+    offset, nbytes = shard["blocks"][1][0], shard["blocks"][1][1]
+    with open(shards / shard["file"], "r+b") as handle:
+        handle.seek(offset + nbytes // 2)
+        byte = handle.read(1)
+        handle.seek(offset + nbytes // 2)
+        handle.write(bytes([byte[0] ^ 0x40]))
+    status, output, seconds = launch(tiny_args(shards, tmp_path / "run"), timeout=FAIL_WITHIN_S + 60)
+    assert status != 0 and seconds < FAIL_WITHIN_S, (seconds, output[-3000:])
+    reasons = [line for line in output.splitlines() if "error: rank " in line and shard["file"] in line]
+    assert len(reasons) == 2 and reasons[0] == reasons[1], output[-4000:]
+    assert "block 1" in reasons[0], reasons[0]
