@@ -10,7 +10,6 @@ look at the dtype of the activations inside the model.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import pytest
@@ -19,29 +18,6 @@ import torch
 from promoter_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    import deepspeed.comm as ds_comm
-
-    from promoter_dist import distributed as dist
-    from promoter_dist.launch.environment import from_launcher
-
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    for key in LAUNCHER_KEYS:
-        os.environ.pop(key, None)
-    started = not dist.initialized()
-    try:
-        dist.init_distributed(from_launcher())
-        yield
-    finally:
-        if started and torch.distributed.is_initialized():
-            ds_comm.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
-        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
@@ -83,7 +59,7 @@ def activation_dtypes(engine, outer=contextlib.nullcontext) -> set[torch.dtype]:
 
 
 @pytest.mark.parametrize("stage", [0, 3])
-def test_bf16_compute_survives_the_engine_turning_autocast_off(process_group, stage):
+def test_bf16_compute_survives_the_engine_turning_autocast_off(lone_process_group, stage):
     engine = tiny_engine("bf16", stage)
     assert activation_dtypes(engine) == {torch.bfloat16}
     with gpu_like_outer_autocast():
@@ -91,7 +67,7 @@ def test_bf16_compute_survives_the_engine_turning_autocast_off(process_group, st
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())  # weights stay fp32
 
 
-def test_the_check_sees_the_gpu_path(process_group):
+def test_the_check_sees_the_gpu_path(lone_process_group):
     """Control: autocast around engine(...), as the trainer once did, computes in fp32 on that path."""
     engine = tiny_engine("fp32", 0)
 
@@ -104,5 +80,5 @@ def test_the_check_sees_the_gpu_path(process_group):
     assert activation_dtypes(engine, lambda: torch.autocast("cpu", dtype=torch.bfloat16)) == {torch.bfloat16}
 
 
-def test_fp32_stays_fp32(process_group):
+def test_fp32_stays_fp32(lone_process_group):
     assert activation_dtypes(tiny_engine("fp32", 2)) == {torch.float32}

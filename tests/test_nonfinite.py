@@ -9,9 +9,7 @@ NaN are never written into a checkpoint.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,36 +21,13 @@ from promoter_dist.errors import NonFiniteLossError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 NAN_STEP = 3
-LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
-def env():
-    """A single-process DeepSpeed group, as ``python train.py`` gets; the environment is restored after."""
-    import deepspeed.comm as ds_comm
-
-    from promoter_dist import distributed as dist
-    from promoter_dist.launch.environment import from_launcher
-
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    for key in LAUNCHER_KEYS:
-        os.environ.pop(key, None)
-    started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    try:
-        resolved = from_launcher()
-        assert (resolved.rank, resolved.world_size) == (0, 1)
-        dist.init_distributed(resolved)
-        yield resolved
-    finally:
-        if started and torch.distributed.is_initialized():
-            ds_comm.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
-        torch.set_num_threads(threads)  # init_distributed sizes the CPU thread pool per rank
-        logger = logging.getLogger("promoter_dist")
-        for handler in list(logger.handlers):
-            handler.close()
-            logger.removeHandler(handler)
+def env(lone_process_group):
+    """A single-process DeepSpeed group, as ``python train.py`` gets."""
+    assert (lone_process_group.rank, lone_process_group.world_size) == (0, 1)
+    return lone_process_group
 
 
 def tiny_config(shards: Path, out: Path, *extra: str):

@@ -4,7 +4,6 @@ The export with its tokenizer is tested in tests/tasks/test_bert_io.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from promoter_dist.config import load_config
 from promoter_dist.data.alphabet import NOMINAL_LENGTH
-from promoter_dist.data.dream import ReadOptions, read_dream
+from promoter_dist.data.dream import ReadOptions
 from promoter_dist.data.kmer_tokenizer import (
     PAD_ID,
     VOCAB_SIZE,
@@ -29,8 +28,8 @@ from promoter_dist.models.bert import (
     build_regression_model,
 )
 from promoter_dist.models.common import count_parameters
+from tests.bert_rows import first_rows, tokens
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "dream2022" / "samples" / "train_first1000.txt"
 #: Tokens of the longest row the DREAM reader accepts by default (300 bp): 192.
 READER_MAX_TOKENS = int(kmer_count(ReadOptions().max_length, 0)) + 2
 PUBLISHED_SIZE = 10.05e6  # SYSU-SAIL's report: "about 10.05M parameters"
@@ -43,17 +42,7 @@ TINY = dict(hidden=64, layers=2, heads=4, intermediate=128)
 @pytest.fixture(scope="module")
 def sample():
     """The first 32 real rows: their raw sequences and their codes."""
-    rows, _ = read_dream(SAMPLE, ReadOptions(workers=0))
-    text = SAMPLE.read_text().splitlines()
-    n = 32
-    sequences = [text[line - 1].split("\t")[0] for line in rows.lines[:n]]
-    return sequences, rows.codes[:n], rows.lengths[:n]
-
-
-def tokens(sample, frame: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    _, codes, lengths = sample
-    ids, mask = encode_codes(codes, lengths, frame=frame)
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+    return first_rows(32)
 
 
 def test_published_parameter_count():

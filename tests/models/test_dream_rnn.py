@@ -24,7 +24,7 @@ from promoter_dist.models.legnet import (
     soft_argmax,
 )
 
-from .test_legnet import encoded, soft_targets
+from .test_legnet import encoded, parameters_without_gradient, soft_targets
 
 DREAM_RNN_SIZE = 4_130_578  # the organisers' notebook (models.md, "Prix Fixe")
 DREAM_CNN_SIZE = 1_933_970
@@ -121,11 +121,7 @@ def test_gradients_reach_every_parameter(core: str) -> None:
     targets = soft_targets(torch.tensor([0.0, 4.0, 12.5, 17.0]))
     loss = F.kl_div(F.log_softmax(model(encoded(4, seed=6)), dim=-1), targets, reduction="batchmean")
     loss.backward()
-    missing = [
-        name for name, p in model.named_parameters()
-        if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0
-    ]
-    assert missing == []
+    assert parameters_without_gradient(model) == []
 
 
 @pytest.mark.parametrize("core", ["lstm", "legnet"])

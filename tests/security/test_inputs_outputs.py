@@ -23,6 +23,7 @@ from promoter_dist.config import read_yaml
 from promoter_dist.errors import ConfigError
 from promoter_dist.io import atomic_open, write_json_atomic
 from tests.conftest import DEMO_TRAIN, REPO, TEST_LABELLED
+from tests.security.messages import one_error_line
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -30,17 +31,6 @@ PUBLIC = REPO / "data" / "dream2022" / "public_leaderboard"
 TEST_SUBSETS = REPO / "data" / "dream2022" / "test_subsets"
 SUBMISSION = PUBLIC / "sample_submission.json"
 KIND_OF = {"char_device": "a character device", "fifo": "a FIFO (named pipe)", "socket": "a socket"}
-
-
-def one_error_line(capsys, *expected: str) -> str:
-    """The command's stderr: one line, ``promoter-dist: error: ``, holding each expected text; no traceback."""
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("promoter-dist: error: "), err
-    assert "Traceback" not in err
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(params=["char_device", "fifo"])

@@ -27,6 +27,7 @@ from promoter_dist.data.loader import LoaderConfig, ShardLoader
 from promoter_dist.data.shards import MANIFEST, encode_shard, load_manifest, read_block_range, shard_blocks
 from promoter_dist.errors import UserError
 from tests.conftest import DEMO_TRAIN
+from tests.security.messages import one_error_line
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,17 +55,6 @@ def target(work: Path) -> tuple[Path, int]:
     """The damaged block's shard file and byte offset."""
     shard = load_manifest(work)["splits"]["train"]["shards"][SHARD]
     return work / shard["file"], shard["blocks"][BLOCK][0]
-
-
-def one_error_line(capsys, *expected: str) -> str:
-    """The command's stderr: one line, ``promoter-dist: error: ``, holding each expected text; no traceback."""
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("promoter-dist: error: "), err
-    assert "Traceback" not in err
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
 
 
 def loader_error(work: Path, config: LoaderConfig = ALL_ROWS) -> str:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import os
 import pickle
 from pathlib import Path
 
@@ -37,7 +35,6 @@ pytestmark = pytest.mark.timeout(300)
 NAD_DEBUG = REPO / "configs" / "nad" / "debug.yaml"
 BERT_FINETUNE = REPO / "configs" / "bert" / "finetune_debug.yaml"
 VECTOR_NAMES = ["vectors.kv", "vectors.txt", "vectors.npy"]
-LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 QUIET = ["run.plots=false", "engine.tensorboard=false", "engine.csv=false"]
 
 
@@ -51,30 +48,6 @@ def nad_args(shards: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(NAD_DEBUG), f"run.out_dir={out}", f"data.shards={shards}", "data.batch_size=16",
             "model.nad.channels=[8,8,16,16,16]", "model.nad.fpn_dim=16", "model.nad.heads=2",
             "model.nad.head_dim=8", "run.max_steps=2", *QUIET, *extra]
-
-
-@pytest.fixture(scope="module")
-def lone_process():
-    """``train.main`` in this process as one rank, as plain ``python train.py`` runs; the environment,
-    the process group and the log handlers are restored after."""
-    import deepspeed.comm as ds_comm
-
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    for key in LAUNCHER_KEYS:
-        os.environ.pop(key, None)
-    started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    try:
-        yield
-    finally:
-        if started and torch.distributed.is_initialized():
-            ds_comm.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
-        torch.set_num_threads(threads)
-        logger = logging.getLogger("promoter_dist")
-        for handler in list(logger.handlers):
-            handler.close()
-            logger.removeHandler(handler)
 
 
 def train(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -115,7 +88,7 @@ def test_other_pickled_vector_files_are_refused(tmp_path, kind):
 
 
 @pytest.mark.parametrize("name", VECTOR_NAMES)
-def test_training_refuses_a_pickle_vector_file(lone_process, small_shards, tmp_path, capsys, name):
+def test_training_refuses_a_pickle_vector_file(lone_process_group, small_shards, tmp_path, capsys, name):
     marker = tmp_path / "ran"
     path = plain_pickle_payload(tmp_path / name, marker)
     status, error = train(nad_args(small_shards, tmp_path / "run", f"data.glove={path}"), capsys)
@@ -196,7 +169,7 @@ def test_fine_tuning_refuses_a_folder_with_only_pickled_weights(tmp_path, payloa
     assert not marker.exists()
 
 
-def test_training_refuses_a_folder_with_only_pickled_weights(lone_process, small_shards, tmp_path, capsys):
+def test_training_refuses_a_folder_with_only_pickled_weights(lone_process_group, small_shards, tmp_path, capsys):
     marker = tmp_path / "ran"
     weights = pickled_export(tmp_path / "export", marker, torch_payload)
     args = ["--config", str(BERT_FINETUNE), f"run.out_dir={tmp_path / 'run'}", f"data.shards={small_shards}",

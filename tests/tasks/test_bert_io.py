@@ -3,7 +3,6 @@ the Auto* classes, replacing an export safely, reload errors, fine-tuning from a
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from transformers import (
     AutoTokenizer,
 )
 
-from promoter_dist.data.dream import ReadOptions, read_dream
 from promoter_dist.data.kmer_tokenizer import PAD_ID, VOCAB_SIZE, encode_codes
 from promoter_dist.errors import UserError
 from promoter_dist.models.bert import (
@@ -23,8 +21,8 @@ from promoter_dist.models.bert import (
     build_regression_model,
 )
 from promoter_dist.tasks.bert_io import export_pretrained, load_exported
+from tests.bert_rows import first_rows, tokens
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "dream2022" / "samples" / "train_first1000.txt"
 TINY = dict(hidden=64, layers=2, heads=4, intermediate=128)
 VOCABULARY = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID)  # what the tasks pass
 
@@ -32,17 +30,7 @@ VOCABULARY = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID)  # what the tasks 
 @pytest.fixture(scope="module")
 def sample():
     """The first 32 real rows: their raw sequences and their codes."""
-    rows, _ = read_dream(SAMPLE, ReadOptions(workers=0))
-    text = SAMPLE.read_text().splitlines()
-    n = 32
-    sequences = [text[line - 1].split("\t")[0] for line in rows.lines[:n]]
-    return sequences, rows.codes[:n], rows.lengths[:n]
-
-
-def tokens(sample, frame: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    _, codes, lengths = sample
-    ids, mask = encode_codes(codes, lengths, frame=frame)
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+    return first_rows(32)
 
 
 @pytest.mark.parametrize("frame", [0, 2])
