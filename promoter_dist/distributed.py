@@ -9,6 +9,7 @@ same functions as a multi-rank run.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from contextlib import contextmanager
@@ -40,8 +41,22 @@ def init_distributed(env: DistEnv, timeout_s: float = 600.0) -> None:
     elif "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one node would otherwise each start a thread per core and oversubscribe it.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    skip_shared_memory_op()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+
+
+def skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op when a process group starts.
+
+    On CPU ranks DeepSpeed 0.19 JIT-builds ``deepspeed_shm_comm`` at every start, under a lock file in
+    ``~/.cache/torch_extensions``; a rank killed while holding it (preemption, a timeout, another
+    rank's error) leaves the lock behind, and every later launch of any user sharing that home
+    folder waits on it forever. The op serves only DeepSpeed's inference all-reduce, which training
+    never calls, so the process group starts without it.
+    """
+    # By module path: ``deepspeed.comm.torch`` as an attribute is the torch package itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def device_index(env: DistEnv, visible: int, visible_list: str | None = None) -> int:

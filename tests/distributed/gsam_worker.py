@@ -354,6 +354,9 @@ def main() -> None:
 
     import deepspeed
 
+    from promoter_dist.distributed import skip_shared_memory_op
+
+    skip_shared_memory_op()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)  # two ranks share two cores
     wanted = [c for c in CASES if not args.cases or c.name in args.cases.split(",")]
