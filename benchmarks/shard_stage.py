@@ -3,20 +3,31 @@
     python benchmarks/shard_stage.py                 # full size: 6,739,258 synthetic rows
     python benchmarks/shard_stage.py --rows 500000   # quicker
 
-Prints: synthetic write rows/s; shard build rows/s end to end (read + validate +
-split + write + fsync) and bytes/row, against a naive one-sample-per-sequence
-``webdataset.ShardWriter`` on a subset; loader samples/s in one process for each
+Prints: synthetic write rows/s; the shard build's scaling table (workers 1..N, N the
+cores: rows/s end to end (read + validate + split + write + fsync), efficiency against W x
+the one-worker rate, peak memory of the build's processes together and bytes/row); the
+build with every core (the end-to-end figure) and its bytes/row on disk, against a naive
+one-sample-per-sequence ``webdataset.ShardWriter`` on a subset; the build's peak memory
+at 1M, 3M and all rows, its bytes/row (slope of a line fit) and the fit's figure for 100M
+rows; loader samples/s in one process for each
 kind of model input; the cost of the per-block checks (xxh3 checksum and schema) as the
 median ratio of --pairs pairs of loader runs with and without them, in alternating order,
 timed by the process's CPU clock (other processes on a shared machine shift each pair
 alike); GloVe count + fit time over the NAD words of the train split. Targets on a
-2-core machine: build >= 500k rows/s and <= 150 B/row, loader >= 1M samples/s per
-process, block checks <= 5% of it, GloVe <= 2 min.
+2-core machine: build >= 1M rows/s (floor 500k) and <= 150 B/row, W workers >= 0.9 x W x
+one worker, peak memory a constant plus a few bytes/row (100M rows < 4 GB), loader >= 1M
+samples/s per process, block checks <= 5% of it, GloVe <= 2 min.
+
+Peak memory is the largest sum, sampled every 20 ms, of the proportional set size (Pss,
+``/proc/<pid>/smaps_rollup``: shared pages split between the processes that map them) of the
+build process and all its workers: what the build takes from the node.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -57,6 +68,65 @@ def naive_per_sequence(source: Path, out: Path, rows: int) -> tuple[float, float
     return min(rows, len(data)) / seconds, size / min(rows, len(data))
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    todo.extend(int(child) for child in handle.read().split())
+        except OSError:  # the process ended meanwhile
+            continue
+    return found
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _build_in_child(source: str, out: str, workers: int, reply) -> None:
+    import resource
+
+    result = build_shards(source, out, workers=workers, overwrite=True, progress=False)
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    reply.send((result.seconds, result.manifest, sum(u.ru_utime + u.ru_stime for u in used)))
+
+
+def measured_build(source: Path, out: Path, workers: int) -> tuple[float, dict, int, float]:
+    """(seconds, manifest, peak bytes, CPU seconds of the build and its workers) of one shard build in a fresh
+    process, its memory sampled from outside."""
+    context = mp.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_build_in_child, args=(str(source), str(out), workers, send))
+    child.start()
+    peak = 0
+    while child.is_alive() and not receive.poll():
+        peak = max(peak, sum(_pss_bytes(pid) for pid in _descendants(child.pid)))
+        time.sleep(0.02)
+    seconds, manifest, cpu = receive.recv()
+    child.join()
+    if child.exitcode:
+        raise SystemExit(f"shard build with {workers} workers failed (exit {child.exitcode})")
+    return seconds, manifest, peak, cpu
+
+
+def first_rows(source: Path, rows: int, out: Path) -> Path:
+    """The first ``rows`` lines of ``source`` as a file of their own."""
+    with open(source, "rb") as src, open(out, "wb") as dst:
+        dst.writelines(itertools.islice(src, rows))
+    return out
+
+
 def loader_rate(shards: Path, config: LoaderConfig, max_rows: int, verify: bool = True,
                 clock: Callable[[], float] = time.perf_counter) -> float:
     """Samples/s of one loader process over ``max_rows`` rows by ``clock``; ``verify=False``: without block checks."""
@@ -90,13 +160,44 @@ def main() -> None:
         print(f"synth           {synth.seconds:7.1f} s  {args.rows / synth.seconds:12,.0f} rows/s  "
               f"oracle Pearson {synth.oracle_pearson:.4f}")
 
-        built = build_shards(synth.path, work / "shards", progress=False)
-        manifest = built.manifest
+        print(f"shards build scaling ({args.rows:,} rows; peak memory: build + workers, Pss)")
+        print(f"  {'workers':>7} {'seconds':>8} {'rows/s':>12} {'efficiency':>10} {'peak MB':>8} {'B/row':>6} "
+              f"{'CPU s':>6} {'rows/CPU s':>11}")
+        one_worker = None
+        for workers in range(1, (cores or 1) + 1):
+            shutil.rmtree(work / "shards", ignore_errors=True)
+            seconds, manifest, peak, cpu = measured_build(synth.path, work / "shards", workers)
+            rows = manifest["rows"]
+            rate = rows / seconds
+            one_worker = one_worker or rate
+            print(f"  {workers:>7} {seconds:8.2f} {rate:12,.0f} {rate / (workers * one_worker):10.2f} "
+                  f"{peak / 2**20:8.0f} {peak / rows:6.1f} {cpu:6.1f} {rows / cpu:11,.0f}")
+        print("  (target: efficiency >= 0.90; CPU s: build and workers together, what other load on the machine "
+              "inflates least)")
         shard_bytes = sum(s["bytes"] for v in manifest["splits"].values() for s in v["shards"])
-        rows = manifest["rows"]
-        build_rate, build_bpr = rows / built.seconds, shard_bytes / rows
-        print(f"shards build    {built.seconds:7.1f} s  {build_rate:12,.0f} rows/s  {build_bpr:7.1f} B/row  "
-              f"(target >= 500,000 rows/s, <= 150 B/row)")
+        build_rate, build_bpr = rows / seconds, shard_bytes / rows
+        print(f"shards build    {seconds:7.1f} s  {build_rate:12,.0f} rows/s  {build_bpr:7.1f} B/row  "
+              f"({cores} workers; target >= 1,000,000 rows/s, floor 500,000; <= 150 B/row)")
+
+        sizes = sorted({min(n, args.rows) for n in (1_000_000, 3_000_000)} | {args.rows})
+        if len(sizes) < 3:
+            sizes = sorted({max(args.rows // 4, 1), max(args.rows // 2, 1), args.rows})
+        print(f"shards build memory ({cores} workers): peak of the build and its workers by rows")
+        points = []
+        for n in sizes:
+            if n == args.rows:
+                n_rows, n_peak = rows, peak
+            else:
+                part = first_rows(synth.path, n, work / f"first{n}.txt")
+                _, part_manifest, n_peak, _ = measured_build(part, work / "memory", cores or 1)
+                n_rows = part_manifest["read"]["rows_in"]
+                shutil.rmtree(work / "memory", ignore_errors=True)
+                part.unlink()
+            points.append((n_rows, n_peak))
+            print(f"  {n_rows:>12,} rows  peak {n_peak / 2**20:8.0f} MB  {n_peak / n_rows:7.1f} B/row")
+        slope, constant = np.polyfit([p[0] for p in points], [p[1] for p in points], 1)
+        print(f"  fit: {constant / 2**20:,.0f} MB + {slope:.1f} B/row -> 100M rows: "
+              f"{(constant + slope * 100e6) / 2**30:.2f} GB (target < 4 GB)")
 
         subset = work / "subset.txt"
         with open(synth.path) as src, open(subset, "w") as dst:

@@ -72,6 +72,9 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"blocks per tar file (default: {defaults.blocks_per_shard})")
     p.add_argument("--top-fraction", type=float, default=defaults.top_fraction,
                    help=f"top-expression subset for BERT pretraining (default: {defaults.top_fraction})")
+    p.add_argument("--segment-bytes", type=int, default=defaults.segment_bytes,
+                   help="input bytes one worker parses and writes at a time; the shards depend on it, not on "
+                        f"--workers (default: {defaults.segment_bytes})")
 
 
 def shard_options_from_args(args: argparse.Namespace) -> ShardOptions:
@@ -80,7 +83,7 @@ def shard_options_from_args(args: argparse.Namespace) -> ShardOptions:
 
     return ShardOptions(splits=ShardOptions.parse_splits(args.splits), split_seed=args.split_seed,
                         rows_per_block=args.rows_per_block, blocks_per_shard=args.blocks_per_shard,
-                        top_fraction=args.top_fraction)
+                        top_fraction=args.top_fraction, segment_bytes=args.segment_bytes)
 
 
 # --------------------------------------------------------------------------- subcommands

@@ -13,7 +13,10 @@ line without newline. For test files (``labels="optional"``) the expression colu
 may be absent or empty; the label is then NaN.
 
 Parsing is vectorised over chunks of a few MB (numpy over the raw bytes) and runs
-in worker processes, so a 6.7M-row file is read in seconds.
+in worker processes, so a 6.7M-row file is read in seconds. A shard build does not read
+the whole file in one process: :func:`segment_bounds` cuts it into segments at line ends
+and each worker reads its own with :func:`read_segment` (positioned reads, no data
+shipped between processes); a gzip file is first decompressed once (:func:`decompress_to`).
 """
 
 from __future__ import annotations
@@ -218,19 +221,22 @@ class _Chunk:
     too_long: list[tuple[int, bytes]]  # (line, head) of over-long lines skipped by the splitter
 
 
-def _raw_chunks(path: Path, handle: IO[bytes], options: ReadOptions, report: ReadReport) -> Iterator[_Chunk]:
+def _raw_chunks(path: Path, handle: IO[bytes], options: ReadOptions, report: ReadReport,
+                first_line: int = 1, file_start: bool = True) -> Iterator[_Chunk]:
     """Cut the (decompressed) byte stream ``handle`` of ``path`` into chunks of whole lines.
 
     A line that outgrows ``max_line_bytes`` before its newline arrives is skipped
     here, streaming, and handed to the parser as (line number, first bytes) so it
-    is reported without ever being held whole.
+    is reported without ever being held whole. ``handle`` may be a part of the file
+    (:class:`_RangeReader`) whose first line is ``first_line``; only the part at the
+    ``file_start`` may begin with a byte-order mark.
     """
     carry = b""
-    line_no = 1  # number of the first line in `carry`
+    line_no = first_line  # number of the first line in `carry`
     index = 0
     skipping = False
     too_long: list[tuple[int, bytes]] = []
-    first = True
+    first = file_start
     while True:
         try:
             block = handle.read(max(options.chunk_bytes, len(UTF8_BOM)) if first else options.chunk_bytes)
@@ -296,6 +302,45 @@ def _classify_label(text: bytes) -> tuple[float | None, str, str]:
     return value, "", ""
 
 
+_POW10 = 10.0 ** np.arange(23)
+"""Powers of ten exact in float64 (up to 1e22)."""
+_MAX_DECIMAL_DIGITS = 15
+"""Digits of a label the decimal path reads: below 2**53, so the mantissa is an exact float64."""
+
+
+def _plain_decimals(text: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values of the labels written as ``[+-]digits[.digits]`` (at most 15 digits), and which rows are such.
+
+    ``text`` is (n, w) uint8, each row a label of ``lengths`` bytes then zeros. The value
+    is the digits as an integer m divided by 10**k (k digits after the point): both exact
+    in float64, so the one correctly rounded division gives exactly what ``float()`` reads
+    (Clinger's fast path). Rows of any other form are left to the general parsers.
+    """
+    n = len(text)
+    if not n:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    width = int(lengths.max())
+    text = text[:, :width]
+    digit = (text >= ord("0")) & (text <= ord("9"))
+    dot = text == ord(".")
+    negative = text[:, 0] == ord("-")
+    signed = negative | (text[:, 0] == ord("+"))
+    n_digits = np.count_nonzero(digit, axis=1)
+    n_dots = np.count_nonzero(dot, axis=1)
+    decimal = ((n_digits + n_dots + signed == lengths) & (n_dots <= 1) & (n_digits >= 1)
+               & (n_digits <= _MAX_DECIMAL_DIGITS))
+    mantissa = np.zeros(n, dtype=np.int64)
+    after_point = np.zeros(n, dtype=np.int64)
+    seen_point = np.zeros(n, dtype=bool)
+    for j in range(width):  # a column at a time: labels are short, rows many
+        is_digit = digit[:, j]
+        mantissa = np.where(is_digit, mantissa * 10 + text[:, j].astype(np.int64) - ord("0"), mantissa)
+        after_point += is_digit & seen_point
+        seen_point |= dot[:, j]
+    values = mantissa / _POW10[np.minimum(after_point, len(_POW10) - 1)]
+    return np.where(negative, -values, values), decimal
+
+
 def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Rejected], int]:
     """Validate and encode one chunk; returns (good rows, rejected rows, rows seen)."""
     arr = np.frombuffer(chunk.data, dtype=np.uint8)
@@ -328,15 +373,20 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     seq_len = seq_end - starts
     label_len = ends - label_start
 
-    codes_all = ENCODE_LUT[arr]
-    odd_pos = np.flatnonzero(codes_all == INVALID)  # tabs, newlines and label characters too
-    odd_line = np.searchsorted(starts, odd_pos, side="right") - 1
-    in_seq = odd_pos < seq_end[odd_line] if len(odd_pos) else np.zeros(0, bool)
-    n_bad_bases = np.bincount(odd_line[in_seq], minlength=n)[:n]
     # Rows are gathered as fixed-width windows over the chunk (padded so every window fits).
     pad_to = max(options.max_length, _MAX_FAST_LABEL) + 1
     padded = np.concatenate([arr, np.zeros(pad_to, np.uint8)])
     windows = np.lib.stride_tricks.sliding_window_view(padded, pad_to)
+    # Base codes only of the rows that reach the base check (every earlier check passed on its
+    # lengths): one (rows, width) gather instead of coding and searching the whole chunk.
+    candidate = np.flatnonzero((seq_len > 0) & (seq_len <= options.max_length)
+                               & (ends - starts <= options.max_line_bytes))
+    cand_len = seq_len[candidate]
+    width = int(cand_len.max()) if len(candidate) else 1
+    cand_codes = ENCODE_LUT[windows[starts[candidate], :width]]
+    cand_codes[np.arange(width) >= cand_len[:, None]] = PAD
+    bad_bases = np.zeros(n, dtype=bool)
+    bad_bases[candidate] = cand_codes.max(axis=1, initial=0) == INVALID  # INVALID is the largest code
 
     reason = np.zeros(n, dtype=np.int8)  # 0 ok; otherwise index into _CODES
     # Order matters: the first failing check names the row's reason.
@@ -347,7 +397,7 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
         ("missing_label", (label_len == 0) & (options.labels == "required")),
         ("empty_sequence", seq_len == 0),
         ("sequence_too_long", seq_len > options.max_length),
-        ("invalid_base", n_bad_bases > 0),
+        ("invalid_base", bad_bases),
     ]
     names = [name for name, _ in checks]
     for code, (_, failed) in enumerate(checks, start=1):
@@ -359,14 +409,19 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     short = np.flatnonzero(has_label & (label_len <= _MAX_FAST_LABEL))
     text = windows[label_start[short], :_MAX_FAST_LABEL]
     text = np.where(np.arange(_MAX_FAST_LABEL) < label_len[short, None], text, 0).astype(np.uint8)
-    plain_rows = _LABEL_CHARS[text].sum(axis=1) == label_len[short]
+    plain_rows = np.count_nonzero(_LABEL_CHARS[text], axis=1) == label_len[short]
     idx, text = short[plain_rows], text[plain_rows]
-    slow = np.setdiff1d(np.flatnonzero(has_label), idx)
+    slow_rows = has_label.copy()
+    slow_rows[idx] = False
+    values, decimal = _plain_decimals(text, label_len[idx])
+    labels[idx[decimal]] = values[decimal]
+    idx, text = idx[~decimal], text[~decimal]  # exponents, odd signs: numpy's parser, then row by row
     if len(idx):
         try:
             labels[idx] = np.ascontiguousarray(text).view(f"S{_MAX_FAST_LABEL}").ravel().astype(np.float64)
         except ValueError:  # e.g. "1.2.3" or "--4": decide those row by row
-            slow = np.union1d(slow, idx)
+            slow_rows[idx] = True
+    slow = np.flatnonzero(slow_rows)
     label_problem: dict[int, tuple[str, str]] = {}
     for i in slow:
         value, why, detail = _classify_label(chunk.data[label_start[i] : ends[i]])
@@ -402,9 +457,9 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     if label_problem:
         ok[list(label_problem)] = False
     good = np.flatnonzero(ok)
+    codes = cand_codes[ok[candidate]]  # every valid row is a candidate
     width = int(seq_len[good].max()) if len(good) else 1
-    codes = ENCODE_LUT[windows[starts[good], :width]]
-    codes[np.arange(width) >= seq_len[good, None]] = PAD
+    codes = codes[:, :width] if width < codes.shape[1] else codes
     good_labels = labels[good]
     rows = Rows(
         codes=codes,
@@ -535,3 +590,134 @@ def read_dream(path: str | os.PathLike, options: ReadOptions = ReadOptions(), pr
             f"{options.max_bad_fraction}; is this the right file?\n" + report.summary(),
         )
     return Rows.concatenate(parts), report
+
+
+# --------------------------------------------------------------------------- segments
+#
+# A shard build cuts the (decompressed) file into segments of about ``segment_bytes``, each
+# ending at a line end, and parses each in its own process. The cut depends only on the
+# bytes and ``segment_bytes``, never on the number of processes, so neither does the output.
+
+
+class _RangeReader:
+    """``read(n)`` over the bytes ``[start, end)`` of the open file descriptor ``fd`` (positioned reads)."""
+
+    def __init__(self, fd: int, start: int, end: int):
+        self.fd, self.at, self.end = fd, start, end
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.end - self.at if size < 0 else min(size, self.end - self.at)
+        data = os.pread(self.fd, size, self.at) if size > 0 else b""
+        self.at += len(data)
+        return data
+
+
+_SCAN_BYTES = 1 << 16  # read size when looking for the line end after a segment's nominal start
+
+
+def _next_line_start(fd: int, target: int, size: int) -> int:
+    """The first position ``q >= target`` that starts a line (``q`` is 0 or follows a newline); ``size`` if none."""
+    if target <= 0:
+        return 0
+    at = target - 1  # a newline at target - 1 makes target itself a line start
+    while at < size:
+        data = os.pread(fd, min(_SCAN_BYTES, size - at), at)
+        if not data:
+            break
+        cut = data.find(b"\n")
+        if cut >= 0:
+            return at + cut + 1
+        at += len(data)
+    return size
+
+
+def segment_bounds(path: str | os.PathLike, segment_bytes: int) -> list[tuple[int, int, int]]:
+    """(segment number, start, end) byte ranges of the plain file ``path``, in order, empty ones left out.
+
+    Segment k starts at the first line start at or after ``k * segment_bytes``; a line
+    longer than a segment makes the segments it covers empty (its number is skipped).
+    """
+    if segment_bytes < 1:
+        raise UserError(f"segment_bytes must be >= 1, not {segment_bytes}")
+    size = require_regular_file(path, "a DREAM text file").st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        starts = [0]
+        for k in range(1, -(-size // segment_bytes)):
+            target = k * segment_bytes
+            # Past a long line already scanned: no line starts before the previous start.
+            starts.append(starts[-1] if starts[-1] >= target else _next_line_start(fd, target, size))
+    finally:
+        os.close(fd)
+    ends = starts[1:] + [size]
+    return [(k, start, end) for k, (start, end) in enumerate(zip(starts, ends)) if end > start]
+
+
+@dataclass
+class SegmentRead:
+    """What parsing one segment gave: its valid rows and everything its report needs."""
+
+    rows: Rows
+    rejected: list[Rejected]
+    rows_in: int
+    bytes_read: int
+    warnings: list[str]
+
+
+def read_segment(path: str | os.PathLike, start: int, end: int, first_line: int,
+                 options: ReadOptions = ReadOptions()) -> SegmentRead:
+    """Validate and encode the lines in the bytes ``[start, end)`` of the plain file ``path``.
+
+    ``start`` is a line start (``segment_bounds``) whose line number is ``first_line``. The
+    rows, rejections and messages are exactly those a whole-file read gives for these lines.
+    """
+    path = Path(path)
+    report = ReadReport(str(path))
+    parts: list[Rows] = []
+    rejected: list[Rejected] = []
+    rows_in = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = _RangeReader(fd, start, end)
+        for chunk in _raw_chunks(path, reader, options, report, first_line, file_start=start == 0):  # type: ignore[arg-type]
+            rows, bad, seen = _parse_chunk(chunk, options)
+            parts.append(rows)
+            rejected.extend(bad)
+            rows_in += seen
+    finally:
+        os.close(fd)
+    return SegmentRead(Rows.concatenate(parts) if parts else Rows.empty(), rejected, rows_in, report.bytes_read,
+                       report.warnings)
+
+
+def is_gzip(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts with the gzip magic bytes (the suffix is not looked at)."""
+    with open_input(path, "a DREAM text file") as handle:
+        return handle.read(2) == GZIP_MAGIC
+
+
+def decompress_to(path: str | os.PathLike, out: IO[bytes], piece: int = 8 << 20) -> int:
+    """Write the decompressed bytes of the gzip file ``path`` to ``out``; their count.
+
+    A gzip file cannot be read from an arbitrary offset, so a build reads it once, here,
+    and cuts the plain copy into segments as it would the plain file. A truncated or
+    corrupt stream is the InputError a whole-file read gives, naming the line near the end.
+    """
+    written = lines = 0
+    with open_input(path, "a DREAM text file") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+        while True:
+            try:
+                data = stream.read(piece)
+            except EOFError:
+                raise InputError(
+                    str(path),
+                    f"truncated gzip stream: it ends after {written} decompressed bytes "
+                    f"(near line {lines + 1}); the file is incomplete, fetch it again",
+                ) from None
+            except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+                raise InputError(str(path), f"corrupt gzip data near line {lines + 1} ({exc})") from None
+            if not data:
+                return written
+            out.write(data)
+            written += len(data)
+            lines += data.count(b"\n")

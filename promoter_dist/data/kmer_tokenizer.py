@@ -193,8 +193,8 @@ def encode_codes(
     the truncation rule). Any code other than A C G T N inside a row gives [UNK].
     """
     _check_frame(frame)
-    extended, ext_lengths = _extend_codes(codes, lengths)
-    return _frame_ids(extended, ext_lengths, frame, max_tokens)
+    codes, lengths = _checked(codes, lengths)
+    return _row_frame_ids(codes, lengths, frame, max_tokens)
 
 
 def encode_for_model(
@@ -214,10 +214,10 @@ def encode_codes_all_frames(
     T is shared by the three frames (the longest count over frames and rows, or
     ``max_tokens``) so the three sequences stack into one tensor.
     """
-    extended, ext_lengths = _extend_codes(codes, lengths)
+    codes, lengths = _checked(codes, lengths)
     if max_tokens is None:
-        max_tokens = int(ext_lengths.max(initial=EXTENSION)) // K + 2
-    per_frame = [_frame_ids(extended, ext_lengths, frame, max_tokens) for frame in FRAMES]
+        max_tokens = (int(lengths.max(initial=0)) + EXTENSION) // K + 2
+    per_frame = [_row_frame_ids(codes, lengths, frame, max_tokens) for frame in FRAMES]
     ids = np.stack([p[0] for p in per_frame], axis=1)
     mask = np.stack([p[1] for p in per_frame], axis=1)
     return ids, mask
@@ -232,8 +232,8 @@ def _fold_case(sequence: str) -> str:
     return sequence.translate(str.maketrans(BASES.lower(), BASES))
 
 
-def _extend_codes(codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows with both flanks, (n, 133 + W + 137) uint8 clipped to 0..5, and their lengths."""
+def _checked(codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``codes`` (n, W) and int64 ``lengths`` (n,) in 1..W, or ValueError."""
     codes = np.asarray(codes)
     lengths = np.asarray(lengths, dtype=np.int64)
     if codes.ndim != 2 or lengths.shape != (codes.shape[0],):
@@ -241,44 +241,138 @@ def _extend_codes(codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, n
     n, width = codes.shape
     if n and (lengths.min() < 1 or lengths.max() > width):
         raise ValueError(f"row lengths must lie in 1..{width} (the codes' width)")
-    up, down = len(_UP_CODES), len(_DOWN_CODES)
-    extended = np.full((n, up + width + down), _BAD, dtype=np.uint8)
-    extended[:, :up] = _UP_CODES
-    # INVALID (255) and a stray PAD inside a row both become _BAD, hence [UNK].
-    np.minimum(codes, _BAD, out=extended[:, up : up + width], casting="unsafe")
-    # The downstream flank starts right after each row, at a per-row column: write it
-    # through flat indices (row * stride + column), one vectorised scatter.
-    starts = np.arange(n, dtype=np.int64) * extended.shape[1] + up + lengths
-    extended.reshape(-1)[starts[:, None] + np.arange(down)] = _DOWN_CODES
-    return extended, lengths + EXTENSION
+    return codes, lengths
 
 
-def _frame_ids(
-    extended: np.ndarray, ext_lengths: np.ndarray, frame: int, max_tokens: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """[CLS] 3-mers [SEP] [PAD]... for one frame of already extended rows."""
-    n, ext_width = extended.shape
-    counts = (ext_lengths - frame) // K
-    if max_tokens is None:
-        total = int(counts.max(initial=0)) + 2
-    else:
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens must be at least 2 ([CLS] and [SEP]), not {max_tokens}")
-        total = int(max_tokens)
-        counts = np.minimum(counts, total - 2)
-    # Only as many 3-mer columns as both the output and the extended rows can hold.
-    columns = min(total - 2, (ext_width - frame) // K)
-    triples = extended[:, frame : frame + K * columns].reshape(n, columns, K)
-    index = 36 * triples[:, :, 0] + 6 * triples[:, :, 1] + triples[:, :, 2]
-    positions = np.arange(total)
-    ids = np.full((n, total), PAD_ID, dtype=np.int64)
-    ids[:, 1 : 1 + columns] = _TRIPLE_LUT[index]
+_TRIPLE_LUT8 = _TRIPLE_LUT.astype(np.uint8)  # ids < 256: rows are built in bytes, widened once at the end
+
+
+def _triple_ids(codes: np.ndarray) -> np.ndarray:
+    """Ids of consecutive 3-mers of uint8 codes clipped to 0..5, (..., 3m) -> (..., m) uint8."""
+    index = codes[..., 0::K] * np.uint8(36)  # at most 215: exact in uint8
+    index += codes[..., 1::K] * np.uint8(6)
+    index += codes[..., 2::K]
+    return np.take(_TRIPLE_LUT8, index)
+
+
+def _frame_layout(frame: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """What a frame's tokens hold besides the row: the upstream flank's whole 3-mers (ids), the
+    flank bases left over before the row (codes), and per phase p = (those + row bases) % 3 the
+    ids after the row (a slot for the 3-mer across the row's end if p, the downstream flank's
+    whole 3-mers, [SEP])."""
+    up = len(_UP_CODES)
+    whole = (up - frame) // K
+    up_ids = _triple_ids(_UP_CODES[frame : frame + K * whole])
+    lead = _UP_CODES[frame + K * whole :]
+    tails = []
+    for phase in range(K):
+        skip = (K - phase) % K  # downstream bases in the 3-mer across the row's end
+        down = _DOWN_CODES[skip:]
+        ids = _triple_ids(down[: len(down) // K * K])
+        tails.append(np.concatenate([[UNK_ID] if phase else [], ids, [SEP_ID]]).astype(np.uint8))
+    return up_ids, lead, tails
+
+
+_CODES = np.arange(_BAD + 1, dtype=np.uint8)
+_ACROSS_1 = _TRIPLE_LUT8[36 * _CODES + 6 * _DOWN_CODES[0] + _DOWN_CODES[1]]
+"""Id of the 3-mer across a row's end holding its last base (index: that base's code)."""
+_ACROSS_2 = _TRIPLE_LUT8[36 * _CODES[:, None] + 6 * _CODES[None, :] + _DOWN_CODES[0]].ravel()
+"""Id of the 3-mer across a row's end holding its last two bases (index: 6 * code before last + last)."""
+
+
+_LAYOUTS = {frame: _frame_layout(frame) for frame in FRAMES}
+_WINDOWS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _tail_windows(frame: int, most: int, after: int) -> np.ndarray:
+    """Windows of ``after`` ids: window ``p * (most + after) + most - w`` is ``w`` PADs, then the tail
+    of phase ``p`` (:func:`_frame_layout`), then PADs: what follows the first ``w`` 3-mers of a row.
+
+    One flat table per (frame, most, after): per phase, ``most`` PADs, the tail, PADs. Batches
+    share a few shapes, so the tables are kept (a few KB each).
+    """
+    key = (frame, most, after)
+    if key not in _WINDOWS:
+        if len(_WINDOWS) > 256:  # bounded: rows of unusual lengths could make many shapes
+            _WINDOWS.clear()
+        part = most + after
+        table = np.zeros(K * part + after, dtype=np.uint8)
+        for p, tail in enumerate(_LAYOUTS[frame][2]):
+            table[p * part + most : p * part + most + len(tail)] = tail
+        _WINDOWS[key] = np.lib.stride_tricks.sliding_window_view(table, after)
+    return _WINDOWS[key]
+
+
+_MASKS: dict[int, np.ndarray] = {}
+
+
+def _mask_windows(total: int) -> np.ndarray:
+    """Window ``total - m`` of ``total`` bytes is ``m`` ones then zeros (an attention mask row)."""
+    if total not in _MASKS:
+        if len(_MASKS) > 256:
+            _MASKS.clear()
+        table = np.concatenate([np.ones(total, np.uint8), np.zeros(total, np.uint8)])
+        _MASKS[total] = np.lib.stride_tricks.sliding_window_view(table, total)
+    return _MASKS[total]
+
+
+def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_tokens: int | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """[CLS] 3-mers [SEP] [PAD]... of one frame, computed on the rows only.
+
+    The flanks are the same for every row: the upstream flank's whole 3-mers are one
+    constant run, and what follows a row depends only on where its last 3-mer ends (three
+    phases), so only the row's own 3-mers (and the one across its end) are looked up; the
+    constant tail is placed after each row by one row-wise copy from a padded table.
+    """
+    n, width = codes.shape
+    up_ids, lead, tails = _LAYOUTS[frame]
+    core_len = len(lead) + lengths  # the row with the flank bases before its first 3-mer
+    whole = core_len // K  # 3-mers within lead + row
+    phase = core_len - K * whole
+    counts = len(up_ids) + whole + (phase > 0) + np.array([len(t) - 1 - (i > 0) for i, t in enumerate(tails)])[phase]
+    natural = int(counts.max(initial=0)) + 2
+    total = natural if max_tokens is None else int(max_tokens)
+    if total < 2:
+        raise ValueError(f"max_tokens must be at least 2 ([CLS] and [SEP]), not {max_tokens}")
+    # Lead + row codes clipped to 0..5 (INVALID and a stray PAD inside a row become [UNK]), PAD-padded to 3-mers.
+    span = -(-(len(lead) + width) // K) * K
+    core = np.full((n, span + K), _BAD, dtype=np.uint8)
+    core[:, : len(lead)] = lead
+    np.minimum(codes, _BAD, out=core[:, len(lead) : len(lead) + width], casting="unsafe")
+    most = int(whole.max(initial=0))
+    row_ids = _triple_ids(core[:, : K * most])
+
+    after = natural - 1 - len(up_ids)  # columns from the first row 3-mer to the end
+    part = most + after
+    windows = _tail_windows(frame, most, after)
+    ids = np.empty((n, natural), dtype=np.uint8)
     ids[:, 0] = CLS_ID
-    last = counts[:, None] + 1  # [SEP]'s column
-    ids[positions >= last] = PAD_ID
-    ids[np.arange(n), counts + 1] = SEP_ID
-    mask = (positions <= last).astype(np.int64)
-    return ids, mask
+    ids[:, 1 : 1 + len(up_ids)] = up_ids
+    region = ids[:, 1 + len(up_ids) :]
+    region[:] = windows[phase * part + most - whole]  # PADs, then from column whole[i] the tail
+    np.copyto(region[:, :most], row_ids, where=np.arange(most) < whole[:, None])
+    # The 3-mer across the row's end: its last lead/row bases, then the first downstream bases.
+    cross = np.flatnonzero(phase > 0)
+    if len(cross):
+        last = core[cross, core_len[cross] - 1]
+        before = core[cross, core_len[cross] - 2]  # wraps for a 1-base core: then unused (phase 1)
+        region[cross, whole[cross]] = np.where(phase[cross] == 1, _ACROSS_1[last],
+                                               _ACROSS_2[6 * before.astype(np.intp) + last])
+
+    if total != natural:  # max_tokens: cut long rows (keeping [SEP] last) or pad short ones
+        kept = np.zeros((n, total), dtype=np.uint8)
+        kept[:, : min(total, natural)] = ids[:, : min(total, natural)]
+        cut = counts > total - 2
+        kept[cut, total - 1] = SEP_ID
+        counts = np.minimum(counts, total - 2)
+        ids = kept
+    # Both outputs widened into one allocation: two fresh ~1 MB arrays per batch made malloc map and
+    # unmap pages each time (measured: 0.43 ms against 0.06 ms for 1,024 rows).
+    out = np.empty((2, n, total), dtype=np.int64)
+    out[0] = ids
+    out[1] = _mask_windows(total)[total - 2 - counts]  # ones through [SEP] (column counts + 1), then zeros
+    return out[0], out[1]
 
 
 # The base codes this module relies on (PAD must be above every base for the clip).

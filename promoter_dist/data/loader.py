@@ -238,13 +238,37 @@ def select_view(view: str, width: int, verify: bool = True):
     """Stage: keep the rows of ``view`` and lay them out as fixed-width row arrays.
 
     With ``verify``, the NAD view's rows are checked to be 110 bp of A C G T on their
-    padded codes (``shards.check_nad_rows``) before words are made of them.
+    padded codes (``shards.check_nad_rows``) before words are made of them. The top view
+    keeps the rows whose label is >= the manifest's ``labels.top_threshold`` (compared as
+    float32, as the build counted them; no bit is stored); with ``verify`` their count must
+    be the block's ``rows_top``, on which the epoch plan rests.
     """
     bit = VIEWS[view]
+    folders: dict[str, tuple[np.float32, dict[str, list[int]]]] = {}
+
+    def top_of(path: str) -> tuple[np.float32, dict[str, list[int]]]:
+        # Read once per shard folder: the threshold and every block's rows_top, by shard file.
+        folder = os.path.dirname(path)
+        if folder not in folders:
+            manifest = load_manifest(folder)
+            counts = {shard["file"]: [b.rows_top for b in shard_blocks(shard, Path(folder) / MANIFEST)]
+                      for info in manifest["splits"].values() for shard in info["shards"]}
+            folders[folder] = (np.float32(manifest["labels"]["top_threshold"]), counts)
+        return folders[folder]
 
     def stage(blocks: Iterable[tuple[BlockAt, dict[str, np.ndarray]]]) -> Iterator[dict[str, np.ndarray]]:
         for where, block in blocks:
-            rows = np.flatnonzero(block["flags"] & bit) if bit else None
+            if view == "top":
+                threshold, counts = top_of(where.path)
+                rows = np.flatnonzero(block["y"] >= threshold)
+                expected = counts.get(os.path.basename(where.path), [])
+                if verify and (where.number >= len(expected) or len(rows) != expected[where.number]):
+                    said = expected[where.number] if where.number < len(expected) else "nothing"
+                    raise ShardBlockError(where.path, where.number, where.offset,
+                                          f"{len(rows)} top-expression rows (label >= {threshold}); the manifest "
+                                          f"says {said}")
+            else:
+                rows = np.flatnonzero(block["flags"] & bit) if bit else None
             if rows is not None and not len(rows):
                 continue
             pick = slice(None) if rows is None else rows

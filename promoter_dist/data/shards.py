@@ -15,16 +15,24 @@ member         dtype     content
 ``y.npy``      float32   expression; NaN for unlabelled (test) rows
 ``line.npy``   uint32    1-based line of the row in the source file
 ``flags.npy``  uint8     bit 0 integer label ("singleton"), bit 1 NAD-eligible
-                         (110 bp, no N), bit 2 in the top-expression subset
+                         (110 bp, no N)
 =============  ========  ====================================================
+
+The top-expression subset is not a stored bit: its rows are those whose ``y`` is >= the
+manifest's ``labels.top_threshold`` (a quantile over the whole file, known only once every
+row is read, while each segment's shards are written as soon as it is parsed).
 
 Storing bases (not model tokens) keeps one shard set for both models and ~120 B
 per row; the NAD words and the 3-mer BERT tokens are vectorised lookups over the
 base codes done by the loader (microseconds per block).
 
 Rows go to a split by a hash of the sequence (so duplicated sequences never
-straddle train and validation), salted with ``split_seed``; within a split rows
-keep file order. The build is deterministic to the byte: tar headers carry fixed
+straddle train and validation), salted with ``split_seed``. The file is cut into
+segments of ``segment_bytes`` at line ends; each worker process parses one segment at a
+time and writes that segment's shards (numbered from ``segment * shards_per_segment``), rows
+in file order; only shard entries, counts, rejected rows and the float32 labels travel back. The
+cut depends on the file and ``segment_bytes`` only, so the shards are the same bytes
+for any number of workers. The build is deterministic to the byte: tar headers carry fixed
 owner, mode and mtime 0. Every file is written to a temporary name and renamed;
 ``build-state.jsonl`` logs finished shards (one appended line each), so a killed
 build resumes and ends byte-identical to an uninterrupted one. ``manifest.json`` is written last.
@@ -78,27 +86,32 @@ from ..io import (
     write_json_atomic,
 )
 from .alphabet import BASES, NOMINAL_LENGTH, PAD, T
-from .dream import ReadOptions, ReadReport, Rows, read_dream
+from ..errors import InputError
+from .dream import ReadOptions, ReadReport, Rows, decompress_to, is_gzip, read_segment, segment_bounds
 from .hashing import mix64
 from .nad_words import nad_eligible
 
 FORMAT = "promoter-dist-shards"
-FORMAT_VERSION = 2
-"""2: a checksum per block. Version 1 folders are refused by readers and rebuilt by ``--overwrite``."""
+FORMAT_VERSION = 3
+"""2: a checksum per block; 3: shards written per segment, the top-expression subset selected by the
+manifest's threshold (no flag bit). Older folders are refused by readers and rebuilt by ``--overwrite``."""
+_OLD_FORMATS = {1: "shards without block checksums", 2: "shards with the top-expression subset as a flag bit"}
+"""Why readers refuse each older format version (the message asks for a rebuild)."""
+_OLD_FORMATS_SHORT = {1: "no block checksums", 2: "the top-expression subset as a flag bit"}
 MANIFEST = "manifest.json"
 BUILD_STATE = "build-state.jsonl"
 REJECTED = "rejected.tsv"
 MEMBERS = ("seq", "len", "y", "line", "flags")
 MEMBER_DTYPES = {"seq": "|u1", "len": "<u2", "y": "<f4", "line": "<u4", "flags": "|u1"}
 """The ``.npy`` dtype of each member, as numpy spells it in the header; readers accept no other."""
-FLAG_INTEGER, FLAG_NAD, FLAG_TOP = 1, 2, 4
-KNOWN_FLAGS = FLAG_INTEGER | FLAG_NAD | FLAG_TOP
+FLAG_INTEGER, FLAG_NAD = 1, 2
+KNOWN_FLAGS = FLAG_INTEGER | FLAG_NAD
 MAX_CODE = len(BASES) - 1
 """Largest base code stored in ``seq`` (N); PAD only ever appears in padded copies."""
 MAX_MANIFEST_BYTES = 256 << 20
 """A manifest or build log larger than this is refused (a real one is a few MB)."""
-VIEWS = {"all": None, "nad": FLAG_NAD, "top": FLAG_TOP}
-"""Row subsets a loader can ask for, and the flag bit that selects each."""
+VIEWS = {"all": None, "nad": FLAG_NAD, "top": None}
+"""Row subsets a loader can ask for, and the flag bit that selects each ('top': ``y >= labels.top_threshold``)."""
 
 SCHEMA = {
     "sample": "one block of rows; key '{split}-{shard:06d}_{block:04d}'",
@@ -106,7 +119,8 @@ SCHEMA = {
     "len.npy": "uint16, sequence length per row; row offsets are cumsum(len)",
     "y.npy": "float32, expression per row (NaN: unlabelled)",
     "line.npy": "uint32, 1-based line of the row in the source file",
-    "flags.npy": "uint8, bit0 integer label (singleton), bit1 NAD-eligible (110 bp, no N), bit2 top-expression subset",
+    "flags.npy": "uint8, bit0 integer label (singleton), bit1 NAD-eligible (110 bp, no N)",
+    "top-expression subset": "rows with y >= labels.top_threshold (float32 comparison)",
 }
 
 
@@ -128,7 +142,7 @@ class BlockIndex:
     rows_nad: int
     """Rows with the NAD-eligible flag (view 'nad')."""
     rows_top: int
-    """Rows in the top-expression subset (view 'top')."""
+    """Rows in the top-expression subset (view 'top': label >= the manifest's threshold)."""
     max_length: int
     """Longest row of the block (bp)."""
     checksum: str
@@ -237,6 +251,10 @@ class ShardOptions:
     """Blocks per tar file (~4 MB of 110-bp rows)."""
     top_fraction: float = 0.2
     """Top-expression subset: rows with label >= the (1 - top_fraction) quantile of the whole file."""
+    segment_bytes: int = 16 << 20
+    """Bytes of (decompressed) input per segment, the unit one worker parses and writes; part of the output's
+    identity (shard names and cuts), independent of the worker count. 16 MiB: ~120k rows, so a 6.7M-row file
+    gives ~55 segments to spread over the cores, and a worker holds ~0.2 GB at a time."""
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.splits]
@@ -252,6 +270,8 @@ class ShardOptions:
             raise UserError("rows_per_block and blocks_per_shard must be >= 1")
         if not 0 < self.top_fraction <= 1:
             raise UserError(f"top_fraction must be in (0, 1], not {self.top_fraction}")
+        if self.segment_bytes < 1:
+            raise UserError(f"segment_bytes must be >= 1, not {self.segment_bytes}")
 
     @staticmethod
     def parse_splits(text: str) -> tuple[tuple[str, float], ...]:
@@ -279,19 +299,39 @@ def assign_splits(hashes: np.ndarray, options: ShardOptions) -> np.ndarray:
     return np.searchsorted(edges, u, side="right").astype(np.int8)
 
 
-def top_threshold(labels: np.ndarray, top_fraction: float) -> float:
-    """The (1 - top_fraction) quantile of the finite labels (ties at it join the subset)."""
-    finite = labels[np.isfinite(labels)]
-    if not len(finite):
+def top_threshold(labels: np.ndarray, top_fraction: float, overwrite: bool = False) -> float:
+    """The (1 - top_fraction) quantile of the finite labels (ties at it join the subset).
+
+    Equal to ``np.quantile(finite.astype(np.float64), 1 - top_fraction)`` (numpy's default
+    "linear" method, its formula below), without its float64 copy: only the two order
+    statistics it interpolates are found, by a partition of the float32 labels (float32 to
+    float64 is exact and keeps the order). ``overwrite``: partition ``labels`` in place.
+    """
+    finite = np.isfinite(labels)
+    if finite.all():
+        values = labels if overwrite else labels.copy()
+    else:
+        values = labels[finite]
+    n = len(values)
+    if not n:
         return float("nan")
-    return float(np.quantile(finite.astype(np.float64), 1.0 - top_fraction))
+    q = np.float64(1.0 - top_fraction)
+    virtual = (n - 1) * q  # numpy's virtual index for "linear"
+    below = int(np.clip(np.floor(virtual), 0, n - 1))
+    above = int(np.clip(below + 1, 0, n - 1))
+    values.partition(sorted({below, above}))
+    a, b = np.float64(values[below]), np.float64(values[above])
+    gamma = np.float64(virtual - np.floor(virtual)) if 0 <= virtual < n - 1 else np.float64(0.0)
+    if virtual >= n - 1:
+        a = b = np.float64(values[n - 1])
+    diff = b - a
+    return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)  # numpy's _lerp
 
 
-def row_flags(rows: Rows, threshold: float) -> np.ndarray:
+def row_flags(rows: Rows) -> np.ndarray:
+    """The stored flag bits of each row: integer label, NAD-eligible."""
     flags = rows.integer_label.astype(np.uint8) * FLAG_INTEGER
     flags |= nad_eligible(rows.lengths, rows.has_n).astype(np.uint8) * FLAG_NAD
-    if np.isfinite(threshold):
-        flags |= (rows.labels >= np.float32(threshold)).astype(np.uint8) * FLAG_TOP
     return flags
 
 
@@ -314,8 +354,13 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def encode_shard(name: str, blocks: list[dict[str, np.ndarray]]) -> tuple[bytes, list[BlockIndex]]:
-    """Tar bytes of one shard and the index of each of its blocks (checksums over the finished bytes)."""
+def encode_shard(name: str, blocks: list[dict[str, np.ndarray]],
+                 threshold: float = float("nan")) -> tuple[bytes, list[BlockIndex]]:
+    """Tar bytes of one shard and the index of each of its blocks (checksums over the finished bytes).
+
+    ``rows_top`` counts labels >= ``threshold`` (none while it is unknown: NaN; a build sets
+    the counts once the whole file is read, :func:`_set_rows_top`).
+    """
     buf = io.BytesIO()
     spans: list[tuple[int, int, dict[str, np.ndarray]]] = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -335,7 +380,7 @@ def encode_shard(name: str, blocks: list[dict[str, np.ndarray]]) -> tuple[bytes,
             nbytes=nbytes,
             rows=len(flags),
             rows_nad=int((flags & FLAG_NAD > 0).sum()),
-            rows_top=int((flags & FLAG_TOP > 0).sum()),
+            rows_top=int((block["y"] >= np.float32(threshold)).sum()),
             max_length=int(block["len"].max(initial=0)),
             checksum=block_checksum(view[start : start + nbytes]),  # exactly the bytes a reader fetches
         ))
@@ -358,16 +403,38 @@ def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray) -> dict[str, np
     }
 
 
-# Set before the worker pool forks, so workers read the rows without copying them.
+# Set before the worker pool forks: what every segment task needs besides its byte range.
 _BUILD: dict = {}
 
 
-def _write_shard_task(task: tuple[str, str, np.ndarray]) -> dict:
-    out_dir, name, idx = task
-    rows, flags, per_block = _BUILD["rows"], _BUILD["flags"], _BUILD["rows_per_block"]
+def shards_per_segment(options: ShardOptions) -> int:
+    """The most shards one segment can give a split: it numbers its shards from ``segment * this``.
+
+    Every line of segment k starts in ``[k * segment_bytes, (k + 1) * segment_bytes)`` and a
+    valid row takes at least 2 bytes (a base and the newline; the file's last line 1).
+    """
+    max_rows = (options.segment_bytes + 1) // 2 + 1
+    return -(-max_rows // (options.rows_per_block * options.blocks_per_shard))
+
+
+def shard_name(split: str, segment: int, i: int, options: ShardOptions) -> str:
+    """The name of the ``i``-th shard of ``split`` written from segment ``segment``: ``{split}-{n:06d}``.
+
+    ``n`` numbers the shards of a split in file order, with gaps between segments, and
+    depends on the segment alone, so a worker names its shards without waiting for the
+    segments before it; a file of one segment gets 0, 1, 2, ...
+    """
+    per_segment = shards_per_segment(options)
+    if i >= per_segment:  # cannot happen: shards_per_segment bounds the rows of a segment
+        raise RuntimeError(f"segment {segment} gives more than {per_segment} shards to {split}")
+    return f"{split}-{segment * per_segment + i:06d}"
+
+
+def _write_shard(out: Path, name: str, rows: Rows, flags: np.ndarray, idx: np.ndarray, per_block: int) -> dict:
+    """Encode the rows ``idx`` as the shard ``name`` and write it atomically (flushed later, with the others)."""
     blocks = [block_arrays(rows, flags, idx[i : i + per_block]) for i in range(0, len(idx), per_block)]
     data, index = encode_shard(name, blocks)
-    with atomic_open(Path(out_dir) / f"{name}.tar", "wb", fsync=False) as handle:
+    with atomic_open(out / f"{name}.tar", "wb", fsync=False) as handle:
         handle.write(data)  # flushed to disk together before the manifest is written
     return {
         "name": name,
@@ -377,6 +444,76 @@ def _write_shard_task(task: tuple[str, str, np.ndarray]) -> dict:
         "rows": int(len(idx)),
         "blocks": [b.to_list() for b in index],
     }
+
+
+def _first_line(position: int, lines: int) -> int:
+    """Publish that the segment at ``position`` (in file order) holds ``lines`` lines; wait for those before it
+    and return the number of its first line.
+
+    Segments are handed out in file order, so every earlier one is done or being parsed by
+    another process, which publishes before it waits: the earliest unfinished one never waits.
+    """
+    counts, ready = _BUILD["line_counts"], _BUILD["lines_ready"]
+    with ready:
+        counts[position] = lines
+        ready.notify_all()
+        ready.wait_for(lambda: min(counts[:position], default=0) >= 0)
+        return 1 + sum(counts[:position])
+
+
+def _segment_task(task: tuple[int, int, int, int]) -> dict:
+    """Parse one segment of the source and write its shards; return only entries, counts, rejections, labels.
+
+    Line numbers are counted within the segment while parsing and shifted once the segments
+    before it have published their line counts (:func:`_first_line`), so no process reads the
+    file ahead of the parse just to count lines. Per split, the segment's rows in file order
+    are cut into shards of ``rows_per_block * blocks_per_shard``. A shard a killed build
+    finished (logged, same sha256) is kept, not rewritten. The labels come back per shard,
+    float32 in row order, for the top-expression threshold and each block's count of it.
+    """
+    position, segment, start, end = task
+    source, out, options, read_options, state = (_BUILD[k] for k in ("source", "out", "options", "read", "state"))
+    read = read_segment(source, start, end, 1, read_options)
+    # Every segment but the file's last ends with a newline: its lines are the rows it saw.
+    shift = _first_line(position, read.rows_in) - 1
+    if shift:
+        read.rows.lines += shift
+        read.rejected = [replace(r, line=r.line + shift) for r in read.rejected]
+    result = {"segment": segment, "rows_in": read.rows_in, "rejected": read.rejected, "warnings": read.warnings,
+              "bytes": end - start, "shards": [], "labels": [], "rows_integer": 0}
+    if read.rejected and read_options.strict:
+        return result  # the build stops at the first bad row: nothing of this segment is written
+    rows = read.rows
+    flags = row_flags(rows)
+    result["rows_integer"] = int((flags & FLAG_INTEGER > 0).sum())
+    split_of_row = assign_splits(rows.hash, options)
+    per_block = options.rows_per_block
+    per_shard = per_block * options.blocks_per_shard
+    for s, (split, _) in enumerate(options.splits):
+        idx = np.flatnonzero(split_of_row == s)
+        for i, lo in enumerate(range(0, len(idx), per_shard)):
+            part = idx[lo : lo + per_shard]
+            name = shard_name(split, segment, i, options)
+            entry = _reusable(out, state, name, len(part), per_block)
+            written = entry is None
+            if written:
+                entry = _write_shard(out, name, rows, flags, part, per_block)
+                _log_shard(out / BUILD_STATE, entry)  # here, as soon as the shard is whole: a kill loses no more
+            result["shards"].append((split, entry, written))
+            result["labels"].append(rows.labels[part])
+    return result
+
+
+def _set_rows_top(entry: dict, labels: np.ndarray, threshold: float, rows_per_block: int) -> dict:
+    """``entry`` with each block's ``rows_top``: its labels >= ``threshold`` (float32, as the loader compares)."""
+    top = labels >= np.float32(threshold)
+    blocks = []
+    at = 0
+    for block in entry["blocks"]:
+        index = BlockIndex(*block)
+        blocks.append(replace(index, rows_top=int(top[at : at + index.rows].sum())).to_list())
+        at += index.rows
+    return entry | {"blocks": blocks}
 
 
 # --------------------------------------------------------------------------- build
@@ -414,28 +551,18 @@ def _fingerprint(source_sha: str, read_options: ReadOptions, options: ShardOptio
     return json.loads(json.dumps(fingerprint))  # the form it takes when read back from JSON
 
 
-def _plan(split_of_row: np.ndarray, options: ShardOptions) -> list[tuple[str, np.ndarray]]:
-    """(shard name, row indices) for every shard, split by split, in file order."""
-    per_shard = options.rows_per_block * options.blocks_per_shard
-    plan = []
-    for s, (split, _) in enumerate(options.splits):
-        idx = np.flatnonzero(split_of_row == s)
-        for i, start in enumerate(range(0, len(idx), per_shard)):
-            plan.append((f"{split}-{i:06d}", idx[start : start + per_shard]))
-    return plan
-
-
 _SHARD_NAME = re.compile(r"[^\W\d]\w*-\d{6,}")
-"""A shard's name as the writer makes it: ``{split}-{i:06d}``."""
+"""A shard's name as the writer makes it: ``{split}-{i:06d}`` (:func:`shard_name`)."""
 _SHARD_FILE = re.compile(r"[^\W\d]\w*-\d{6,}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LABEL_MODES = re.compile("required|optional")
 _TEMPORARY = re.compile(
-    r"(?:manifest\.json|build-state\.jsonl|rejected\.tsv|\.write-check|[^\W\d]\w*-\d{6,}\.tar)"
+    r"(?:manifest\.json|build-state\.jsonl|rejected\.tsv|\.write-check|source\.decompressed"
+    r"|[^\W\d]\w*-\d{6,}\.tar)"
     r"\.tmp-\d+(?:-[0-9A-Za-z_-]+)?"
 )
 """Temporaries this tool creates in a shard folder (``io.atomic_open``: ``<name>.tmp-<pid>-<random>``, earlier
-``<name>.tmp-<pid>``; the writability probe of ``io.check_output_folder``)."""
+``<name>.tmp-<pid>``; the writability probe of ``io.check_output_folder``; the plain copy of a gzip source)."""
 
 
 def _read_state(path: Path) -> dict:
@@ -476,21 +603,33 @@ def _start_state(path: Path, fingerprint: dict) -> None:
 
 
 def _log_shard(path: Path, entry: dict) -> None:
-    # No fsync: a lost line only means the shard is rewritten; reused shards are checked by sha256.
-    with open(path, "a") as handle:
-        handle.write(json.dumps(entry) + "\n")
+    """Append a finished shard to the build log: one write of one line, from whichever worker wrote the shard.
+
+    O_APPEND places each write whole at the end, so workers logging at once do not
+    interleave lines; a line cut short by a kill is ignored on resume (the shard is rewritten).
+    No fsync: a lost line only means the shard is rewritten; reused shards are checked by sha256.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.write(fd, (json.dumps(entry) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
-def _reusable(out_dir: Path, state: dict, name: str) -> dict | None:
-    """A finished shard from an interrupted build, if its log entry is well formed and its bytes intact."""
+def _reusable(out_dir: Path, state: dict, name: str, rows: int, rows_per_block: int) -> dict | None:
+    """A finished shard from an interrupted build, if its log entry is well formed, holds ``rows`` rows in
+    blocks of ``rows_per_block`` and its bytes are intact (sha256)."""
     entry = state.get("shards", {}).get(name)
     path = out_dir / f"{name}.tar"
-    if entry is None or entry["file"] != path.name or not path.is_file() or path.stat().st_size != entry["bytes"]:
+    if entry is None or entry["file"] != path.name or entry["rows"] != rows or not path.is_file() \
+            or path.stat().st_size != entry["bytes"]:
         return None
     try:
-        shard_blocks(entry, out_dir / BUILD_STATE)
+        blocks = shard_blocks(entry, out_dir / BUILD_STATE)
     except UserError:
         return None  # a damaged log line: the shard is simply written again
+    if [b.rows for b in blocks] != [min(rows_per_block, rows - at) for at in range(0, rows, rows_per_block)]:
+        return None
     return entry if sha256_file(path) == entry["sha256"] else None
 
 
@@ -548,8 +687,10 @@ def build_shards(
 ) -> BuildResult:
     """Read, validate and split ``source``; write shards, ``rejected.tsv`` and ``manifest.json``.
 
-    Rerunning after an interruption reuses the shards already finished (checked by
-    sha256) and produces byte-identical output. An output folder built from another
+    ``workers`` processes (default: one per core) each parse and write one segment of
+    ``options.segment_bytes`` at a time (:func:`_build_segments`); the output does not
+    depend on their number. Rerunning after an interruption reuses the shards already
+    finished (checked by sha256) and produces byte-identical output. An output folder built from another
     source or with other options is refused unless ``overwrite``; then only the files its
     old manifest and build log list are removed. A folder that is neither empty nor a
     shard folder of this tool is refused, ``overwrite`` or not.
@@ -575,8 +716,9 @@ def build_shards(
     existing = _listed_shards(out, previous, state)
     if not overwrite and existing and state.get("fingerprint") != fingerprint:
         if previous is not None and previous["format_version"] < FORMAT_VERSION:
-            raise UserError(f"{out}: holds shards of format version {previous['format_version']} (no block "
-                            "checksums); pass --overwrite to rebuild them")
+            version = previous["format_version"]
+            raise UserError(f"{out}: holds shards of format version {version} ({_OLD_FORMATS_SHORT[version]}); "
+                            "pass --overwrite to rebuild them")
         raise UserError(
             f"{out}: holds shards from another source or other options; choose another --out or pass --overwrite"
         )
@@ -588,55 +730,101 @@ def build_shards(
         state = {"fingerprint": fingerprint, "shards": {}}
         _start_state(state_path, fingerprint)
 
-    rows, report = read_dream(source, replace(read_options, workers=workers), progress)
-    threshold = top_threshold(rows.labels, options.top_fraction)
-    flags = row_flags(rows, threshold)
-    split_of_row = assign_splits(rows.hash, options)
-    plan = _plan(split_of_row, options)
-
-    results: dict[str, dict] = {}
-    todo = []
-    for name, idx in plan:
-        reused = _reusable(out, state, name)
-        if reused is not None:
-            results[name] = reused
-        else:
-            todo.append((str(out), name, idx))
-    shards_reused = len(results)
-
-    _BUILD.update(rows=rows, flags=flags, rows_per_block=options.rows_per_block)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(rows), initial=sum(r["rows"] for r in results.values()), unit="row", unit_scale=True, desc="shards")
+    plain = source
+    if is_gzip(source):
+        # A gzip stream cannot be read from an offset: one plain copy, cut as the plain file would be.
+        plain = out / f"source.decompressed.tmp-{os.getpid()}"
     try:
-        if workers > 1 and len(todo) > 1:
-            pool = mp.get_context("fork").Pool(workers)
-            done_iter: Iterator[dict] = pool.imap_unordered(_write_shard_task, todo)
-        else:
-            pool = None
-            done_iter = map(_write_shard_task, todo)
-        for entry in done_iter:
-            results[entry["name"]] = entry
-            _log_shard(state_path, entry)
+        if plain != source:
+            with open(plain, "wb") as handle:
+                decompress_to(source, handle)
+        report, threshold, results, written, rows_integer = _build_segments(plain, source, out, state, options, read_options,
+                                                              workers, progress)
+    finally:
+        if plain != source:
+            plain.unlink(missing_ok=True)
+
+    _write_rejected(out / REJECTED, report)
+    fsync_paths([out / entry["file"] for _, entry, _ in results])
+    manifest = _manifest(source, source_sha, fingerprint, report, options, threshold, results, rows_integer)
+    write_json_atomic(manifest_path, manifest)
+    state_path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
+    return BuildResult(str(out), manifest, seconds, written, len(results) - written, report)
+
+
+def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: ShardOptions,
+                    read_options: ReadOptions, workers: int, progress: bool,
+                    ) -> tuple[ReadReport, float, list[tuple[str, dict, np.ndarray]], int, int]:
+    """Cut ``plain`` (the source, or its decompressed copy) into segments; each worker parses and writes one at
+    a time. Returns the read report, the top-expression threshold, (split, entry with ``rows_top``, labels) of
+    every shard in segment order, the number of shards written (not reused) and of integer labels.
+
+    Raises InputError for a strict-mode bad row (the first in the file), a file without valid
+    rows or one with more bad rows than ``max_bad_fraction``.
+    """
+    report = ReadReport(str(source))
+    bounds = segment_bounds(plain, options.segment_bytes)
+    bar = pool = None
+    context = mp.get_context("fork")
+    line_counts = context.RawArray("q", len(bounds))  # shared: -1 until the segment is parsed
+    line_counts[:] = [-1] * len(bounds)
+    _BUILD.update(source=plain, out=out, options=options, read=read_options, state=state,
+                  line_counts=line_counts, lines_ready=context.Condition())  # before the fork
+    try:
+        if workers > 1 and len(bounds) > 1:
+            pool = context.Pool(workers)
+        tasks = [(position, k, start, end) for position, (k, start, end) in enumerate(bounds)]
+        done = pool.imap(_segment_task, tasks) if pool is not None else map(_segment_task, tasks)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(end - start for _, start, end in bounds), unit="B", unit_scale=True,
+                       desc=f"shards {source.name}")
+        shards: list[tuple[str, dict, np.ndarray]] = []
+        written = rows_integer = 0
+        for part in done:  # in segment order: the first bad row a strict build meets is the file's first
+            if part["rejected"] and read_options.strict:
+                first = part["rejected"][0]
+                raise InputError(str(source), first.detail, line=first.line, field=first.field)
+            report.rows_in += part["rows_in"]
+            report.rejected.update(r.reason for r in part["rejected"])
+            report.rejected_rows.extend(part["rejected"])
+            report.warnings.extend(part["warnings"])
+            report.bytes_read += part["bytes"]
+            rows_integer += part["rows_integer"]
+            for (split, entry, new), labels in zip(part["shards"], part["labels"]):
+                report.rows_ok += entry["rows"]
+                written += new
+                shards.append((split, entry, labels))
             if bar is not None:
-                bar.update(entry["rows"])
+                bar.update(part["bytes"])
         if pool is not None:
             pool.close()
             pool.join()
     finally:
         _BUILD.clear()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         if bar is not None:
             bar.close()
-
-    _write_rejected(out / REJECTED, report)
-    fsync_paths([out / entry["file"] for entry in results.values()])
-    manifest = _manifest(source, source_sha, fingerprint, report, options, threshold, flags, plan, results)
-    write_json_atomic(manifest_path, manifest)
-    state_path.unlink(missing_ok=True)
-    seconds = time.perf_counter() - t0
-    return BuildResult(str(out), manifest, seconds, len(todo), shards_reused, report)
+    if report.rows_ok == 0:
+        if report.rows_in == 0:
+            raise InputError(str(source), "the file is empty (no rows)")
+        raise InputError(str(source), "no valid row\n" + report.summary())
+    if report.rows_rejected > read_options.max_bad_fraction * report.rows_in:
+        raise InputError(
+            str(source),
+            f"{report.rows_rejected} of {report.rows_in} rows are bad, more than max_bad_fraction="
+            f"{read_options.max_bad_fraction}; is this the right file?\n" + report.summary(),
+        )
+    labels = np.concatenate([labels for _, _, labels in shards])  # 4 B per row, partitioned in place
+    threshold = top_threshold(labels, options.top_fraction, overwrite=True)
+    del labels
+    shards = [(split, _set_rows_top(entry, labels, threshold, options.rows_per_block), labels)
+              for split, entry, labels in shards]
+    return report, threshold, shards, written, rows_integer
 
 
 def _write_rejected(path: Path, report: ReadReport) -> None:
@@ -648,17 +836,17 @@ def _write_rejected(path: Path, report: ReadReport) -> None:
             handle.write(f"{r.line}\t{r.reason}\t{r.field}\t{r.detail}\t{raw}\n")
 
 
-def _manifest(source, source_sha, fingerprint, report, options, threshold, flags, plan, results) -> dict:
+def _manifest(source, source_sha, fingerprint, report, options, threshold, results, rows_integer) -> dict:
     # Entries were written by encode_shard or checked by _reusable: well formed.
-    blocks = {name: shard_blocks(entry, MANIFEST) for name, entry in results.items()}
+    blocks = [shard_blocks(entry, MANIFEST) for _, entry, _ in results]
     splits = {}
     for split, _ in options.splits:
-        names = [name for name, _ in plan if name.startswith(f"{split}-")]
+        mine = [i for i, (name, _, _) in enumerate(results) if name == split]
         splits[split] = {
-            "rows": sum(results[name]["rows"] for name in names),
-            "rows_nad": sum(b.rows_nad for name in names for b in blocks[name]),
-            "rows_top": sum(b.rows_top for name in names for b in blocks[name]),
-            "shards": [results[name] for name in names],
+            "rows": sum(results[i][1]["rows"] for i in mine),
+            "rows_nad": sum(b.rows_nad for i in mine for b in blocks[i]),
+            "rows_top": sum(b.rows_top for i in mine for b in blocks[i]),
+            "shards": [results[i][1] for i in mine],
         }
     return {
         "format": FORMAT,
@@ -674,12 +862,12 @@ def _manifest(source, source_sha, fingerprint, report, options, threshold, flags
         "labels": {
             "top_fraction": options.top_fraction,
             "top_threshold": threshold,
-            "rows_top": int((flags & FLAG_TOP > 0).sum()),
-            "rows_integer": int((flags & FLAG_INTEGER > 0).sum()),
-            "rows_nad": int((flags & FLAG_NAD > 0).sum()),
+            "rows_top": sum(info["rows_top"] for info in splits.values()),
+            "rows_integer": rows_integer,
+            "rows_nad": sum(info["rows_nad"] for info in splits.values()),
         },
-        "rows": int(len(flags)),
-        "max_row_length": int(max((b.max_length for index in blocks.values() for b in index), default=0)),
+        "rows": report.rows_ok,
+        "max_row_length": int(max((b.max_length for index in blocks for b in index), default=0)),
         "splits": splits,
     }
 
@@ -821,7 +1009,7 @@ def check_manifest(manifest: object, path: str | os.PathLike, readable: bool = T
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
         typed.fail(where, f"{_show(version)} is not a format this promoter-dist reads (1 to {FORMAT_VERSION})")
     if readable and version < FORMAT_VERSION:
-        raise UserError(f"{path}: format_version {version}: shards without block checksums; rebuild them "
+        raise UserError(f"{path}: format_version {version}: {_OLD_FORMATS[version]}; rebuild them "
                         "(promoter-dist shards build SOURCE --out DIR --overwrite)")
     typed.count(top, "rows", "")
     typed.count(top, "max_row_length", "")
@@ -900,7 +1088,6 @@ _NPY_HEADER = re.compile(rb"\{'descr': '([^']+)', 'fortran_order': False, 'shape
 _MEMBER_NPY = {member: (descr.encode(), np.dtype(descr)) for member, descr in MEMBER_DTYPES.items()}
 # The flag values that carry each view's bit: summing their counts gives the view's rows.
 _NAD_FLAG_VALUES = [value for value in range(KNOWN_FLAGS + 1) if value & FLAG_NAD]
-_TOP_FLAG_VALUES = [value for value in range(KNOWN_FLAGS + 1) if value & FLAG_TOP]
 
 
 def _load_npy(data: bytes, member: str) -> np.ndarray:
@@ -941,12 +1128,14 @@ def _decode_block(data: bytes, start: int, end: int) -> dict[str, np.ndarray]:
     return block
 
 
-def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool) -> str | None:
+def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool,
+                top_threshold: float | None = None) -> str | None:
     """What is wrong with a decoded block against the schema and its index entry, or None.
 
     Vectorised, a few microseconds per block: row counts, lengths summing to the bases
-    held, base codes 0..4, known flag bits, view counts, finite labels (``labelled``; else
-    NaN marks an unlabelled row, never infinity). That NAD-eligible rows are 110 bp without
+    held, base codes 0..4, known flag bits, view counts (the top-expression count only
+    given the manifest's ``top_threshold``: the loader's top view counts it as it selects),
+    finite labels (``labelled``; else NaN marks an unlabelled row, never infinity). That NAD-eligible rows are 110 bp without
     N is checked where their words are made, on their padded codes (:func:`check_nad_rows`).
     """
     seq, lengths, y, flags = block["seq"], block["len"], block["y"], block["flags"]
@@ -967,7 +1156,8 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool)
         unknown = int(np.bitwise_or.reduce(flags)) & ~KNOWN_FLAGS
         return f"unknown flag bits {unknown:#04x} (known: {KNOWN_FLAGS:#04x})"
     per_value = counts.tolist()  # eight numbers: Python sums beat numpy calls here
-    nad, top = sum(per_value[v] for v in _NAD_FLAG_VALUES), sum(per_value[v] for v in _TOP_FLAG_VALUES)
+    nad = sum(per_value[v] for v in _NAD_FLAG_VALUES)
+    top = entry.rows_top if top_threshold is None else int((y >= np.float32(top_threshold)).sum())
     if (nad, top) != (entry.rows_nad, entry.rows_top):
         return (f"{nad} NAD-eligible and {top} top-expression rows; the manifest says {entry.rows_nad} and "
                 f"{entry.rows_top}")
@@ -1015,14 +1205,15 @@ def _read_range(path: str | os.PathLike, offset: int, nbytes: int) -> bytes:
 
 
 def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], first: int = 0,
-                     labelled: bool = True, verify: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                     labelled: bool = True, verify: bool = True,
+                     top_threshold: float | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Decode a run of consecutive blocks of a shard; ``blocks[0]`` is the shard's block number ``first``.
 
     Any block boundary is a valid tar start, so one read fetches the whole run. The tar
     is parsed by :func:`iter_tar_members` (not ``tarfile`` nor webdataset) and each
     ``.npy`` member by :func:`_load_npy`. With ``verify`` each block's bytes are hashed
     against its checksum before decoding and its arrays checked by :func:`check_block`
-    (``labelled``: finite labels) before it is yielded; any difference is a
+    (``labelled``: finite labels; ``top_threshold``: the top-expression counts too) before it is yielded; any difference is a
     :class:`ShardBlockError` naming the file, block and byte offset. ``verify=False``
     exists only to measure what the checks cost.
     """
@@ -1039,7 +1230,7 @@ def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], firs
                                   "corrupt or was altered: rebuild or restore it)")
         try:
             block = _decode_block(data, lo, hi)
-            problem = check_block(block, entry, labelled) if verify else None
+            problem = check_block(block, entry, labelled, top_threshold) if verify else None
         except ValueError as exc:
             problem = str(exc)
         if problem is not None:
@@ -1082,6 +1273,7 @@ def verify_shards(shard_dir: str | os.PathLike, deep: bool = True) -> VerifyResu
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
     labelled = labels_required(manifest)
+    threshold = manifest["labels"]["top_threshold"]
     problems: list[str] = []
     shards_checked = rows_checked = 0
     manifest_path = shard_dir / MANIFEST
@@ -1097,14 +1289,14 @@ def verify_shards(shard_dir: str | os.PathLike, deep: bool = True) -> VerifyResu
                 problems.append(f"{path}: truncated or altered: {size} bytes, manifest says {shard['bytes']}")
                 continue
             if sha256_file(path) != shard["sha256"]:
-                bad_block = _first_bad_block(path, shard, manifest_path, labelled) if deep else None
+                bad_block = _first_bad_block(path, shard, manifest_path, labelled, threshold) if deep else None
                 located = "" if bad_block is None else \
                     f"; block {bad_block.block} at byte {bad_block.offset}: {bad_block.problem}"
                 problems.append(f"{path}: corrupted: sha256 differs from the manifest{located}")
                 continue
             if deep:
                 try:
-                    _check_blocks(path, shard_blocks(shard, manifest_path), labelled)
+                    _check_blocks(path, shard_blocks(shard, manifest_path), labelled, threshold)
                 except UserError as exc:
                     problems.append(str(exc))
                     continue
@@ -1118,19 +1310,22 @@ def verify_shards(shard_dir: str | os.PathLike, deep: bool = True) -> VerifyResu
     return VerifyResult(not problems, problems, shards_checked, rows_checked)
 
 
-def _check_blocks(path: Path, blocks: list[BlockIndex], labelled: bool) -> None:
-    """Every block of a shard: checksum, schema (:func:`check_block`) and NAD rows (:func:`check_nad_rows`)."""
-    for number, (entry, block) in enumerate(zip(blocks, read_block_range(path, blocks, 0, labelled))):
+def _check_blocks(path: Path, blocks: list[BlockIndex], labelled: bool, top_threshold: float) -> None:
+    """Every block of a shard: checksum, schema and view counts (:func:`check_block`) and NAD rows
+    (:func:`check_nad_rows`)."""
+    for number, (entry, block) in enumerate(zip(blocks, read_block_range(path, blocks, 0, labelled,
+                                                                           top_threshold=top_threshold))):
         rows = np.flatnonzero(block["flags"] & FLAG_NAD)
         problem = check_nad_rows(padded_codes(block, rows, NOMINAL_LENGTH), block["len"][rows])
         if problem is not None:
             raise ShardBlockError(path, number, entry.offset, problem)
 
 
-def _first_bad_block(path: Path, shard: dict, manifest_path: Path, labelled: bool) -> ShardBlockError | None:
+def _first_bad_block(path: Path, shard: dict, manifest_path: Path, labelled: bool,
+                     top_threshold: float) -> ShardBlockError | None:
     """The first block of a shard whose bytes or arrays differ from the manifest; None if the damage is elsewhere."""
     try:
-        _check_blocks(path, shard_blocks(shard, manifest_path), labelled)
+        _check_blocks(path, shard_blocks(shard, manifest_path), labelled, top_threshold)
     except ShardBlockError as exc:
         return exc
     except UserError:

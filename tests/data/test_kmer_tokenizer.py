@@ -236,3 +236,29 @@ def test_bad_arguments_are_refused() -> None:
         kt.encode_codes(codes, np.array([10, 10]), max_tokens=1)
     ids, mask = kt.encode_codes(codes, np.array([10, 10]), max_tokens=2)
     assert ids.tolist() == [[kt.CLS_ID, kt.SEP_ID]] * 2 and mask.tolist() == [[1, 1]] * 2
+
+
+def test_random_rows_of_every_length_phase_and_letter_equal_hf() -> None:
+    """The row-only numpy path (constant flank 3-mers, tail placed per phase) against the HF tokenizer:
+    lengths 1..140 (every phase of every frame), N, invalid letters at the row's edges, truncation."""
+    rng = np.random.default_rng(11)
+    letters = np.array(list("ACGTNacgtnX*"))
+    sequences = []
+    for length in range(1, 141):
+        for _ in range(2):
+            chosen = rng.choice(letters, length, p=[0.2, 0.2, 0.2, 0.2, 0.04, 0.03, 0.03, 0.03, 0.03, 0.02, 0.01, 0.01])
+            if rng.random() < 0.2:
+                chosen[-1] = "X"  # an invalid last base: inside the 3-mer across the row's end
+            sequences.append("".join(chosen))
+    codes, lengths = to_codes(sequences)
+    for frame in kt.FRAMES:
+        tok = kt.build_tokenizer(frame)
+        ids, mask = kt.encode_codes(codes, lengths, frame)
+        hf_ids, hf_mask = hf_batch(tok, sequences)
+        np.testing.assert_array_equal(ids, hf_ids)
+        np.testing.assert_array_equal(mask, hf_mask)
+        for max_tokens in (2, 60, 127, 200):
+            ids, mask = kt.encode_codes(codes, lengths, frame, max_tokens=max_tokens)
+            hf_ids, hf_mask = hf_batch(tok, sequences, padding="max_length", truncation=True, max_length=max_tokens)
+            np.testing.assert_array_equal(ids, hf_ids)
+            np.testing.assert_array_equal(mask, hf_mask)

@@ -26,7 +26,6 @@ from promoter_dist.data.shards import (
     BLOCK_INDEX_FIELDS,
     FLAG_INTEGER,
     FLAG_NAD,
-    FLAG_TOP,
     MANIFEST,
     BlockIndex,
     ShardOptions,
@@ -149,9 +148,14 @@ def test_top_subset_threshold_is_over_the_whole_file(small_shards: Path) -> None
     threshold = np.quantile(labels, 0.8)
     assert manifest["labels"]["top_threshold"] == pytest.approx(threshold)
     assert manifest["labels"]["rows_top"] == int((labels >= threshold).sum())
-    for block in _all_blocks(small_shards, "val"):
-        top = (block["flags"] & FLAG_TOP) > 0
-        assert np.array_equal(top, block["y"] >= np.float32(threshold))
+    # No stored bit: each block's rows_top counts the labels >= the threshold, as the loader selects them.
+    manifest_path = small_shards / MANIFEST
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            blocks = shard_blocks(shard, manifest_path)
+            for entry, block in zip(blocks, read_block_range(small_shards / shard["file"], blocks)):
+                assert entry.rows_top == int((block["y"] >= np.float32(threshold)).sum())
+                assert block["flags"].max(initial=0) <= FLAG_INTEGER | FLAG_NAD
 
 
 def test_stock_webdataset_and_tar_read_the_shards(small_shards: Path) -> None:
@@ -308,7 +312,7 @@ def test_shards_of_format_version_1_are_refused_until_rebuilt(tmp_path: Path) ->
     with pytest.raises(UserError, match=r"holds shards of format version 1 \(no block checksums\); pass --overwrite"):
         build_shards(DEMO_TRAIN, out, SMALL, progress=False)
     result = build_shards(DEMO_TRAIN, out, SMALL, overwrite=True, progress=False)
-    assert result.manifest["format_version"] == 2 and verify_shards(out).ok
+    assert result.manifest["format_version"] == 3 and verify_shards(out).ok
 
 
 def test_rebuild_of_finished_folder_is_a_no_op(small_shards: Path) -> None:

@@ -124,7 +124,7 @@ def rewrite_shard(work: Path, change: Callable[[dict[str, np.ndarray]], dict[str
     blocks = [{k: v.copy() for k, v in block.items()}
               for block in read_block_range(path, shard_blocks(shard, work / MANIFEST))]
     blocks[BLOCK] = change(blocks[BLOCK]) or blocks[BLOCK]
-    data, index = encode_shard(shard["name"], blocks)
+    data, index = encode_shard(shard["name"], blocks, manifest["labels"]["top_threshold"])
     path.write_bytes(data)
     shard.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), blocks=[b.to_list() for b in index])
     (work / MANIFEST).write_text(json.dumps(manifest))
