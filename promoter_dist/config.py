@@ -379,15 +379,18 @@ class TrainConfig:
             return "onehot"
         return "nad" if self.model.name == "nad" else "kmer"
 
-    def loader_config(self, split: str, training: bool) -> LoaderConfig:
-        """Stream settings for one split: shuffled equal batches for training, every row once for evaluation."""
+    def loader_config(self, split: str, training: bool, pin_memory: bool = False) -> LoaderConfig:
+        """Stream settings for one split: shuffled equal batches for training, every row once for evaluation.
+
+        ``pin_memory``: page-locked batches for a GPU rank. Evaluation reads with the same workers.
+        """
         data = self.data
         return LoaderConfig(
             split=split, view=self.view, tokens=self.tokens,
             batch_size=data.batch_size if training else (data.eval_batch_size or data.batch_size),
             shuffle=training, shuffle_buffer=data.shuffle_buffer, drop_last=training,
-            seed=self.run.seed, num_workers=data.num_workers if training else 0, kmer_frame=data.kmer_frame,
-            kmer_all_frames=data.kmer_all_frames, onehot_window=data.onehot_window,
+            seed=self.run.seed, num_workers=data.num_workers, kmer_frame=data.kmer_frame,
+            kmer_all_frames=data.kmer_all_frames, onehot_window=data.onehot_window, pin_memory=pin_memory,
         )
 
 

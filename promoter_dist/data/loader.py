@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
@@ -106,6 +107,10 @@ class LoaderConfig:
     """3-mer tokens in all three frames: input_ids and attention_mask (B, 3, T) instead of (B, T)."""
     onehot_window: int = 150
     """Length (bp) of the 'onehot' windows: vector sequence + the row without its 5' adapter, the last this many."""
+    pin_memory: bool = False
+    """Page-locked batches, so that a copy to the GPU with ``non_blocking=True`` overlaps compute (GPU ranks)."""
+    persistent_workers: bool = True
+    """Keep the worker processes from one epoch (or evaluation) to the next instead of forking new ones."""
 
     def __post_init__(self) -> None:
         # Built in code, not through the config coercer: the choices are checked here, from the types.
@@ -384,26 +389,37 @@ class _WorkerFailure:
 
 
 class _RankStream(IterableDataset):
-    """One rank's batches for one epoch; under a DataLoader each worker streams its part."""
+    """One rank's batches, one epoch per pass; under a DataLoader each worker streams its part.
+
+    The pass's epoch and resume step sit in shared memory: the rank sets them before each pass,
+    and persistent workers, forked once, read them when the pass starts.
+    """
 
     def __init__(self, manifest: dict, shard_dir: str, config: LoaderConfig, rank: int, world_size: int,
-                 epoch: int, start_step: int, width: int, verify: bool = True):
+                 width: int, verify: bool = True):
         self.manifest, self.shard_dir, self.config = manifest, shard_dir, config
-        self.rank, self.world_size, self.epoch, self.start_step, self.width = rank, world_size, epoch, start_step, width
+        self.rank, self.world_size, self.width = rank, world_size, width
         self.verify = verify
-        self.plan = plan_epoch(manifest, shard_dir, config, epoch, world_size)
+        self._position = RawArray("q", 2)  # (epoch, start step) of the next pass
+
+    def start_pass(self, epoch: int, start_step: int) -> EpochPlan:
+        """Set the next pass to ``epoch`` from batch ``start_step`` on; returns its plan."""
+        self._position[0], self._position[1] = epoch, start_step
+        return plan_epoch(self.manifest, self.shard_dir, self.config, epoch, self.world_size)
 
     def worker_stream(self, worker_slot: int) -> Iterator[dict[str, torch.Tensor] | None]:
         """The batches of logical worker ``(slot + start_step) % W`` from its resume point on."""
         import webdataset as wds
 
+        epoch, start_step = self._position[0], self._position[1]
+        plan = plan_epoch(self.manifest, self.shard_dir, self.config, epoch, self.world_size)
         workers = max(self.config.num_workers, 1)
-        logical = (worker_slot + self.start_step) % workers
-        skip = len(range(logical, self.start_step, workers))  # its batches already consumed
-        quota = self.plan.quotas[self.rank][logical]
+        logical = (worker_slot + start_step) % workers
+        skip = len(range(logical, start_step, workers))  # its batches already consumed
+        quota = plan.quotas[self.rank][logical]
         cfg = self.config
-        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, logical]) if cfg.shuffle else None
-        units = self.plan.units[self.rank][logical]
+        rng = np.random.default_rng([cfg.seed, epoch, self.rank, logical]) if cfg.shuffle else None
+        units = plan.units[self.rank][logical]
         pipeline = wds.DataPipeline(
             lambda: iter(units),
             read_units(labels_required(self.manifest), self.verify),
@@ -425,6 +441,11 @@ class _RankStream(IterableDataset):
             if info is None:
                 raise
             yield _WorkerFailure(str(exc))
+
+
+def _layout(config: dict) -> dict:
+    """The loader settings that decide which rows come when (not how they reach the device)."""
+    return {k: v for k, v in config.items() if k not in ("pin_memory", "persistent_workers")}
 
 
 class ShardLoader:
@@ -450,6 +471,8 @@ class ShardLoader:
         self.width = NOMINAL_LENGTH if config.view == "nad" else max(int(self.manifest["max_row_length"]), 1)
         self.epoch = 0
         self.step = 0
+        self._stream = _RankStream(self.manifest, self.shard_dir, config, rank, world_size, self.width, verify)
+        self._batches: Iterable | None = None  # the DataLoader, made at the first pass and kept
         # Training needs a full batch on every rank; evaluation only some row somewhere (a rank may hold none).
         if plan_epoch(self.manifest, self.shard_dir, config, 0, self.world_size).steps == 0:
             raise UserError(
@@ -465,16 +488,21 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch()
 
+    def batches(self) -> Iterable:
+        """The batch source: the stream itself, or a DataLoader over it (workers, pinned memory)."""
+        cfg = self.config
+        if self._batches is None:
+            if cfg.num_workers > 0 or cfg.pin_memory:
+                self._batches = DataLoader(self._stream, batch_size=None, num_workers=cfg.num_workers,
+                                           pin_memory=cfg.pin_memory,
+                                           persistent_workers=cfg.persistent_workers and cfg.num_workers > 0)
+            else:
+                self._batches = self._stream
+        return self._batches
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        stream = _RankStream(self.manifest, self.shard_dir, self.config, self.rank, self.world_size,
-                             self.epoch, self.step, self.width, self.verify)
-        total = stream.plan.steps_per_rank[self.rank]
-        if self.config.num_workers > 0:
-            batches: Iterable = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
-                                           persistent_workers=False)
-        else:
-            batches = stream
-        for batch in batches:
+        total = self._stream.start_pass(self.epoch, self.step).steps_per_rank[self.rank]
+        for batch in self.batches():
             if isinstance(batch, _WorkerFailure):
                 raise UserError(batch.message)
             self.step += 1
@@ -495,10 +523,12 @@ class ShardLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; the data layout (world size, workers, config) must match."""
         for key, mine in (("world_size", self.world_size), ("num_workers", self.config.num_workers),
-                          ("config", asdict(self.config)), ("source_sha256", self.manifest["source"]["sha256"])):
-            if state.get(key) != mine:
+                          ("config", _layout(asdict(self.config))),
+                          ("source_sha256", self.manifest["source"]["sha256"])):
+            saved = _layout(state.get(key)) if key == "config" and isinstance(state.get(key), dict) else state.get(key)
+            if saved != mine:
                 raise UserError(
-                    f"loader state: {key} differs ({state.get(key)!r} saved, {mine!r} now); an exact resume needs "
+                    f"loader state: {key} differs ({saved!r} saved, {mine!r} now); an exact resume needs "
                     "the same shards, world size, workers and loader config"
                 )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
