@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _runs import RunRecordMissing, read_metrics, trainable_parameters
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 TRAIN_SCRIPT = REPO / "benchmarks" / "gpu" / "train_recording_memory.py"
@@ -149,7 +151,7 @@ class Row:
 
 
 class CheckFailed(Exception):
-    """A part failed; the message is the reason shown in its row."""
+    """A part failed; the message is the reason shown in its row (as is a missing run record's)."""
 
 
 class Clock:
@@ -372,7 +374,7 @@ class GPUCheck:
         try:
             summary, figures = body()
             row = Row(part, "OK", summary, figures)
-        except CheckFailed as failure:
+        except (CheckFailed, RunRecordMissing) as failure:
             row = Row(part, "FAIL", str(failure))
         except Exception as error:  # an unexpected error in the check itself: still a row, still a table
             row = Row(part, "FAIL", f"{type(error).__name__}: {error}")
@@ -594,7 +596,7 @@ class GPUCheck:
         try:
             summary, figures = body()
             return Row(part, "OK", summary, figures, seconds, planned)
-        except CheckFailed as failure:
+        except (CheckFailed, RunRecordMissing) as failure:
             return Row(part, "FAIL", str(failure), seconds=seconds, budget=planned)
         except Exception as error:
             return Row(part, "FAIL", f"{type(error).__name__}: {error}", seconds=seconds, budget=planned)
@@ -798,13 +800,6 @@ class GPUCheck:
 # --------------------------------------------------------------------------- figures of a run
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl."""
-    if not path.exists():
-        raise CheckFailed(f"{path} missing")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_pointer(path: Path) -> str:
     """The tag a checkpoint pointer file names."""
     if not path.exists():
@@ -839,15 +834,6 @@ def resume_figures(records: list[dict], tag: str, k: int, rerun_output: str) -> 
         raise CheckFailed(f"the rerun's last train record is step {last}, not {2 * k}")
     return f"checkpoint {tag} saved; the rerun resumed from it and reached step {2 * k}", \
         {"checkpoint": tag, "final_step": last}
-
-
-def trainable_parameters(run_dir: Path) -> int:
-    """The trainable parameter count the trainer logged on rank 0."""
-    log = (run_dir / "logs" / "rank0.log").read_text(errors="replace")
-    match = re.search(r"([\d,]+) trainable parameters", log)
-    if match is None:
-        raise CheckFailed(f"no 'N trainable parameters' line in {run_dir / 'logs' / 'rank0.log'}")
-    return int(match.group(1).replace(",", ""))
 
 
 def tokens_per_row(config: RunConfig, shards: Path | None) -> float:
