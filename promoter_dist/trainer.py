@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .checkpointing import BEST, LATEST, CheckpointManager, fp32_state_dict
+from .checkpointing import BEST, LATEST, CheckpointManager, TrainShape, fp32_state_dict
 from .config import TrainConfig, config_dict, dump_yaml
 from .data.loader import ShardLoader
 from .engine import build_engine, set_beta1, set_learning_rate
@@ -76,8 +76,6 @@ class Trainer:
                  f"{self.parameter_count:,}")
         self.device = dist.device()
         self.engine = build_engine(model, config, env.world_size, self.device)
-        # Label noise and dropout differ by rank, as independent workers' would.
-        torch.manual_seed(config.run.seed * 1_000_003 + env.rank)
 
         pin = self.device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps compute
         with dist.failing_together():  # an unreadable shard folder on one node ends every rank
@@ -108,7 +106,8 @@ class Trainer:
             mode = "min" if config.schedule.plateau_metric == "loss" else "max"
             self.plateau = Plateau(config.schedule.plateau_factor, config.schedule.plateau_patience, mode)
 
-        self.checkpoints = CheckpointManager(self.out_dir, env.rank, env.world_size, config.run.keep_checkpoints)
+        shape = TrainShape(env.world_size, config.engine.grad_accum, config.data.batch_size, config.engine.zero_stage)
+        self.checkpoints = CheckpointManager(self.out_dir, env.rank, shape, config.run.keep_checkpoints)
         self.metrics = MetricsLog(self.out_dir, env.is_main, getattr(self.engine, "monitor", None))
         self.step = 0
         self.skipped_steps = 0
@@ -133,9 +132,18 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
 
-    def forward_loss(self, batch: Batch) -> torch.Tensor:
-        """Scalar training loss of one micro batch on this rank (bf16 runs inside the model: see engine.py)."""
+    def forward_loss(self, batch: Batch, micro: int = 0) -> torch.Tensor:
+        """Scalar training loss of micro batch ``micro`` of this rank's step (bf16 runs inside the model: see engine.py)."""
+        self.seed_micro_batch(micro)
         return self.task.training_loss(self.engine, _to_device(batch, self.device))
+
+    def seed_micro_batch(self, micro: int) -> None:
+        """Random draws (dropout, label noise, masking) keyed by the step and the micro batch's place in the
+        global batch, not by rank: a run resumed on another shape with the same micro batches draws the
+        same numbers. GSAM's two passes over a micro batch draw the same ones too."""
+        position = self.env.rank * self.grad_accum + micro
+        key = np.random.SeedSequence([self.config.run.seed, self.step, position]).generate_state(1, np.uint64)[0]
+        torch.manual_seed(int(key))
 
     def train_step(self, micro_batches: list[Batch], load_error: UserError | None = None) -> float:
         """One optimizer step over ``grad_accum`` micro batches; returns the mean loss over ranks.
@@ -147,7 +155,8 @@ class Trainer:
         self.cycle_momentum()
         if self.gsam is not None:
             dist.raise_together(load_error)
-            loss = float(self.gsam.step(micro_batches, self.forward_loss))
+            numbered = list(enumerate(micro_batches))
+            loss = float(self.gsam.step(numbered, lambda item: self.forward_loss(item[1], item[0])))
             self.stop_agreed = self.stop_requested()
             return loss
         return self.accumulate(micro_batches, load_error)
@@ -165,7 +174,7 @@ class Trainer:
         last = len(micro_batches) - 1
         loss_mean = math.nan
         for i, batch in enumerate(micro_batches):
-            loss = self.forward_loss(batch)
+            loss = self.forward_loss(batch, i)
             losses.append(loss.detach())
             if i == last:
                 agreed = dist.agree_on_step(torch.stack(losses), self.stop is not None and self.stop.requested,

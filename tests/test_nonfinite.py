@@ -53,8 +53,8 @@ def make_trainer(env, config, nan_step: int | None = NAN_STEP, nan_micro: int = 
             self.snapshots[self.step] = weights(self)
             return super().train_step(micro_batches, *rest)
 
-        def forward_loss(self, batch):
-            loss = super().forward_loss(batch)
+        def forward_loss(self, batch, micro=0):
+            loss = super().forward_loss(batch, micro)
             index = self.calls[self.step]
             self.calls[self.step] += 1
             if self.step == nan_step and index == nan_micro:
