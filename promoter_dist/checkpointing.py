@@ -522,7 +522,10 @@ class CheckpointManager:
         if not buffers:
             return
         with dist.failing_together(), weights_only_loads(trust_pickle):
-            path = self.dir / tag / "mp_rank_00_model_states.pt"
+            # ZeRO 0-2 write mp_rank_00_model_states.pt, ZeRO-3 one per rank; buffers are whole in each.
+            path = next((self.dir / tag / name for name in ("mp_rank_00_model_states.pt",
+                                                            "zero_pp_rank_0_mp_rank_00_model_states.pt")
+                         if (self.dir / tag / name).exists()), self.dir / tag / "mp_rank_00_model_states.pt")
             module = torch.load(path, map_location="cpu").get("module") or {}
             missing = sorted(set(buffers) - set(module))
             if missing:
