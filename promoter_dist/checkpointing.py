@@ -8,6 +8,9 @@ Layout::
     step00001200/          DeepSpeed tag folder: model states, ZeRO optimizer partitions, the trainer's
                            shared state (client state), and trainer-rank<r>.pt: rank r's loader position,
                            RNG state, loss window and own BatchNorm statistics
+                           shape.json: ranks, accumulation, micro batch and ZeRO stage it was written with
+                           universal/: made on demand, DeepSpeed's universal checkpoint of it, for a
+                           resume on another shape
     best-step00001100/     the same, for the best checkpoint
 
 :class:`CheckpointManager` writes a checkpoint collectively from a training engine and
