@@ -690,11 +690,12 @@ class ShardLoader:
             yield from self._training_epoch()
             return
         total = self._stream.start_pass(self.epoch, self.step).steps_per_rank[self.rank]
+        pin_here = self.config.pin_memory and self.config.num_workers == 0  # else the DataLoader pins
         for batch in self.batches():
             if isinstance(batch, _WorkerFailure):
                 raise UserError(batch.message)
             self.step += 1
-            yield batch
+            yield {k: v.pin_memory() for k, v in batch.items()} if pin_here else batch
         if self.step != total:
             raise RuntimeError(f"rank {self.rank} yielded {self.step} batches in epoch {self.epoch}, planned {total}")
         self.epoch += 1
