@@ -20,12 +20,15 @@ the script exits 1 at the end:
    utilisation for BERT), *validation* (a validation record at k and 2k), *resume* (checkpoint of
    step k saved, the rerun logs ``resumed from`` it and reaches 2k), and for every task but
    masked-LM pretraining *predict* (``promoter-dist predict`` rows/s on the synthetic test file).
-4. *GSAM ZeRO 0 vs 3*: the trainer with GSAM on the NAD config (or the first config that enables
+4. *fp16*: the first BERT config for k steps with ``engine.precision=fp16`` (DeepSpeed's fp16 with
+   dynamic loss scaling): finite losses and samples/s. On a CPU, where DeepSpeed has no fp16, the
+   launch must end with the toolkit's one-line refusal instead.
+5. *GSAM ZeRO 0 vs 3*: the trainer with GSAM on the NAD config (or the first config that enables
    GSAM) at ZeRO stages 0 and 3, same seed and data, fp32 with TF32 off; the per-step losses must
    agree within :data:`GSAM_TOLERANCE` (relative). bf16 rounding would hide a small disagreement
    behind a loose tolerance, and the code paths that could disagree (GSAM's perturbation of the
    weight partitions against ZeRO-3's gathers) are the same in both precisions.
-5. *shard build*: ``promoter-dist synth`` and ``shards build`` of 6,739,258 rows (the size of the
+6. *shard build*: ``promoter-dist synth`` and ``shards build`` of 6,739,258 rows (the size of the
    DREAM training file) with ``--workers`` = every core; rows/s.
 
 Model FLOPs utilisation = 6 x trainable parameters x tokens per second / the GPU's dense bf16
@@ -57,6 +60,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _runs import RunRecordMissing, read_metrics, trainable_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -115,14 +120,14 @@ class Plan:
 GPU_PLAN = Plan(
     size="full", train_rows=300_000, test_rows=50_000, resume_step=100, log_every=20, batch_size=0, gsam_steps=10,
     build_rows=DREAM_TRAIN_ROWS, limit_s=480.0,
-    seconds={"environment": 10, "data": 15, "train": 45, "gsam": 40, "predict": 10, "shards": 50},
+    seconds={"environment": 10, "data": 15, "train": 45, "fp16": 25, "gsam": 40, "predict": 10, "shards": 50},
     note="estimates for one H200 and 16 cores, not yet measured there: a DeepSpeed launch starting in about "
          "15 s, 200 steps in 5-10 s, 6.7M rows synthesised and built at over 1M rows/s",
 )
 QUICK_PLAN = Plan(
     size="debug", train_rows=3_000, test_rows=500, resume_step=2, log_every=1, batch_size=16, gsam_steps=3,
     build_rows=20_000, limit_s=420.0,
-    seconds={"environment": 10, "data": 5, "train": 35, "gsam": 35, "predict": 8, "shards": 5},
+    seconds={"environment": 10, "data": 5, "train": 35, "fp16": 20, "gsam": 35, "predict": 8, "shards": 5},
     note="measured on the 2-core development machine: a DeepSpeed launch on a CPU takes about 15 s",
 )
 
@@ -146,7 +151,7 @@ class Row:
 
 
 class CheckFailed(Exception):
-    """A part failed; the message is the reason shown in its row."""
+    """A part failed; the message is the reason shown in its row (as is a missing run record's)."""
 
 
 class Clock:
@@ -369,7 +374,7 @@ class GPUCheck:
         try:
             summary, figures = body()
             row = Row(part, "OK", summary, figures)
-        except CheckFailed as failure:
+        except (CheckFailed, RunRecordMissing) as failure:
             row = Row(part, "FAIL", str(failure))
         except Exception as error:  # an unexpected error in the check itself: still a row, still a table
             row = Row(part, "FAIL", f"{type(error).__name__}: {error}")
@@ -391,6 +396,8 @@ class GPUCheck:
         s = self.plan.seconds
         parts = [("environment", s["environment"]), ("data", s["data"])]
         parts += [(f"train {c.name}", s["train"]) for c in configs]
+        if self.fp16_config(configs) is not None and not self.skipped("fp16"):
+            parts.append(("fp16", s["fp16"]))
         if gsam:
             parts.append(("gsam", s["gsam"]))
         if not self.skipped("predict"):
@@ -441,6 +448,14 @@ class GPUCheck:
                 self.fail(f"train {config.name}", why_not, self.plan.seconds["train"])
                 continue
             self.train_config(config)
+        fp16_config = self.fp16_config(configs)
+        if fp16_config is not None and not self.skipped("fp16"):
+            self.reserve_after(parts, "fp16")
+            if not ready:
+                self.fail(f"fp16 {fp16_config.name}", why_not, self.plan.seconds["fp16"])
+            else:
+                self.attempt(f"fp16 {fp16_config.name}", self.plan.seconds["fp16"],
+                             lambda: self.check_fp16(fp16_config))
         if not self.skipped("gsam"):
             self.reserve_after(parts, "gsam")
             if gsam_config is None:
@@ -465,6 +480,12 @@ class GPUCheck:
                          self.shard_build)
         self.print_table()
         return 1 if any(row.status == "FAIL" for row in self.rows) else 0
+
+    @staticmethod
+    def fp16_config(configs: list[RunConfig]) -> RunConfig | None:
+        """The config fp16 is checked on: the first BERT regression (fp16 suits transformers; NAD refuses it)."""
+        usable = [c for c in configs if not c.error and c.model == "bert"]
+        return next((c for c in usable if c.predicts), None) or next(iter(usable), None)
 
     def gsam_config(self, configs: list[RunConfig]) -> RunConfig | None:
         """The config GSAM is checked on: the first that enables it, else the first NAD config."""
@@ -575,7 +596,7 @@ class GPUCheck:
         try:
             summary, figures = body()
             return Row(part, "OK", summary, figures, seconds, planned)
-        except CheckFailed as failure:
+        except (CheckFailed, RunRecordMissing) as failure:
             return Row(part, "FAIL", str(failure), seconds=seconds, budget=planned)
         except Exception as error:
             return Row(part, "FAIL", f"{type(error).__name__}: {error}", seconds=seconds, budget=planned)
@@ -668,6 +689,36 @@ class GPUCheck:
             raise CheckFailed(f"disagree: {summary}; ZeRO 0 {losses[0]}, ZeRO 3 {losses[3]}")
         return summary, figures
 
+    def check_fp16(self, config: RunConfig) -> tuple[str, dict[str, Any]]:
+        """DeepSpeed fp16 with dynamic loss scaling for k steps on a GPU: finite losses, samples/s.
+
+        On a CPU, DeepSpeed has no fp16: the launch must end with the toolkit's one-line refusal.
+        """
+        k = self.plan.resume_step
+        run_dir = self.work / "runs" / f"fp16-{config.run_name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        overrides = [*self.overrides(run_dir, k), "engine.precision=fp16", f"run.log_every={self.plan.log_every}",
+                     *(["model.bert.pretrained="] if config.pretrained else [])]
+        if self.device != "cuda":
+            try:
+                self.launch(config, overrides, f"fp16-{config.run_name}", self.plan.seconds["fp16"])
+            except CheckFailed as failure:
+                log = (self.work / "logs" / f"fp16-{config.run_name}.log").read_text()
+                refusal = next((line for line in log.splitlines() if "error: engine.precision=fp16" in line), None)
+                if refusal is None:
+                    raise CheckFailed(f"the fp16 launch failed without the one-line refusal: {failure}") from None
+                return f"refused on a CPU, as it must be: {refusal.strip()}", {"refused": True}
+            raise CheckFailed("an fp16 run on a CPU was expected to be refused, and it trained")
+        self.launch(config, overrides, f"fp16-{config.run_name}", self.plan.seconds["fp16"])
+        records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+        losses = [r["loss"] for r in records]
+        if not losses or not all(isinstance(v, float) and math.isfinite(v) for v in losses):
+            raise CheckFailed(f"fp16 losses {losses}")
+        rates = [r["samples_per_s"] for r in records[1:]] or [r["samples_per_s"] for r in records]
+        rate = statistics.median(rates)
+        return (f"{k} steps, dynamic loss scaling: losses finite ({losses[0]:.4g} -> {losses[-1]:.4g}), "
+                f"{rate:,.0f} samples/s"), {"steps": k, "losses": losses, "samples_per_s": rate}
+
     def predict(self, config: RunConfig) -> tuple[str, dict[str, Any]]:
         """``promoter-dist predict`` of the run's latest checkpoint over the synthetic test file."""
         out = self.work / "predictions" / f"{config.run_name}.json"
@@ -749,13 +800,6 @@ class GPUCheck:
 # --------------------------------------------------------------------------- figures of a run
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl."""
-    if not path.exists():
-        raise CheckFailed(f"{path} missing")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_pointer(path: Path) -> str:
     """The tag a checkpoint pointer file names."""
     if not path.exists():
@@ -790,15 +834,6 @@ def resume_figures(records: list[dict], tag: str, k: int, rerun_output: str) -> 
         raise CheckFailed(f"the rerun's last train record is step {last}, not {2 * k}")
     return f"checkpoint {tag} saved; the rerun resumed from it and reached step {2 * k}", \
         {"checkpoint": tag, "final_step": last}
-
-
-def trainable_parameters(run_dir: Path) -> int:
-    """The trainable parameter count the trainer logged on rank 0."""
-    log = (run_dir / "logs" / "rank0.log").read_text(errors="replace")
-    match = re.search(r"([\d,]+) trainable parameters", log)
-    if match is None:
-        raise CheckFailed(f"no 'N trainable parameters' line in {run_dir / 'logs' / 'rank0.log'}")
-    return int(match.group(1).replace(",", ""))
 
 
 def tokens_per_row(config: RunConfig, shards: Path | None) -> float:
@@ -894,15 +929,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--work", help="folder for data, runs and logs (default: a new temporary folder)")
     parser.add_argument("--configs", default="", help="only configs whose name (e.g. nad/full) contains this")
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: gsam, predict, shards")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: fp16, gsam, predict, shards")
     parser.add_argument("--time-limit", type=float, default=0.0,
                         help="seconds for the whole check (default: 480 on a GPU, 420 with --quick)")
     parser.add_argument("--probe", metavar="FILE", help=argparse.SUPPRESS)  # the environment part's process
     args = parser.parse_args(argv)
     args.skip = {part.strip() for part in args.skip.split(",") if part.strip()}
-    unknown = args.skip - {"gsam", "predict", "shards"}
+    unknown = args.skip - {"fp16", "gsam", "predict", "shards"}
     if unknown:
-        parser.error(f"--skip: unknown part {min(unknown)!r} (gsam, predict, shards)")
+        parser.error(f"--skip: unknown part {min(unknown)!r} (fp16, gsam, predict, shards)")
     return args
 
 

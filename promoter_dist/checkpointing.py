@@ -8,6 +8,9 @@ Layout::
     step00001200/          DeepSpeed tag folder: model states, ZeRO optimizer partitions, the trainer's
                            shared state (client state), and trainer-rank<r>.pt: rank r's loader position,
                            RNG state, loss window and own BatchNorm statistics
+                           shape.json: ranks, accumulation, micro batch and ZeRO stage it was written with
+                           universal/: made on demand, DeepSpeed's universal checkpoint of it, for a
+                           resume on another shape
     best-step00001100/     the same, for the best checkpoint
 
 :class:`CheckpointManager` writes a checkpoint collectively from a training engine and
@@ -25,13 +28,14 @@ naming it, unless the user vouches for it (``run.trust_pickled_checkpoints``, ``
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -271,6 +275,41 @@ def changed_keys(saved: Any, now: Any, prefix: str = "") -> Iterator[str]:
         yield prefix
 
 
+SHAPE_FILE = "shape.json"
+"""In every tag folder: the shape the checkpoint was written with (:class:`TrainShape`)."""
+UNIVERSAL = "universal"
+"""In a tag folder: its DeepSpeed universal checkpoint, made when a run resumes on another shape."""
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """How a run shares its global batch: ranks x accumulation steps x micro batch, and the ZeRO stage."""
+
+    world_size: int
+    grad_accum: int
+    batch_size: int
+    zero_stage: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.grad_accum * self.batch_size
+
+    def describe(self) -> str:
+        return (f"{self.world_size} rank(s) x engine.grad_accum={self.grad_accum} x data.batch_size={self.batch_size}"
+                f" = {self.global_batch}")
+
+    def keeping(self, global_batch: int) -> str:
+        """Settings of this shape's ranks that would give ``global_batch``, as a sentence."""
+        options = []
+        if global_batch % (self.world_size * self.grad_accum) == 0:
+            options.append(f"data.batch_size={global_batch // (self.world_size * self.grad_accum)}")
+        if global_batch % (self.world_size * self.batch_size) == 0:
+            options.append(f"engine.grad_accum={global_batch // (self.world_size * self.batch_size)}")
+        if not options:
+            return f"no setting of {self.world_size} rank(s) divides it; use a rank count that divides it"
+        return f"on {self.world_size} rank(s) set " + " or ".join(options)
+
+
 @dataclass
 class Resumed:
     """What a resumed checkpoint gives back to the trainer."""
@@ -292,10 +331,11 @@ class CheckpointManager:
     them, and put back after saving and on resume, so training continues exactly.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, keep: int):
+    def __init__(self, run_dir: str | os.PathLike, rank: int, shape: TrainShape, keep: int):
         self.run_dir = Path(run_dir)
         self.dir = checkpoints_dir(run_dir)
-        self.rank, self.world_size, self.keep = rank, world_size, keep
+        self.rank, self.shape, self.keep = rank, shape, keep
+        self.world_size = shape.world_size
 
     @property
     def is_main(self) -> bool:
@@ -328,6 +368,8 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
         with atomic_open(self.rank_file(tag), "wb") as f:
             torch.save({**rank_state, "norm_statistics": own_statistics}, f)
+        if self.is_main:
+            write_json_atomic(self.dir / tag / SHAPE_FILE, asdict(self.shape))
         _copy_into(dist.norm_statistics(engine.module), own_statistics)
         dist.barrier()  # every rank wrote its files ...
         flush_folder(self.dir / tag)  # ... and each flushes what this node holds of them
@@ -352,22 +394,111 @@ class CheckpointManager:
 
     # -- reading ------------------------------------------------------------------------------
 
+    def saved_shape(self, tag: str) -> TrainShape | None:
+        """The shape checkpoint ``tag`` was written with (None for a checkpoint older than shape files)."""
+        path = self.dir / tag / SHAPE_FILE
+        if not path.exists():
+            return None
+        try:
+            fields = json.loads(path.read_text())
+            return TrainShape(**{k: int(fields[k]) for k in ("world_size", "grad_accum", "batch_size", "zero_stage")})
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{path}: not a checkpoint shape record ({error})") from None
+
     def resume(self, engine: Any, config: dict[str, Any], trust_pickle: bool = False) -> Resumed | None:
-        """Load ``latest`` into ``engine`` (model, optimizer, own BatchNorm statistics), or None.
+        """Load ``latest`` into ``engine`` (model, optimizer, BatchNorm statistics), or None.
 
         Collective: a problem on any rank (a missing or refused file) ends every rank with the
         same message. Files are read weights-only unless ``trust_pickle``. ``config`` is the run's
         resolved config as a dict: a checkpoint written under another one resumes with a warning
-        naming the keys that differ.
+        naming the keys that differ. A checkpoint of another shape with the same global batch
+        resumes through DeepSpeed's universal checkpoint (:meth:`resume_reshaped`); one with
+        another global batch is refused, naming the settings that would keep it.
         """
         tag = self.pointer(LATEST)
         if tag is None:
             return None
+        saved = self.saved_shape(tag)
+        if saved is not None and saved.global_batch != self.shape.global_batch:
+            raise UserError(f"{self.dir / tag}: saved with {saved.describe()}, now {self.shape.describe()}: a resumed "
+                            f"run keeps its global batch of {saved.global_batch}; {self.shape.keeping(saved.global_batch)}")
+        if saved is not None and saved.world_size != self.world_size:
+            return self.resume_reshaped(engine, tag, saved, config, trust_pickle)
         rank_file = self.rank_file(tag)
         with dist.failing_together():
             if not rank_file.exists():
                 raise UserError(f"{rank_file}: missing; checkpoint {tag} was written by a run of another world "
                                 "size, or is incomplete (exact resume needs every rank's file)")
+        rank_state = self._read_rank_state(rank_file, tag, trust_pickle)
+        with weights_only_loads(trust_pickle):
+            _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        state = self._trainer_state(client, tag, config)
+        if state["world_size"] != self.world_size:
+            raise UserError(f"{self.dir / tag}: saved with {state['world_size']} ranks, now {self.world_size}")
+        _copy_into(dist.norm_statistics(engine.module), rank_state.pop("norm_statistics", []))
+        return Resumed(tag, state, rank_state)
+
+    def resume_reshaped(self, engine: Any, tag: str, saved: TrainShape, config: dict[str, Any],
+                        trust_pickle: bool) -> Resumed:
+        """Resume checkpoint ``tag`` of another world size with the same global batch.
+
+        Carried over: weights and optimizer state (ZeRO 1-3: converted once, by rank 0, into the
+        tag's ``universal`` folder with DeepSpeed's ``ds_to_universal``, then loaded by every rank
+        with ``load_universal``; ZeRO 0 holds them whole), the trainer's shared state (step,
+        schedules, GSAM, best record) and the loader's global position. BatchNorm running
+        statistics: every rank starts from the ranks' average the checkpoint holds (per-rank
+        statistics belong to a rank layout that no longer exists). Random draws are keyed by step
+        and micro-batch position, not by rank, so no rank's random state is needed.
+        """
+        log.warning("checkpoint %s was saved with %s; resuming with %s", tag, saved.describe(), self.shape.describe())
+        rank_state = self._read_rank_state(self.dir / tag / "trainer-rank0.pt", tag, trust_pickle)
+        rank_state.pop("norm_statistics", None)
+        if saved.zero_stage > 0:
+            folder = self.universal_checkpoint(tag, trust_pickle)
+            engine._config.load_universal_checkpoint = True  # the flag DeepSpeed reads at load time
+            try:
+                with weights_only_loads(trust_pickle):
+                    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+            finally:
+                engine._config.load_universal_checkpoint = False
+        else:
+            with weights_only_loads(trust_pickle):
+                _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        state = self._trainer_state(client, tag, config)
+        self._load_average_norm_statistics(engine, tag, trust_pickle)
+        state["world_size"] = self.world_size
+        return Resumed(tag, state, rank_state)
+
+    def universal_checkpoint(self, tag: str, trust_pickle: bool) -> Path:
+        """The tag's universal checkpoint folder, converted by rank 0 the first time it is needed."""
+        folder = self.dir / tag / UNIVERSAL
+        with dist.failing_together():
+            if self.is_main and not folder.is_dir():
+                from argparse import Namespace
+
+                from deepspeed.checkpoint import ds_to_universal
+
+                partial = self.dir / tag / f"{UNIVERSAL}.tmp-{os.getpid()}"
+                shutil.rmtree(partial, ignore_errors=True)
+                log.info("converting checkpoint %s into a universal checkpoint for the new shape (DeepSpeed "
+                         "ds_to_universal) -> %s", tag, folder)
+                arguments = Namespace(input_folder=str(self.dir / tag), output_folder=str(partial),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+                with weights_only_loads(trust_pickle), contextlib.redirect_stdout(io.StringIO()):
+                    ds_to_universal.main(arguments)  # in this process: its loads are weights-only too
+                for path in sorted(p for p in partial.rglob("*") if p.is_dir()) + [partial]:
+                    flush_folder(path)
+                os.replace(partial, folder)
+                fsync_paths([self.dir / tag])
+        dist.barrier()
+        return folder
+
+    def _read_rank_state(self, rank_file: Path, tag: str, trust_pickle: bool) -> dict[str, Any]:
+        """A rank state file, after every file of the checkpoint was checked readable weights-only."""
         with dist.failing_together(), weights_only_loads(trust_pickle):
             rank_state = torch.load(rank_file, map_location="cpu")
             if not isinstance(rank_state, dict) or not {"loader", "rng"} <= rank_state.keys():
@@ -376,19 +507,35 @@ class CheckpointManager:
             # here, where a refusal on one rank can still end all of them together.
             for path in sorted((self.dir / tag).glob("*.pt")):
                 torch.load(path, map_location="cpu", mmap=not trust_pickle)
-        with weights_only_loads(trust_pickle):
-            _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
+        return rank_state
+
+    def _trainer_state(self, client: dict | None, tag: str, config: dict[str, Any]) -> dict[str, Any]:
         state = (client or {}).get("trainer")
         if not isinstance(state, dict):
             raise UserError(f"{self.dir / tag}: holds no trainer state (not a checkpoint of this toolkit)")
-        if state["world_size"] != self.world_size:
-            raise UserError(f"{self.dir / tag}: saved with {state['world_size']} ranks, now {self.world_size}")
         changed = sorted(changed_keys(state["config"], config))
         if changed:
             log.warning("config differs from the checkpoint's in: %s", ", ".join(changed))
-        _copy_into(dist.norm_statistics(engine.module), rank_state.pop("norm_statistics", []))
-        return Resumed(tag, state, rank_state)
+        return state
+
+    def _load_average_norm_statistics(self, engine: Any, tag: str, trust_pickle: bool) -> None:
+        """The checkpoint's BatchNorm buffers (the ranks' average) into the module, on every rank."""
+        buffers = {name: b for name, b in engine.module.named_buffers()
+                   if name.rsplit(".", 1)[-1] in ("running_mean", "running_var")}
+        if not buffers:
+            return
+        with dist.failing_together(), weights_only_loads(trust_pickle):
+            # ZeRO 0-2 write mp_rank_00_model_states.pt, ZeRO-3 one per rank; buffers are whole in each.
+            path = next((self.dir / tag / name for name in ("mp_rank_00_model_states.pt",
+                                                            "zero_pp_rank_0_mp_rank_00_model_states.pt")
+                         if (self.dir / tag / name).exists()), self.dir / tag / "mp_rank_00_model_states.pt")
+            module = torch.load(path, map_location="cpu").get("module") or {}
+            missing = sorted(set(buffers) - set(module))
+            if missing:
+                raise UserError(f"{path}: no BatchNorm statistics {missing[0]} (and {len(missing) - 1} more)")
+        with torch.no_grad():
+            for name, buffer in buffers.items():
+                buffer.copy_(module[name])
 
 
 def flush_folder(folder: Path) -> None:

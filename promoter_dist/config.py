@@ -108,8 +108,10 @@ class DataConfig:
     """Micro batch per rank for validation (0: same as batch_size)."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0: read in the training process)."""
+    lanes: int = 64
+    """Most lanes of the training order (it has gcd(lanes, global batch)); ranks x engine.grad_accum must divide that, so the order, and a resume, hold on any such shape."""
     shuffle_buffer: int = 16384
-    """Rows in each worker's shuffle buffer."""
+    """Rows held for shuffling over all lanes of the training order (each lane holds its share, at least 1,024)."""
     kmer_frame: KmerFrame = 0
     """Reading frame (0, 1 or 2) of the 3-mer tokens for the BERT models."""
     kmer_all_frames: bool = False
@@ -121,7 +123,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.onehot_window <= 150:
             raise ConfigError(f"data.onehot_window must be in [1, 150] (the vector flank is 150 bp), not {self.onehot_window}")
-        for key in ("batch_size", "shuffle_buffer"):
+        for key in ("batch_size", "shuffle_buffer", "lanes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1, not {getattr(self, key)}")
         for key in ("eval_batch_size", "num_workers"):
@@ -379,15 +381,19 @@ class TrainConfig:
             return "onehot"
         return "nad" if self.model.name == "nad" else "kmer"
 
-    def loader_config(self, split: str, training: bool) -> LoaderConfig:
-        """Stream settings for one split: shuffled equal batches for training, every row once for evaluation."""
+    def loader_config(self, split: str, training: bool, pin_memory: bool = False) -> LoaderConfig:
+        """Stream settings for one split: shuffled equal batches for training, every row once for evaluation.
+
+        ``pin_memory``: page-locked batches for a GPU rank. Evaluation reads with the same workers.
+        """
         data = self.data
         return LoaderConfig(
             split=split, view=self.view, tokens=self.tokens,
             batch_size=data.batch_size if training else (data.eval_batch_size or data.batch_size),
             shuffle=training, shuffle_buffer=data.shuffle_buffer, drop_last=training,
-            seed=self.run.seed, num_workers=data.num_workers if training else 0, kmer_frame=data.kmer_frame,
-            kmer_all_frames=data.kmer_all_frames, onehot_window=data.onehot_window,
+            seed=self.run.seed, num_workers=data.num_workers, kmer_frame=data.kmer_frame,
+            kmer_all_frames=data.kmer_all_frames, onehot_window=data.onehot_window, pin_memory=pin_memory,
+            grad_accum=self.engine.grad_accum if training else 1, lanes=data.lanes,
         )
 
 

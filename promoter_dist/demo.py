@@ -173,8 +173,11 @@ def train_models(runs: list[TrainingRun], options: DemoOptions) -> None:
         print(f"      {run.label}: {time.perf_counter() - t_run:.0f} s")
 
 
-def launch_training(config: Path, overrides: list[str], procs: int) -> int:
-    """``deepspeed --num_gpus procs -m promoter_dist.train --config ...`` (CPU: procs gloo ranks); its exit status."""
+def launch_training(config: Path, overrides: list[str], procs: int, output: Path | None = None) -> int:
+    """``deepspeed --num_gpus procs -m promoter_dist.train --config ...`` (CPU: procs gloo ranks); its exit status.
+
+    ``output``: a file for the launch's stdout and stderr (default: this process's).
+    """
     launcher = Path(sys.executable).parent / "deepspeed"
     if not launcher.exists():
         raise UserError(f"no deepspeed launcher next to {sys.executable}; install the package with its dependencies")
@@ -182,7 +185,10 @@ def launch_training(config: Path, overrides: list[str], procs: int) -> int:
                "promoter_dist.train", "--config", str(config), *overrides]
     # The launcher sets these for its ranks; values inherited from an enclosing job would mislead it.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    return subprocess.run(command, env=env, check=False).returncode
+    if output is None:
+        return subprocess.run(command, env=env, check=False).returncode
+    with open(output, "w") as sink:
+        return subprocess.run(command, env=env, stdout=sink, stderr=subprocess.STDOUT, check=False).returncode
 
 
 def report(runs: list[TrainingRun], synth: SynthReport) -> None:

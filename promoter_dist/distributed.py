@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator
 
@@ -195,6 +196,37 @@ def finite_global_sum(value: torch.Tensor) -> tuple[bool, float]:
 def all_ranks_finite(value: torch.Tensor) -> bool:
     """True when the scalar ``value`` is finite on every rank (one scalar all-reduce)."""
     return finite_global_sum(value)[0]
+
+
+@dataclass(frozen=True)
+class StepAgreement:
+    """What every rank learns from the one collective of an optimizer step (the same on every rank)."""
+
+    nonfinite_ranks: int
+    """Ranks with a non-finite loss in some micro batch of the step."""
+    loss_mean: float
+    """The step's loss averaged over ranks and micro batches; NaN when some loss is not finite."""
+    stop_ranks: int
+    """Ranks that got a stop request (preemption, time limit)."""
+    failed_ranks: int
+    """Ranks whose micro batches failed to load."""
+
+
+def agree_on_step(losses: torch.Tensor, stop_requested: bool, load_failed: bool) -> StepAgreement:
+    """One all-reduce and one host synchronisation for everything a step must agree on.
+
+    ``losses`` are this rank's micro-batch losses, still on the device: each device-to-host
+    read drains the GPU's queue, so the finiteness check, the logged loss, the stop request and
+    a failed load travel together in one small vector and are read back once.
+    """
+    local = losses.detach().float().reshape(-1)
+    flags = local.new_tensor([float(stop_requested), float(load_failed)])
+    packed = torch.cat([(~torch.isfinite(local)).any().float().reshape(1), local.sum().reshape(1), flags])
+    all_reduce_sum_(packed)
+    nonfinite, total, stop, failed = packed.tolist()
+    count = world_size() * local.numel()
+    return StepAgreement(nonfinite_ranks=round(nonfinite), loss_mean=math.nan if nonfinite else total / count,
+                         stop_ranks=round(stop), failed_ranks=round(failed))
 
 
 def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig, to_deepspeed
+from .errors import UserError
 
 log = logging.getLogger("promoter_dist")
 
@@ -85,6 +86,9 @@ def build_engine(model: nn.Module, config: TrainConfig, world_size: int, device:
     import deepspeed
 
     device = device if device is not None else torch.device("cpu")
+    if config.engine.precision == "fp16" and device.type != "cuda":
+        raise UserError(f"engine.precision=fp16: DeepSpeed runs fp16 on GPUs only, and this rank computes on the "
+                        f"{device.type.upper()}; use engine.precision=bf16 or fp32")
     set_matmul_precision(device, config.engine.tf32)
     if config.engine.precision == "bf16":
         autocast_forward(model, device.type)

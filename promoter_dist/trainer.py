@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .checkpointing import BEST, LATEST, CheckpointManager, fp32_state_dict
+from .checkpointing import BEST, LATEST, CheckpointManager, TrainShape, fp32_state_dict
 from .config import TrainConfig, config_dict, dump_yaml
 from .data.loader import ShardLoader
 from .engine import build_engine, set_beta1, set_learning_rate
@@ -75,15 +76,16 @@ class Trainer:
                  f"{self.parameter_count:,}")
         self.device = dist.device()
         self.engine = build_engine(model, config, env.world_size, self.device)
-        # Label noise and dropout differ by rank, as independent workers' would.
-        torch.manual_seed(config.run.seed * 1_000_003 + env.rank)
 
+        pin = self.device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps compute
         with dist.failing_together():  # an unreadable shard folder on one node ends every rank
-            self.train_loader = ShardLoader(config.data.shards, config.loader_config(config.data.train_split, True),
+            self.train_loader = ShardLoader(config.data.shards,
+                                            config.loader_config(config.data.train_split, True, pin),
                                             env.rank, env.world_size)
             self.val_loader = None
             if config.data.val_split:
-                self.val_loader = ShardLoader(config.data.shards, config.loader_config(config.data.val_split, False),
+                self.val_loader = ShardLoader(config.data.shards,
+                                              config.loader_config(config.data.val_split, False, pin),
                                               env.rank, env.world_size)
         self.grad_accum = config.engine.grad_accum
         self.steps_per_epoch = len(self.train_loader) // self.grad_accum
@@ -104,7 +106,8 @@ class Trainer:
             mode = "min" if config.schedule.plateau_metric == "loss" else "max"
             self.plateau = Plateau(config.schedule.plateau_factor, config.schedule.plateau_patience, mode)
 
-        self.checkpoints = CheckpointManager(self.out_dir, env.rank, env.world_size, config.run.keep_checkpoints)
+        shape = TrainShape(env.world_size, config.engine.grad_accum, config.data.batch_size, config.engine.zero_stage)
+        self.checkpoints = CheckpointManager(self.out_dir, env.rank, shape, config.run.keep_checkpoints)
         self.metrics = MetricsLog(self.out_dir, env.is_main, getattr(self.engine, "monitor", None))
         self.step = 0
         self.skipped_steps = 0
@@ -115,6 +118,8 @@ class Trainer:
         self.log_window: dict[str, float] = {"loss_sum": 0.0, "steps": 0}
         self.best: dict[str, Any] | None = None
         self._fallback_batch: Batch | None = None
+        self.stop_agreed = False
+        """Some rank got a stop request, as agreed by every rank during the last step."""
         self.resume()
 
     # -- setup ----------------------------------------------------------------------------
@@ -127,26 +132,62 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
 
-    def forward_loss(self, batch: Batch) -> torch.Tensor:
-        """Scalar training loss of one micro batch on this rank (bf16 runs inside the model: see engine.py)."""
+    def forward_loss(self, batch: Batch, micro: int = 0) -> torch.Tensor:
+        """Scalar training loss of micro batch ``micro`` of this rank's step (bf16 runs inside the model: see engine.py)."""
+        self.seed_micro_batch(micro)
         return self.task.training_loss(self.engine, _to_device(batch, self.device))
 
-    def forward_backward(self, batch: Batch) -> float:
-        """Forward, a global finiteness check, backward and the engine's micro step."""
-        loss = self.forward_loss(batch)
-        if not dist.all_ranks_finite(loss.detach()):
-            raise NonFiniteLossError(self.step + 1, float(loss.detach()))
-        self.engine.backward(loss)
-        self.engine.step()  # applies the optimizer only at the accumulation boundary
-        return float(loss.detach())
+    def seed_micro_batch(self, micro: int) -> None:
+        """Random draws (dropout, label noise, masking) keyed by the step and the micro batch's place in the
+        global batch, not by rank: a run resumed on another shape with the same micro batches draws the
+        same numbers. GSAM's two passes over a micro batch draw the same ones too."""
+        position = self.env.rank * self.grad_accum + micro
+        key = np.random.SeedSequence([self.config.run.seed, self.step, position]).generate_state(1, np.uint64)[0]
+        torch.manual_seed(int(key))
 
-    def train_step(self, micro_batches: list[Batch]) -> float:
-        """One optimizer step over ``grad_accum`` micro batches; returns the mean loss."""
+    def train_step(self, micro_batches: list[Batch], load_error: UserError | None = None) -> float:
+        """One optimizer step over ``grad_accum`` micro batches; returns the mean loss over ranks.
+
+        ``load_error``: this rank's micro batches failed to load and ``micro_batches`` stand in for
+        them, so that its collectives match the other ranks' until every rank raises together.
+        """
         set_learning_rate(self.engine, self.learning_rate())
         self.cycle_momentum()
         if self.gsam is not None:
-            return float(self.gsam.step(micro_batches, self.forward_loss))
-        return sum(self.forward_backward(b) for b in micro_batches) / len(micro_batches)
+            dist.raise_together(load_error)
+            numbered = list(enumerate(micro_batches))
+            loss = float(self.gsam.step(numbered, lambda item: self.forward_loss(item[1], item[0])))
+            self.stop_agreed = self.stop_requested()
+            return loss
+        return self.accumulate(micro_batches, load_error)
+
+    def accumulate(self, micro_batches: list[Batch], load_error: UserError | None) -> float:
+        """Forward and backward of each micro batch; the engine steps the optimizer after the last.
+
+        The common path holds one collective and one host synchronisation per optimizer step
+        (``dist.agree_on_step``), just before the last backward, which in DeepSpeed reduces the
+        gradients and applies the optimizer: a non-finite loss on any rank, a failed load or a
+        stop request is known to every rank before anything reaches the weights. Earlier micro
+        batches' gradients are only accumulated, and a skipped step discards them.
+        """
+        losses: list[torch.Tensor] = []
+        last = len(micro_batches) - 1
+        loss_mean = math.nan
+        for i, batch in enumerate(micro_batches):
+            loss = self.forward_loss(batch, i)
+            losses.append(loss.detach())
+            if i == last:
+                agreed = dist.agree_on_step(torch.stack(losses), self.stop is not None and self.stop.requested,
+                                            load_error is not None)
+                self.stop_agreed = agreed.stop_ranks > 0
+                if agreed.failed_ranks:
+                    dist.raise_together(load_error)
+                if agreed.nonfinite_ranks:
+                    raise NonFiniteLossError(self.step + 1, agreed.loss_mean)
+                loss_mean = agreed.loss_mean
+            self.engine.backward(loss)
+            self.engine.step()  # applies the optimizer only at the accumulation boundary
+        return loss_mean
 
     def learning_rate(self) -> float:
         """The rate for the current step: a pure function of the step, or the plateau scale."""
@@ -174,18 +215,27 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def micro_batch_groups(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
-        """The rest of this epoch's steps as lists of ``grad_accum`` micro batches.
+    def micro_batch_groups(self, batches: Iterator[Batch]) -> Iterator[tuple[list[Batch], UserError | None]]:
+        """The rest of this epoch's steps as (``grad_accum`` micro batches, this rank's load error or None).
 
-        A batch that fails to load on one rank (a corrupt block) ends every rank together.
+        A batch that fails to load on one rank (a corrupt block) ends every rank together: at
+        the step's one agreement, with a batch this rank has seen standing in for the missing
+        ones; before any batch was seen, at once, with a collective of its own.
         """
         done = self.train_loader.step // self.grad_accum
         for _ in range(done, self.steps_per_epoch):
-            with dist.failing_together():
-                group = [next(batches) for _ in range(self.grad_accum)]
+            group: list[Batch] = []
+            error: UserError | None = None
+            try:
+                group.extend(next(batches) for _ in range(self.grad_accum))
+            except UserError as caught:
+                error = caught
             if self._fallback_batch is None:
+                dist.raise_together(error)
                 self._fallback_batch = group[0]
-            yield group
+            if error is not None:
+                group += [self._fallback_batch] * (self.grad_accum - len(group))
+            yield group, error
 
     def train(self) -> dict[str, Any]:
         """Run to the configured end, or to a requested stop; returns what happened.
@@ -220,10 +270,10 @@ class Trainer:
         epoch = self.train_loader.epoch
         batches = iter(self.train_loader)
         timed_steps, window_start = 0, time.perf_counter()  # for samples/s: steps since this process started the window
-        for group in self.micro_batch_groups(batches):
+        for group, load_error in self.micro_batch_groups(batches):
             micro_steps_before = self.engine.micro_steps
             try:
-                loss = self.train_step(group)
+                loss = self.train_step(group, load_error)
             except NonFiniteLossError as error:
                 if self.config.engine.nonfinite == "stop":
                     log.error("%s", error)
@@ -255,7 +305,7 @@ class Trainer:
                 self.save_checkpoint()
             if stopping:
                 return True
-            if self.stop_requested():  # preemption or time limit: save this step and stop here
+            if self.stop_agreed:  # preemption or time limit on some rank: save this step and stop here
                 if not periodic:
                     self.save_checkpoint()
                 self.stopped_at_step = self.step
@@ -315,7 +365,9 @@ class Trainer:
         """A batch this rank has seen, for a forward whose output is thrown away."""
         if self._fallback_batch is None:  # e.g. validating right after resuming at an epoch's end
             loader = self.train_loader
-            fresh = ShardLoader(loader.shard_dir, loader.config, self.env.rank, self.env.world_size)
+            # Read in this process: any batch of this rank's will do, and no worker is forked for it.
+            fresh = ShardLoader(loader.shard_dir, replace(loader.config, num_workers=0, pin_memory=False),
+                                self.env.rank, self.env.world_size)
             self._fallback_batch = next(iter(fresh))
         return self._fallback_batch
 

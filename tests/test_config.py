@@ -432,8 +432,9 @@ def test_loader_config_for_training_and_evaluation_follows_the_run():
     assert train == LoaderConfig(split="train", view="all", tokens="kmer", batch_size=12, shuffle=True,
                                  shuffle_buffer=300, drop_last=True, seed=7, num_workers=2, kmer_frame=1,
                                  kmer_all_frames=True)
-    val = config.loader_config("val", training=False)  # every row once, in order, in this process
-    assert val == dataclasses.replace(train, split="val", batch_size=5, shuffle=False, drop_last=False, num_workers=0)
+    val = config.loader_config("val", training=False)  # every row once, in order, read by the same workers
+    assert val == dataclasses.replace(train, split="val", batch_size=5, shuffle=False, drop_last=False)
+    assert config.loader_config("val", training=False, pin_memory=True).pin_memory  # a GPU rank's
 
 
 def test_loader_config_takes_the_models_view_and_tokens_and_the_training_batch_for_evaluation():

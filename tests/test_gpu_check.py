@@ -43,7 +43,8 @@ def test_quick_check_on_cpu_passes_every_part(tmp_path: Path) -> None:
 
     configs = debug_configs()
     assert "nad/debug" in configs
-    expected = {"environment", "synthetic data", "GSAM ZeRO 0 vs 3 (nad/debug)", "shard build (20,000 rows)"}
+    expected = {"environment", "synthetic data", "GSAM ZeRO 0 vs 3 (nad/debug)", "shard build (20,000 rows)",
+                "fp16 bert/finetune_debug"}
     for name, task in configs.items():
         expected |= {f"train {name}", f"validation {name}", f"resume {name}"}
         if task != "mlm":
@@ -66,6 +67,9 @@ def test_quick_check_on_cpu_passes_every_part(tmp_path: Path) -> None:
         if task != "mlm":
             predict = rows[f"predict {name}"]["figures"]
             assert predict["rows"] == 500 and predict["rows_per_s"] > 0 and predict["rows_per_s_all_in"] > 0
+    # DeepSpeed has no fp16 on a CPU: the check asserts the toolkit's one-line refusal there.
+    fp16 = rows["fp16 bert/finetune_debug"]
+    assert fp16["figures"] == {"refused": True} and "engine.precision=fp16" in fp16["summary"]
     gsam = rows["GSAM ZeRO 0 vs 3 (nad/debug)"]["figures"]
     assert gsam["steps"] == 3 and 0 <= gsam["max_relative_difference"] <= gsam["tolerance"]
     build = rows["shard build (20,000 rows)"]["figures"]

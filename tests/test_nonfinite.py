@@ -49,12 +49,12 @@ def make_trainer(env, config, nan_step: int | None = NAN_STEP, nan_micro: int = 
             self.calls: dict[int, int] = defaultdict(int)
             super().__init__(*args, **kwargs)
 
-        def train_step(self, micro_batches):
+        def train_step(self, micro_batches, *rest):
             self.snapshots[self.step] = weights(self)
-            return super().train_step(micro_batches)
+            return super().train_step(micro_batches, *rest)
 
-        def forward_loss(self, batch):
-            loss = super().forward_loss(batch)
+        def forward_loss(self, batch, micro=0):
+            loss = super().forward_loss(batch, micro)
             index = self.calls[self.step]
             self.calls[self.step] += 1
             if self.step == nan_step and index == nan_micro:
@@ -140,11 +140,12 @@ def test_skip_leaves_the_weights_of_the_skipped_step_and_trains_on(skipped_run):
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_skip_on_the_second_micro_batch_discards_the_first_ones_gradient(env, small_shards, tmp_path, stage):
-    """grad_accum=2, NaN on micro batch 2 of step 2 after micro batch 1 went backward.
+    """grad_accum=2, NaN on micro batch 2 of step 2 after micro batch 1 went backward; and the NaN on
+    micro batch 1, whose NaN gradient is accumulated before the step's one finiteness check.
 
-    Reference: the same run with the NaN on micro batch 1 (nothing accumulated). Both then train on
-    identical batches, so their weights must stay identical if the first run's half-accumulated
-    gradient was really dropped. Label noise is off so the two runs draw the same random numbers.
+    Both runs then train on identical batches, so their weights must stay identical if each run's
+    half-accumulated gradient (finite in one, NaN in the other) was really dropped. Label noise is off
+    so the two runs draw the same random numbers.
     """
     nan_step = 2
     extra = ["engine.nonfinite=skip", "engine.grad_accum=2", f"engine.zero_stage={stage}", "task.label_noise=0",
@@ -156,7 +157,8 @@ def test_skip_on_the_second_micro_batch_discards_the_first_ones_gradient(env, sm
     assert same(late.snapshots[nan_step], late.snapshots[nan_step + 1])
     early = make_trainer(env, tiny_config(small_shards, tmp_path / "early", *extra), nan_step, nan_micro=0)
     early.train()
-    assert early.calls[nan_step] == 1 and early.skipped_steps == 1
+    assert early.calls[nan_step] == 2 and early.skipped_steps == 1  # checked once, after the last forward
+    assert same(early.snapshots[nan_step], early.snapshots[nan_step + 1])
     assert same(late.snapshots[nan_step], early.snapshots[nan_step])  # identical up to the NaN step
     assert not same(late.snapshots[nan_step + 1], weights(late))  # step 3 did train
     final_late, final_early = weights(late), weights(early)
@@ -203,10 +205,10 @@ def test_a_stop_request_checkpoints_the_step_in_progress_and_the_rerun_continues
     stop = StopRequest()
 
     class SignalledTrainer(Trainer):
-        def train_step(self, micro_batches):
+        def train_step(self, micro_batches, *rest):
             if self.step == 1:
                 stop.request()
-            return super().train_step(micro_batches)
+            return super().train_step(micro_batches, *rest)
 
     first = SignalledTrainer(config, env, stop).train()
     assert first["stopped_at_step"] == 2 and first["steps"] == 2 and first["last"] is None
@@ -220,3 +222,82 @@ def test_a_stop_request_checkpoints_the_step_in_progress_and_the_rerun_continues
     assert second["best"]["pearson"] == max(r["pearson"] for r in
                                             (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
                                             if r["kind"] == "val")
+
+
+# --------------------------------------------------------------------------- host synchronisation
+
+
+def test_a_step_reads_the_device_once_and_holds_one_collective(env, small_shards, tmp_path, monkeypatch):
+    """Our side of an optimizer step over two micro batches: one agreement (one collective) and one
+    device-to-host read; every tensor read to the host (``item``, ``tolist``, ``float``, ``bool``)
+    outside DeepSpeed's own backward and step is counted, as each drains a GPU's queue."""
+    from promoter_dist import distributed
+    from promoter_dist.stopping import StopRequest
+    from promoter_dist.trainer import Trainer
+
+    counts: dict[str, int] = defaultdict(int)
+    inside = {"step": False, "engine": False}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            if inside["step"] and not inside["engine"]:
+                counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    for name in ("agree_on_step", "any_rank", "raise_together", "all_ranks_finite", "finite_global_sum",
+                 "all_reduce_mean", "all_reduce_max", "all_reduce_sum_"):
+        monkeypatch.setattr(distributed, name, counted(name, getattr(distributed, name)))
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(f"Tensor.{name}", getattr(torch.Tensor, name)))
+
+    class CountingTrainer(Trainer):
+        steps_counted = 0
+
+        def train_step(self, micro_batches, *rest):
+            if self.steps_counted == 0:  # DeepSpeed's own reads are not ours to count
+                for method in ("backward", "step"):
+                    def outside(*args, _bound=getattr(self.engine, method), **kwargs):
+                        inside["engine"] = True
+                        try:
+                            return _bound(*args, **kwargs)
+                        finally:
+                            inside["engine"] = False
+                    setattr(self.engine, method, outside)
+            inside["step"] = True
+            try:
+                return super().train_step(micro_batches, *rest)
+            finally:
+                inside["step"] = False
+                self.steps_counted += 1
+
+    config = tiny_config(small_shards, tmp_path / "run", "engine.grad_accum=2", "run.log_every=100",
+                         "run.checkpoint_every=0", "run.max_steps=3")
+    trainer = CountingTrainer(config, env, StopRequest())  # with a request object, as under SLURM
+    trainer.train()
+    steps = trainer.steps_counted
+    assert steps == 3
+    # agree_on_step itself reads its packed vector once (tolist) and calls all_reduce_sum_ once.
+    assert dict(counts) == {"agree_on_step": steps, "Tensor.tolist": steps, "all_reduce_sum_": steps}, dict(counts)
+
+
+def test_a_batch_that_fails_to_load_mid_run_ends_the_step_before_it_reaches_the_weights(env, small_shards, tmp_path):
+    """A load error after the first step: the batch already seen stands in for the missing micro batches
+    (so a rank's collectives match its peers'), and the error is raised at the step's agreement,
+    before the optimizer step: the weights are those of the step before."""
+    out = tmp_path / "run"
+    config = tiny_config(small_shards, out, "engine.grad_accum=2", "run.checkpoint_every=0")
+
+    def failing(batches):
+        for i, batch in enumerate(batches):
+            if i == 5:  # the second micro batch of step 3
+                raise UserError("shards/train-000000.tar: block 3 at byte 4096: checksum mismatch")
+            yield batch
+
+    trainer = make_trainer(env, config, nan_step=None)
+    groups = trainer.micro_batch_groups
+    trainer.micro_batch_groups = lambda batches: groups(failing(batches))
+    with pytest.raises(UserError, match="block 3 at byte 4096: checksum mismatch"):
+        trainer.train()
+    assert trainer.step == 2 and trainer.calls[2] == 2  # step 3 ran both forwards, one on the stand-in batch
+    assert same(weights(trainer), trainer.snapshots[2])

@@ -1,46 +1,46 @@
-"""Streaming loader: block shards -> model-ready batches, equal steps on every rank.
+"""Streaming loader: block shards -> model-ready batches, the same global order on every shape.
 
 The caller says which rank this is and how many there are (``ShardLoader(shard_dir,
 config, rank, world_size)``); the loader reads no environment. The pipeline is a chain
-of small generator stages (composed with ``webdataset.DataPipeline``); each consumer
-(one DataLoader worker of one rank) runs it over its own share of the data:
+of small generator stages (composed with ``webdataset.DataPipeline``).
 
-    units of `chunk_blocks` consecutive blocks, permuted per epoch (same on every rank)
-    -> split over ranks, then over workers  (explicit: balanced_split by row count)
-    -> read_units     (one read per unit; each block's checksum and arrays checked; shards.read_block_range)
-    -> select_view    (all rows / NAD-eligible / top-expression subset, padded to one width)
-    -> shuffle_rows   (a vectorised shuffle buffer of `shuffle_buffer` rows; off without shuffle)
-    -> batch_rows     (exactly this worker's quota of batches)
-    -> to_model_inputs (NAD words, 3-mer BERT ids, LegNet windows or raw codes, as torch tensors)
+Training (``drop_last``): the global order. The sequence of global batches (the rows of each
+optimizer step, and their order) is a function of the shards, the seed, the epoch and the
+global batch G = batch_size x ranks x grad_accum only (:class:`LanePlan`):
 
-Units come from the manifest's block index (``shards.BlockIndex``): its row count
-of the view, byte offset, size and checksum; webdataset only chains the stages.
+    units of `chunk_blocks` consecutive blocks, permuted per epoch
+    -> laid end to end and cut into L lanes of equal rows (L = gcd(config.lanes, G))
+    -> per lane: read_pieces (each block checked) -> shuffle_rows (a buffer of shuffle_buffer / L
+       rows, random stream keyed by seed, epoch and lane)
+    -> global batch t: the next G / L rows of lane 0, then of lane 1, ...
 
-Nothing read is trusted: a block whose bytes differ from its checksum, or whose arrays
-break the schema, is a ``UserError`` naming the shard file, block and byte offset on the
-rank that reads it (from a DataLoader worker too, as the same one line).
+Ranks, accumulation steps and DataLoader workers only consume it: micro batch j of a step
+(j = rank x grad_accum + a) is the run of lanes [j L/(R A), (j+1) L/(R A)), so R x A must
+divide L; a rank's workers each read every W-th of its lanes and hand over one item per
+step, which the rank puts back in lane order, cuts into its micro batches and turns into
+model inputs (to_model_inputs: NAD words, 3-mer BERT ids, LegNet windows or raw codes).
+Every lane, rank and worker has the same number of steps, computed from the manifest's row
+counts alone; at most G rows per epoch are left out. ``state_dict()`` is (epoch, steps
+done); a loader resumed on any shape with the same G replays its lanes up to that step
+without building tensors.
 
-Equal steps (``drop_last``, training): the number of batches per epoch is computed
-from the manifest's row counts alone, identically on every rank, as the largest count
-that every worker of every rank can fill; no rank ever waits on another that ran dry.
-Rows beyond it (at most about one block per worker plus a batch) are skipped for that
-epoch only: the next epoch permutes differently. Without ``drop_last`` (evaluation)
-every row comes once, each worker's last batch may be partial and ranks may differ
-by a few batches.
+Evaluation (no ``drop_last``): every row once. Units are split over ranks, then workers,
+balanced by rows; each worker's last batch may be partial and ranks may differ by a few
+batches (read_units -> select_view -> batch_rows -> to_model_inputs).
 
-Determinism and exact resume: everything is a function of the shards, the config,
-epoch, rank and world size. With ``drop_last``, worker w yields batches w, w+W,
-w+2W, ... of its rank's sequence (quotas never increase with w, so torch's in-order
-round robin delivers exactly that order). ``state_dict()`` is (epoch, batches
-consumed); a resumed loader replays each worker's stream up to its position without
-building tensors, and rotates worker roles so the next batch is the one that would
-have come next.
+Units come from the manifest's block index (``shards.BlockIndex``): its row count of the
+view, byte offset, size and checksum; webdataset only chains the stages. Nothing read is
+trusted: a block whose bytes differ from its checksum, or whose arrays break the schema, is
+a ``UserError`` naming the shard file, block and byte offset on the rank that reads it (from
+a DataLoader worker too, as the same one line).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
+from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
@@ -106,13 +106,21 @@ class LoaderConfig:
     """3-mer tokens in all three frames: input_ids and attention_mask (B, 3, T) instead of (B, T)."""
     onehot_window: int = 150
     """Length (bp) of the 'onehot' windows: vector sequence + the row without its 5' adapter, the last this many."""
+    grad_accum: int = 1
+    """Micro batches per optimizer step on each rank: the global batch is batch_size x ranks x grad_accum."""
+    lanes: int = 64
+    """Most lanes of the training order: it has gcd(lanes, global batch); ranks x grad_accum must divide that."""
+    pin_memory: bool = False
+    """Page-locked batches, so that a copy to the GPU with ``non_blocking=True`` overlaps compute (GPU ranks)."""
+    persistent_workers: bool = True
+    """Keep the worker processes from one epoch (or evaluation) to the next instead of forking new ones."""
 
     def __post_init__(self) -> None:
         # Built in code, not through the config coercer: the choices are checked here, from the types.
         check_choice_fields(self, "loader")
         if self.tokens == "nad" and self.view != "nad":
             raise ConfigError("loader.tokens='nad' needs loader.view='nad' (NAD words exist only for 110-bp rows without N)")
-        for key in ("batch_size", "shuffle_buffer", "chunk_blocks"):
+        for key in ("batch_size", "shuffle_buffer", "chunk_blocks", "grad_accum", "lanes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"loader.{key} must be >= 1, not {getattr(self, key)}")
         if self.num_workers < 0:
@@ -166,44 +174,208 @@ def balanced_split(units: list[Unit], parts: int) -> list[list[Unit]]:
     return out
 
 
-def worker_quotas(workers: int, total: int) -> list[int]:
-    """Batches per worker when the rank yields ``total``: batch j comes from worker j % W."""
-    return [total // workers + (1 if w < total % workers else 0) for w in range(workers)]
-
-
-def _rank_capacity(rows_per_worker: list[int], batch_size: int) -> int:
-    """Most batches a rank can yield in round-robin order with these worker rows."""
-    full = [r // batch_size for r in rows_per_worker]
-    q = min(full)
-    t = 0
-    while t < len(full) and full[t] > q:
-        t += 1
-    return q * len(full) + t
-
-
 @dataclass(frozen=True)
 class EpochPlan:
-    """Who reads what in one epoch, and how many batches each yields."""
+    """Evaluation: who reads what, and how many batches each worker yields (every row once)."""
 
     units: list[list[list[Unit]]]  # [rank][worker] -> units
-    steps: int  # batches per rank (drop_last) ...
-    steps_per_rank: list[int]  # ... or per rank when not dropping the last batch
-    quotas: list[list[int]]  # [rank][worker] -> batches
+    steps_per_rank: list[int]  # batches per rank (ranks may differ by a few)
+    quotas: list[list[int]]  # [rank][worker] -> batches, the last one partial
 
 
 def plan_epoch(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int, world_size: int) -> EpochPlan:
+    """Every row of the split once: units split over ranks, then workers, each balanced by rows."""
     workers = max(config.num_workers, 1)
     units = epoch_units(manifest, shard_dir, config, epoch)
-    # Node split, then worker split: each balanced once, identically on every rank.
     per_rank = [balanced_split(rank_units, workers) for rank_units in balanced_split(units, world_size)]
-    rows = [[sum(u.rows for u in w) for w in r] for r in per_rank]
-    if config.drop_last:
-        steps = min(_rank_capacity(r, config.batch_size) for r in rows)
-        quotas = [worker_quotas(workers, steps) for _ in rows]
-        return EpochPlan(per_rank, steps, [steps] * world_size, quotas)
-    # Evaluation: every row once; each worker's last batch may be partial.
-    quotas = [[-(-n // config.batch_size) for n in r] for r in rows]
-    return EpochPlan(per_rank, max(sum(q) for q in quotas), [sum(q) for q in quotas], quotas)
+    quotas = [[-(-sum(u.rows for u in w) // config.batch_size) for w in r] for r in per_rank]
+    return EpochPlan(per_rank, [sum(q) for q in quotas], quotas)
+
+
+# --------------------------------------------------------------------------- training: the global order
+
+
+def lane_count(lanes: int, global_batch: int) -> int:
+    """Lanes of the global order: the most that split every global batch evenly (gcd with ``lanes``)."""
+    return math.gcd(lanes, global_batch)
+
+
+@dataclass(frozen=True)
+class LanePiece:
+    """Part of a lane: the view rows ``[start, stop)`` of one unit."""
+
+    unit: Unit
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class LanePlan:
+    """The global sample order of one training epoch, for every shape that keeps the global batch.
+
+    The epoch's units, permuted, are laid end to end and cut into ``lanes`` runs of equal rows;
+    each lane shuffles its own rows (a buffer and a random stream keyed by seed, epoch and lane).
+    Global batch t is, lane by lane in order, the next ``rows_per_lane`` rows of every lane.
+    """
+
+    lanes: int
+    rows_per_lane: int
+    """Rows each lane gives to one global batch: global batch / lanes."""
+    pieces: list[list[LanePiece]]
+    """[lane] -> the unit ranges it reads, in order."""
+    steps: int
+    """Global batches in the epoch: the same for every lane, rank and worker."""
+
+
+def plan_lanes(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int, global_batch: int) -> LanePlan:
+    """The epoch's :class:`LanePlan`: a function of the shards, the config, ``epoch`` and the global batch only."""
+    lanes = lane_count(config.lanes, global_batch)
+    units = epoch_units(manifest, shard_dir, config, epoch)
+    ends = np.cumsum([u.rows for u in units], dtype=np.int64)
+    total = int(ends[-1]) if len(units) else 0
+    starts = ends - np.array([u.rows for u in units], dtype=np.int64)
+    cuts = [total * lane // lanes for lane in range(lanes + 1)]  # equal rows per lane, +-1
+    pieces: list[list[LanePiece]] = []
+    for lane in range(lanes):
+        lo, hi = cuts[lane], cuts[lane + 1]
+        first = int(np.searchsorted(ends, lo, side="right"))
+        run = []
+        for i in range(first, len(units)):
+            if starts[i] >= hi:
+                break
+            run.append(LanePiece(units[i], max(lo - int(starts[i]), 0), min(hi, int(ends[i])) - int(starts[i])))
+        pieces.append(run)
+    rows_per_lane = global_batch // lanes
+    steps = min(cuts[lane + 1] - cuts[lane] for lane in range(lanes)) // rows_per_lane
+    return LanePlan(lanes, rows_per_lane, pieces, steps)
+
+
+def micro_batch_lanes(lanes: int, world_size: int, grad_accum: int, rank: int) -> list[range]:
+    """The lanes of each of ``rank``'s micro batches in a step: micro batch a is number rank x A + a.
+
+    A step's ``world_size x grad_accum`` micro batches split the lanes into equal runs, so
+    their count must divide the lanes (a :class:`UserError` naming the shapes that would).
+    """
+    consumers = world_size * grad_accum
+    if lanes % consumers:
+        fitting = [c for c in range(1, lanes + 1) if lanes % c == 0]
+        raise UserError(
+            f"loader: {world_size} rank(s) x {grad_accum} accumulation step(s) = {consumers} micro batches per "
+            f"step do not divide the {lanes} lanes of this global batch (gcd of data.lanes and the global batch); "
+            f"ranks x engine.grad_accum must be one of {', '.join(map(str, fitting))}")
+    per = lanes // consumers
+    return [range((rank * grad_accum + a) * per, (rank * grad_accum + a + 1) * per) for a in range(grad_accum)]
+
+
+def read_pieces(labelled: bool, view: str, width: int, verify: bool = True):
+    """Stage: a lane's pieces -> its view rows in order (each unit read once, trimmed to the piece)."""
+
+    def stage(pieces: Iterable[LanePiece]) -> Iterator[dict[str, np.ndarray]]:
+        for piece in pieces:
+            seen = 0
+            for rows in select_view(view, width, verify)(read_units(labelled, verify)([piece.unit])):
+                n = len(rows["len"])
+                lo, hi = max(piece.start - seen, 0), min(piece.stop - seen, n)
+                seen += n
+                if lo < hi:
+                    yield rows if (lo, hi) == (0, n) else _take(rows, slice(lo, hi))
+                if seen >= piece.stop:
+                    break
+
+    return stage
+
+
+class RowTaker:
+    """Exactly ``n`` rows at a time from a stream of row chunks."""
+
+    def __init__(self, chunks: Iterator[dict[str, np.ndarray]]):
+        self.chunks = chunks
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.held = 0
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        while self.held < n:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                raise RuntimeError(f"a lane ran out {n - self.held} rows early: the shards differ from their manifest")
+            self.pending.append(chunk)
+            self.held += len(chunk["len"])
+        rows = self.pending[0] if len(self.pending) == 1 else _concat(self.pending)
+        rest = len(rows["len"]) - n
+        self.pending, self.held = ([_take(rows, slice(n, None))], rest) if rest else ([], 0)
+        return _take(rows, slice(0, n)) if rest else rows
+
+
+MIN_LANE_BUFFER = 1024
+"""Fewest rows a lane's shuffle buffer holds (one block): smaller buffers cost more per row than they save."""
+STEP_CHUNK_ROWS = 16384
+"""Rows a worker takes from its lanes at a time (several steps): the per-step work is then views."""
+
+
+class _LaneStream(IterableDataset):
+    """One rank's share of the global order: per step, the rows of its lanes; a worker reads some lanes.
+
+    Each pass yields one item per step from every worker that holds lanes: the rows of its lanes
+    for that step with their lane numbers. The rank puts a step's items together (see
+    :class:`ShardLoader`). The pass's epoch and resume step sit in shared memory, for persistent
+    workers.
+    """
+
+    def __init__(self, manifest: dict, shard_dir: str, config: LoaderConfig, rank: int, world_size: int,
+                 width: int, verify: bool = True):
+        self.manifest, self.shard_dir, self.config = manifest, shard_dir, config
+        self.rank, self.world_size, self.width, self.verify = rank, world_size, width, verify
+        self.global_batch = config.batch_size * world_size * config.grad_accum
+        self._position = RawArray("q", 2)  # (epoch, first step) of the next pass
+
+    def start_pass(self, epoch: int, start_step: int) -> LanePlan:
+        self._position[0], self._position[1] = epoch, start_step
+        return plan_lanes(self.manifest, self.shard_dir, self.config, epoch, self.global_batch)
+
+    def rank_lanes(self, lanes: int) -> list[int]:
+        slots = micro_batch_lanes(lanes, self.world_size, self.config.grad_accum, self.rank)
+        return [lane for slot in slots for lane in slot]
+
+    def worker_lanes(self, lanes: int, worker: int) -> list[int]:
+        """The lanes worker ``worker`` of this rank reads: every W-th of the rank's."""
+        return self.rank_lanes(lanes)[worker :: max(self.config.num_workers, 1)]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray] | _WorkerFailure]:
+        import webdataset as wds
+
+        info = get_worker_info()
+        try:
+            epoch, start = self._position[0], self._position[1]
+            plan = plan_lanes(self.manifest, self.shard_dir, self.config, epoch, self.global_batch)
+            mine = self.worker_lanes(plan.lanes, 0 if info is None else info.id)
+            if not mine:
+                return
+            cfg, q = self.config, plan.rows_per_lane
+            capacity = max(cfg.shuffle_buffer // plan.lanes, MIN_LANE_BUFFER)
+            takers = []
+            for lane in mine:
+                rng = np.random.default_rng([cfg.seed, epoch, 0x1A4E, lane]) if cfg.shuffle else None
+                pipeline = wds.DataPipeline(lambda lane=lane: iter(plan.pieces[lane]),
+                                            read_pieces(labels_required(self.manifest), cfg.view, self.width,
+                                                        self.verify),
+                                            shuffle_rows(capacity, rng))
+                takers.append(RowTaker(iter(pipeline)))
+            lane_ids = np.repeat(np.asarray(mine, dtype=np.int32), q)
+            per_take = max(STEP_CHUNK_ROWS // (q * len(mine)), 1)
+            for first in range(0, plan.steps, per_take):
+                k = min(per_take, plan.steps - first)
+                taken = [taker.take(k * q) for taker in takers]
+                if first + k <= start:
+                    continue  # replayed to rebuild the buffers' state; nothing is built
+                # (lanes, k x q, ...) -> (k, lanes x q, ...): step t's rows, lane by lane
+                steps = {key: np.stack([t[key] for t in taken]).reshape(len(mine), k, q, *taken[0][key].shape[1:])
+                         .swapaxes(0, 1).reshape(k, len(mine) * q, *taken[0][key].shape[1:]) for key in taken[0]}
+                for t in range(max(start - first, 0), k):
+                    yield {"step": first + t, "lane": lane_ids, **{key: value[t] for key, value in steps.items()}}
+        except UserError as exc:
+            if info is None:
+                raise
+            yield _WorkerFailure(str(exc))
 
 
 # --------------------------------------------------------------------------- stages
@@ -408,26 +580,37 @@ class _WorkerFailure:
 
 
 class _RankStream(IterableDataset):
-    """One rank's batches for one epoch; under a DataLoader each worker streams its part."""
+    """Evaluation: one rank's batches, one pass over its rows; under a DataLoader each worker streams its part.
+
+    The pass's epoch and resume step sit in shared memory: the rank sets them before each pass,
+    and persistent workers, forked once, read them when the pass starts.
+    """
 
     def __init__(self, manifest: dict, shard_dir: str, config: LoaderConfig, rank: int, world_size: int,
-                 epoch: int, start_step: int, width: int, verify: bool = True):
+                 width: int, verify: bool = True):
         self.manifest, self.shard_dir, self.config = manifest, shard_dir, config
-        self.rank, self.world_size, self.epoch, self.start_step, self.width = rank, world_size, epoch, start_step, width
+        self.rank, self.world_size, self.width = rank, world_size, width
         self.verify = verify
-        self.plan = plan_epoch(manifest, shard_dir, config, epoch, world_size)
+        self._position = RawArray("q", 2)  # (epoch, start step) of the next pass
+
+    def start_pass(self, epoch: int, start_step: int) -> EpochPlan:
+        """Set the next pass to ``epoch`` from batch ``start_step`` on; returns its plan."""
+        self._position[0], self._position[1] = epoch, start_step
+        return plan_epoch(self.manifest, self.shard_dir, self.config, epoch, self.world_size)
 
     def worker_stream(self, worker_slot: int) -> Iterator[dict[str, torch.Tensor] | None]:
         """The batches of logical worker ``(slot + start_step) % W`` from its resume point on."""
         import webdataset as wds
 
+        epoch, start_step = self._position[0], self._position[1]
+        plan = plan_epoch(self.manifest, self.shard_dir, self.config, epoch, self.world_size)
         workers = max(self.config.num_workers, 1)
-        logical = (worker_slot + self.start_step) % workers
-        skip = len(range(logical, self.start_step, workers))  # its batches already consumed
-        quota = self.plan.quotas[self.rank][logical]
+        logical = (worker_slot + start_step) % workers
+        skip = len(range(logical, start_step, workers))  # its batches already consumed
+        quota = plan.quotas[self.rank][logical]
         cfg = self.config
-        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, logical]) if cfg.shuffle else None
-        units = self.plan.units[self.rank][logical]
+        rng = np.random.default_rng([cfg.seed, epoch, self.rank, logical]) if cfg.shuffle else None
+        units = plan.units[self.rank][logical]
         pipeline = wds.DataPipeline(
             lambda: iter(units),
             read_units(labels_required(self.manifest), self.verify),
@@ -451,12 +634,23 @@ class _RankStream(IterableDataset):
             yield _WorkerFailure(str(exc))
 
 
+def _layout(config: dict) -> dict:
+    """The loader settings that decide which rows make each global batch (not how ranks share them)."""
+    per_shape = ("pin_memory", "persistent_workers", "num_workers", "batch_size", "grad_accum")
+    return {k: v for k, v in config.items() if k not in per_shape}
+
+
 class ShardLoader:
     """Iterable over model-ready batches of one split, for rank ``rank`` of ``world_size``, epoch after epoch.
 
+    Training (``drop_last``): each step's ``grad_accum`` micro batches of this rank, cut from the
+    global order (:class:`LanePlan`), which depends on the global batch and not on the shape.
+    Evaluation: every row of the split once, shared over ranks and workers.
+
     ``for batch in loader`` runs the current epoch from its current position and then
-    advances to the next epoch. ``state_dict()`` after any batch and
-    ``load_state_dict()`` on a fresh loader continue exactly from that batch.
+    advances to the next epoch. ``state_dict()`` after any step and ``load_state_dict()`` on
+    a fresh loader continue exactly from that step, on this or any other shape with the same
+    global batch.
     """
 
     def __init__(self, shard_dir: str | os.PathLike, config: LoaderConfig, rank: int, world_size: int,
@@ -474,55 +668,121 @@ class ShardLoader:
         self.width = NOMINAL_LENGTH if config.view == "nad" else max(int(self.manifest["max_row_length"]), 1)
         self.epoch = 0
         self.step = 0
-        # Training needs a full batch on every rank; evaluation only some row somewhere (a rank may hold none).
-        if plan_epoch(self.manifest, self.shard_dir, config, 0, self.world_size).steps == 0:
+        """Micro batches taken in the current epoch."""
+        self.training = config.drop_last
+        self.global_batch = config.batch_size * world_size * config.grad_accum
+        stream_type = _LaneStream if self.training else _RankStream
+        self._stream = stream_type(self.manifest, self.shard_dir, config, rank, world_size, self.width, verify)
+        self._batches: Iterable | None = None  # the DataLoader, made at the first pass and kept
+        if self.training:
+            lanes = lane_count(config.lanes, self.global_batch)
+            micro_batch_lanes(lanes, world_size, config.grad_accum, rank)  # a shape that cannot share it is refused
+            self.lanes = lanes
+        # Training needs a full global batch; evaluation only some row somewhere (a rank may hold none).
+        if self.steps_per_epoch(0) == 0 and (self.training or not any(
+                plan_epoch(self.manifest, self.shard_dir, config, 0, world_size).steps_per_rank)):
             raise UserError(
                 f"{self.shard_dir}: split {config.split!r} (view {config.view!r}) has too few rows for one batch of "
-                f"{config.batch_size} on each of {self.world_size} rank(s) x {max(config.num_workers, 1)} worker(s)"
-            )
+                f"{config.batch_size} on each of {self.world_size} rank(s)"
+                + (f" x {config.grad_accum} accumulation step(s)" if self.training else ""))
 
     def steps_per_epoch(self, epoch: int | None = None) -> int:
-        """Batches this rank yields in an epoch (the same on every rank when drop_last)."""
-        plan = plan_epoch(self.manifest, self.shard_dir, self.config, self.epoch if epoch is None else epoch, self.world_size)
-        return plan.steps_per_rank[self.rank]
+        """Batches this rank yields in an epoch (training: global steps x grad_accum, the same on every rank)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.training:
+            plan = plan_lanes(self.manifest, self.shard_dir, self.config, epoch, self.global_batch)
+            return plan.steps * self.config.grad_accum
+        return plan_epoch(self.manifest, self.shard_dir, self.config, epoch, self.world_size).steps_per_rank[self.rank]
 
     def __len__(self) -> int:
         return self.steps_per_epoch()
 
+    def batches(self) -> Iterable:
+        """The item source: the stream itself, or a DataLoader of workers over it."""
+        cfg = self.config
+        if self._batches is None:
+            if cfg.num_workers > 0:
+                self._batches = DataLoader(self._stream, batch_size=None, num_workers=cfg.num_workers,
+                                           pin_memory=cfg.pin_memory and not self.training,
+                                           persistent_workers=cfg.persistent_workers)
+            else:
+                self._batches = self._stream
+        return self._batches
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        stream = _RankStream(self.manifest, self.shard_dir, self.config, self.rank, self.world_size,
-                             self.epoch, self.step, self.width, self.verify)
-        total = stream.plan.steps_per_rank[self.rank]
-        if self.config.num_workers > 0:
-            batches: Iterable = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
-                                           persistent_workers=False)
-        else:
-            batches = stream
-        for batch in batches:
+        if self.training:
+            yield from self._training_epoch()
+            return
+        total = self._stream.start_pass(self.epoch, self.step).steps_per_rank[self.rank]
+        pin_here = self.config.pin_memory and self.config.num_workers == 0  # else the DataLoader pins
+        for batch in self.batches():
             if isinstance(batch, _WorkerFailure):
                 raise UserError(batch.message)
             self.step += 1
-            yield batch
+            yield {k: v.pin_memory() for k, v in batch.items()} if pin_here else batch
+        if self.step != total:
+            raise RuntimeError(f"rank {self.rank} yielded {self.step} batches in epoch {self.epoch}, planned {total}")
+        self.epoch += 1
+        self.step = 0
+
+    def _training_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rest of the epoch's micro batches: each step's rows from every worker, cut by lane into micro batches."""
+        cfg, accum = self.config, self.config.grad_accum
+        if self.step % accum:
+            raise RuntimeError(f"loader: resumed at micro batch {self.step}, inside a step of {accum}")
+        plan = self._stream.start_pass(self.epoch, self.step // accum)
+        readers = max(cfg.num_workers, 1)
+        rank_lanes = self._stream.rank_lanes(plan.lanes)
+        pieces_per_step = min(readers, len(rank_lanes))
+        to_inputs = to_model_inputs(cfg.tokens, cfg.kmer_frame, cfg.kmer_all_frames, cfg.onehot_window)
+        per_micro = len(rank_lanes) // accum * plan.rows_per_lane
+        pending: list[dict[str, np.ndarray]] = []
+        for item in self.batches():
+            if isinstance(item, _WorkerFailure):
+                raise UserError(item.message)
+            pending.append({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in item.items()})
+            if len(pending) < pieces_per_step:
+                continue
+            step = {int(p.pop("step")) for p in pending}
+            if step != {self.step // accum}:
+                raise RuntimeError(f"loader: step {sorted(step)} from the workers, expected {self.step // accum}")
+            rows = pending[0] if len(pending) == 1 else _concat(pending)
+            pending = []
+            if pieces_per_step > 1:  # the global order: lane by lane, whichever worker read it
+                rows = _take(rows, np.argsort(rows["lane"], kind="stable"))
+            for a in range(accum):
+                micro = _take(rows, slice(a * per_micro, (a + 1) * per_micro))
+                batch = next(to_inputs([micro]))
+                if cfg.pin_memory:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                self.step += 1
+                yield batch
+        total = plan.steps * accum
         if self.step != total:
             raise RuntimeError(f"rank {self.rank} yielded {self.step} batches in epoch {self.epoch}, planned {total}")
         self.epoch += 1
         self.step = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Position after the last batch taken from the iterator."""
+        """Position after the last batch taken from the iterator, and what the order depends on."""
         return {
-            "epoch": self.epoch, "step": self.step, "world_size": self.world_size,
+            "epoch": self.epoch, "step": self.step, "global_step": self.step // self.config.grad_accum,
+            "global_batch": self.global_batch, "world_size": self.world_size,
             "num_workers": self.config.num_workers, "config": asdict(self.config),
             "source_sha256": self.manifest["source"]["sha256"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; the data layout (world size, workers, config) must match."""
-        for key, mine in (("world_size", self.world_size), ("num_workers", self.config.num_workers),
-                          ("config", asdict(self.config)), ("source_sha256", self.manifest["source"]["sha256"])):
-            if state.get(key) != mine:
+        """Continue from ``state``: the same shards, order settings and global batch; any shape that shares it."""
+        saved_config = state.get("config")
+        checks = (("global_batch", state.get("global_batch"), self.global_batch),
+                  ("config", _layout(saved_config) if isinstance(saved_config, dict) else saved_config,
+                   _layout(asdict(self.config))),
+                  ("source_sha256", state.get("source_sha256"), self.manifest["source"]["sha256"]))
+        for key, saved, mine in checks:
+            if saved != mine:
                 raise UserError(
-                    f"loader state: {key} differs ({state.get(key)!r} saved, {mine!r} now); an exact resume needs "
-                    "the same shards, world size, workers and loader config"
-                )
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+                    f"loader state: {key} differs ({saved!r} saved, {mine!r} now); resuming the same sample order "
+                    "needs the same shards, loader settings and global batch (data.batch_size x ranks x "
+                    "engine.grad_accum)")
+        self.epoch, self.step = int(state["epoch"]), int(state["global_step"]) * self.config.grad_accum
