@@ -267,13 +267,16 @@ def micro_batch_lanes(lanes: int, world_size: int, grad_accum: int, rank: int) -
     return [range((rank * grad_accum + a) * per, (rank * grad_accum + a + 1) * per) for a in range(grad_accum)]
 
 
-def read_pieces(labelled: bool, view: str, width: int, verify: bool = True):
-    """Stage: a lane's pieces -> its view rows in order (each unit read once, trimmed to the piece)."""
+def read_pieces(labelled: bool, view_stage, verify: bool = True):
+    """Stage: a lane's pieces -> its view rows in order (each unit read once, trimmed to the piece).
+
+    ``view_stage``: a :func:`select_view` stage, shared by the lanes of a worker.
+    """
 
     def stage(pieces: Iterable[LanePiece]) -> Iterator[dict[str, np.ndarray]]:
         for piece in pieces:
             seen = 0
-            for rows in select_view(view, width, verify)(read_units(labelled, verify)([piece.unit])):
+            for rows in view_stage(read_units(labelled, verify)([piece.unit])):
                 n = len(rows["len"])
                 lo, hi = max(piece.start - seen, 0), min(piece.stop - seen, n)
                 seen += n
@@ -353,11 +356,11 @@ class _LaneStream(IterableDataset):
             cfg, q = self.config, plan.rows_per_lane
             capacity = max(cfg.shuffle_buffer // plan.lanes, MIN_LANE_BUFFER)
             takers = []
+            view_stage = select_view(cfg.view, self.width, self.verify)
             for lane in mine:
                 rng = np.random.default_rng([cfg.seed, epoch, 0x1A4E, lane]) if cfg.shuffle else None
                 pipeline = wds.DataPipeline(lambda lane=lane: iter(plan.pieces[lane]),
-                                            read_pieces(labels_required(self.manifest), cfg.view, self.width,
-                                                        self.verify),
+                                            read_pieces(labels_required(self.manifest), view_stage, self.verify),
                                             shuffle_rows(capacity, rng))
                 takers.append(RowTaker(iter(pipeline)))
             lane_ids = np.repeat(np.asarray(mine, dtype=np.int32), q)
