@@ -229,3 +229,26 @@ def test_preempted_job_requeues_resumes_and_trains_like_the_deepspeed_launcher(s
     assert (out / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
 
     assert_same_run(out, deepspeed_reference(small_shards, tmp_path_factory))
+
+
+def test_a_run_submitted_again_on_fewer_tasks_resumes_with_the_same_losses(small_shards, tmp_path, tmp_path_factory):
+    """(d) job (b) stopped at step 6, then submitted again as a 1-node x 1-task job with
+    engine.grad_accum=2 (the same global batch of 32): it converts the ZeRO-2 checkpoint into a
+    universal one, resumes at step 6 and goes on with the losses of the 2-task run (the
+    tolerance of tests/distributed/test_elastic_resume.py: a one-rank run sums in another order)."""
+    out = tmp_path / "run"
+    first = submit_training(CONFIG, [*overrides(shards=small_shards, out=out), "run.max_steps=6"],
+                            ClusterOptions(cluster="slurm", tasks_per_node=2, time="30", setup=list(SETUP)))
+    wait(first)
+    again = [*overrides(small_shards, out), "engine.grad_accum=2"]
+    second = submit_training(CONFIG, again, ClusterOptions(cluster="slurm", tasks_per_node=1, time="30",
+                                                           setup=list(SETUP)))
+    results = monitor.wait(second, poll_s=0.5, on_poll=lambda state: release_if_held(second.job_id), timeout_s=400)
+    assert [r["world_size"] for r in results] == [1]
+    log = job_log(second, 0)
+    assert "resumed from step00000006" in log and "converting checkpoint step00000006 into a universal" in log
+    steps, train, _ = records(out)
+    _, expected, _ = records(deepspeed_reference(small_shards, tmp_path_factory))
+    assert steps == list(range(1, STEPS + 1))
+    for step in steps:
+        assert train[step]["loss"] == pytest.approx(expected[step]["loss"], rel=2e-4), step
