@@ -27,11 +27,13 @@ print("started", torch.distributed.get_world_size())
 
 
 @pytest.mark.timeout(120)
-def test_a_stale_extension_lock_does_not_stall_the_start(tmp_path: Path) -> None:
+def test_a_stale_extension_lock_does_not_stall_the_start(tmp_path: Path, monkeypatch) -> None:
+    from torch.utils.cpp_extension import _get_build_directory
+
     extensions = tmp_path / "torch_extensions"
-    for python in ("py311_cpu", "py312_cpu", f"py{sys.version_info.major}{sys.version_info.minor}_cpu"):
-        (extensions / python / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
-        (extensions / python / "deepspeed_shm_comm" / "lock").touch()  # left by a killed rank
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    # The folder torch builds the op in (``py<version>_cpu/deepspeed_shm_comm``), as torch names it.
+    (Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock").touch()  # left by a killed rank
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_KEYS}
     env["TORCH_EXTENSIONS_DIR"] = str(extensions)
     result = subprocess.run([sys.executable, "-c", START_ONE_RANK], env=env, capture_output=True, text=True,
