@@ -4,13 +4,7 @@ across segments, the top-expression view by threshold, and the parsers the segme
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +31,10 @@ from promoter_dist.data.shards import (
 )
 from promoter_dist.errors import InputError, UserError
 from tests.conftest import DEMO_TRAIN
+from tests.data.shard_builds import big_source, kill_builds, tree_digest
 
 TINY = ShardOptions(rows_per_block=64, blocks_per_shard=3, segment_bytes=40_000)
 """~19 segments over the demo file, several shards per segment and split."""
-
-
-def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _messy_source(tmp_path: Path) -> Path:
@@ -77,7 +68,7 @@ def test_same_bytes_for_any_worker_count_with_bad_rows(tmp_path: Path) -> None:
         out = tmp_path / f"w{workers}"
         build_shards(source, out, TINY, workers=workers, progress=False)
         assert verify_shards(out).ok
-        trees.append(_digests(out))
+        trees.append(tree_digest(out))
     assert trees[0] == trees[1] == trees[2]
     assert {"manifest.json", "rejected.tsv"} <= set(trees[0])
 
@@ -123,8 +114,8 @@ def test_gzip_gives_the_shards_of_the_plain_file(tmp_path: Path) -> None:
     packed.write_bytes(gzip.compress(source.read_bytes()))
     plain = build_shards(source, tmp_path / "plain", TINY, workers=2, progress=False).manifest
     zipped = build_shards(packed, tmp_path / "gz", TINY, workers=2, progress=False).manifest
-    tars = {k: v for k, v in _digests(tmp_path / "plain").items() if k.endswith(".tar")}
-    assert tars == {k: v for k, v in _digests(tmp_path / "gz").items() if k.endswith(".tar")}
+    tars = {k: v for k, v in tree_digest(tmp_path / "plain").items() if k.endswith(".tar")}
+    assert tars == {k: v for k, v in tree_digest(tmp_path / "gz").items() if k.endswith(".tar")}
     assert plain["splits"] == zipped["splits"] and plain["labels"] == zipped["labels"]
     assert (tmp_path / "plain" / "rejected.tsv").read_bytes() == (tmp_path / "gz" / "rejected.tsv").read_bytes()
     assert sorted(p.name for p in (tmp_path / "gz").iterdir() if "decompressed" in p.name) == []
@@ -153,48 +144,19 @@ def test_mostly_bad_file_is_refused_and_no_manifest_written(tmp_path: Path) -> N
     assert not (tmp_path / "out" / MANIFEST).exists()
 
 
-def _big_source(tmp_path: Path, copies: int) -> Path:
-    """The demo rows repeated with a mutated base per copy, so each copy is new sequence."""
-    lines = DEMO_TRAIN.read_text().splitlines()
-    out = tmp_path / "big.txt"
-    with open(out, "w") as handle:
-        for c in range(copies):
-            base = "ACGT"[c % 4]
-            for i, line in enumerate(lines):
-                seq, y = line.split("\t")
-                pos = 17 + (c * 7 + i) % 80
-                handle.write(f"{seq[:pos]}{base}{seq[pos + 1:]}\t{y}\n")
-    return out
-
-
 @pytest.mark.slow
 def test_killed_build_resumes_byte_identical_across_segments(tmp_path: Path) -> None:
-    source = _big_source(tmp_path, 24)  # ~153k rows, ~18 MB: 18 segments of 1 MB
-    options = "ShardOptions(rows_per_block=256, blocks_per_shard=10, segment_bytes=1_000_000)"
+    source = big_source(tmp_path, 24)  # ~153k rows, ~18 MB: 18 segments of 1 MB
+    options = ShardOptions(rows_per_block=256, blocks_per_shard=10, segment_bytes=1_000_000)
     reference = tmp_path / "reference"
-    build_shards(source, reference, eval(options), workers=1, progress=False)  # another worker count
+    build_shards(source, reference, options, workers=1, progress=False)  # another worker count
     resumed = tmp_path / "resumed"
-    code = (f"from promoter_dist.data.shards import ShardOptions, build_shards; "
-            f"build_shards({str(source)!r}, {str(resumed)!r}, {options}, workers=2, progress=False)")
-    kills = 0
-    for wanted in (3, 20, 45):
-        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if len(list(resumed.glob("*.tar"))) >= wanted:
-                break
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        if (resumed / MANIFEST).exists():
-            break
+    kills = kill_builds(source, resumed, repr(options), (3, 20, 45))
     assert kills >= 1, "the build finished before it could be interrupted"
-    result = build_shards(source, resumed, eval(options), workers=2, progress=False)
+    result = build_shards(source, resumed, options, workers=2, progress=False)
     assert result.shards_reused > 0 and result.shards_written + result.shards_reused == \
         sum(len(info["shards"]) for info in result.manifest["splits"].values())
-    assert _digests(resumed) == _digests(reference)
+    assert tree_digest(resumed) == tree_digest(reference)
     assert verify_shards(resumed).ok
 
 

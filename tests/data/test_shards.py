@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +35,7 @@ from promoter_dist.data.shards import (
 )
 from promoter_dist.errors import UserError
 from tests.conftest import DEMO_TRAIN
+from tests.data.shard_builds import big_source, kill_builds, tree_digest
 
 SMALL = ShardOptions(rows_per_block=128, blocks_per_shard=5)
 
@@ -55,10 +52,6 @@ def _all_blocks(shard_dir: Path, split: str):
     manifest = load_manifest(shard_dir)
     for shard in manifest["splits"][split]["shards"]:
         yield from read_block_range(shard_dir / shard["file"], shard_blocks(shard, shard_dir / MANIFEST))
-
-
-def _tree_digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def test_real_rows_round_trip(small_shards: Path) -> None:
@@ -176,7 +169,7 @@ def test_stock_webdataset_and_tar_read_the_shards(small_shards: Path) -> None:
 
 def test_build_is_deterministic_across_worker_counts(tmp_path: Path, small_shards: Path) -> None:
     build_shards(DEMO_TRAIN, tmp_path / "one", SMALL, workers=0, progress=False)
-    assert _tree_digest(tmp_path / "one") == _tree_digest(small_shards)
+    assert tree_digest(tmp_path / "one") == tree_digest(small_shards)
 
 
 def test_duplicate_sequences_share_a_split_and_seed_redraws(tmp_path: Path) -> None:
@@ -251,50 +244,19 @@ def test_other_source_is_refused_unless_overwrite(tmp_path: Path) -> None:
     assert sum(len(s["shards"]) for s in m["splits"].values()) == len(list(out.glob("*.tar")))
 
 
-def _big_source(tmp_path: Path, copies: int) -> Path:
-    """The demo rows repeated with a mutated base per copy, so each copy is new sequence."""
-    lines = DEMO_TRAIN.read_text().splitlines()
-    out = tmp_path / "big.txt"
-    with open(out, "w") as handle:
-        for c in range(copies):
-            base = "ACGT"[c % 4]
-            for i, line in enumerate(lines):
-                seq, y = line.split("\t")
-                pos = 17 + (c * 7 + i) % 80
-                handle.write(f"{seq[:pos]}{base}{seq[pos + 1:]}\t{y}\n")
-    return out
-
-
 @pytest.mark.slow
 def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
-    source = _big_source(tmp_path, 24)  # ~153k rows, ~60 shards of 2,560 rows
+    source = big_source(tmp_path, 24)  # ~153k rows, ~60 shards of 2,560 rows
     options = ShardOptions(rows_per_block=256, blocks_per_shard=10)
     reference = tmp_path / "reference"
     build_shards(source, reference, options, workers=2, progress=False)
     resumed = tmp_path / "resumed"
-    code = (
-        "import sys; from promoter_dist.data.shards import ShardOptions, build_shards; "
-        f"build_shards({str(source)!r}, {str(resumed)!r}, ShardOptions(rows_per_block=256, blocks_per_shard=10), "
-        "workers=2, progress=False)"
-    )
-    kills = 0
-    for wanted in (1, 15, 40):  # kill after some shards exist, three times over
-        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if len(list(resumed.glob("*.tar"))) >= wanted:
-                break
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        if (resumed / MANIFEST).exists():
-            break
+    kills = kill_builds(source, resumed, "ShardOptions(rows_per_block=256, blocks_per_shard=10)",
+                        (1, 15, 40))  # kill after some shards exist, three times over
     assert kills >= 1, "the build finished before it could be interrupted"
     result = build_shards(source, resumed, options, workers=2, progress=False)
     assert result.shards_reused > 0
-    assert _tree_digest(resumed) == _tree_digest(reference) | {}
+    assert tree_digest(resumed) == tree_digest(reference) | {}
     assert verify_shards(resumed).ok
 
 
@@ -316,6 +278,6 @@ def test_shards_of_format_version_1_are_refused_until_rebuilt(tmp_path: Path) ->
 
 
 def test_rebuild_of_finished_folder_is_a_no_op(small_shards: Path) -> None:
-    before = _tree_digest(small_shards)
+    before = tree_digest(small_shards)
     result = build_shards(DEMO_TRAIN, small_shards, SMALL, progress=False, log=lambda *_: None)
-    assert result.shards_written == 0 and _tree_digest(small_shards) == before
+    assert result.shards_written == 0 and tree_digest(small_shards) == before
