@@ -190,6 +190,19 @@ class ReadReport:
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
+    def check_whole_file(self, options: ReadOptions) -> None:
+        """Raise InputError when the file held no valid row, or more bad rows than ``options.max_bad_fraction``."""
+        if self.rows_ok == 0:
+            if self.rows_in == 0:
+                raise InputError(self.path, "the file is empty (no rows)")
+            raise InputError(self.path, "no valid row\n" + self.summary())
+        if self.rows_rejected > options.max_bad_fraction * self.rows_in:
+            raise InputError(
+                self.path,
+                f"{self.rows_rejected} of {self.rows_in} rows are bad, more than max_bad_fraction="
+                f"{options.max_bad_fraction}; is this the right file?\n" + self.summary(),
+            )
+
     def to_dict(self) -> dict:
         return {
             "path": self.path,
@@ -211,6 +224,21 @@ def _decompressed(handle: IO[bytes]) -> IO[bytes]:
     if magic == GZIP_MAGIC:
         return gzip.GzipFile(fileobj=handle, mode="rb")  # type: ignore[return-value]
     return handle
+
+
+def _read_stream(stream: IO[bytes], size: int, path: str | os.PathLike, done: int, line: int) -> bytes:
+    """``stream.read(size)``; a truncated or corrupt gzip stream is an InputError saying where it broke
+    (after ``done`` decompressed bytes, near line ``line``)."""
+    try:
+        return stream.read(size)
+    except EOFError:
+        raise InputError(
+            str(path),
+            f"truncated gzip stream: it ends after {done} decompressed bytes "
+            f"(near line {line}); the file is incomplete, fetch it again",
+        ) from None
+    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise InputError(str(path), f"corrupt gzip data near line {line} ({exc})") from None
 
 
 @dataclass
@@ -238,16 +266,8 @@ def _raw_chunks(path: Path, handle: IO[bytes], options: ReadOptions, report: Rea
     too_long: list[tuple[int, bytes]] = []
     first = file_start
     while True:
-        try:
-            block = handle.read(max(options.chunk_bytes, len(UTF8_BOM)) if first else options.chunk_bytes)
-        except EOFError:
-            raise InputError(
-                str(path),
-                f"truncated gzip stream: it ends after {report.bytes_read} decompressed bytes "
-                f"(near line {line_no}); the file is incomplete, fetch it again",
-            ) from None
-        except (gzip.BadGzipFile, zlib.error, OSError) as exc:
-            raise InputError(str(path), f"corrupt gzip data near line {line_no} ({exc})") from None
+        block = _read_stream(handle, max(options.chunk_bytes, len(UTF8_BOM)) if first else options.chunk_bytes,
+                             path, report.bytes_read, line_no)
         if first:
             first = False
             if block.startswith(UTF8_BOM):
@@ -579,16 +599,7 @@ def read_dream(path: str | os.PathLike, options: ReadOptions = ReadOptions(), pr
             last = report.bytes_read
     if bar is not None:
         bar.close()
-    if report.rows_ok == 0:
-        if report.rows_in == 0:
-            raise InputError(str(path), "the file is empty (no rows)")
-        raise InputError(str(path), "no valid row\n" + report.summary())
-    if report.rows_rejected > options.max_bad_fraction * report.rows_in:
-        raise InputError(
-            str(path),
-            f"{report.rows_rejected} of {report.rows_in} rows are bad, more than max_bad_fraction="
-            f"{options.max_bad_fraction}; is this the right file?\n" + report.summary(),
-        )
+    report.check_whole_file(options)
     return Rows.concatenate(parts), report
 
 
@@ -706,16 +717,7 @@ def decompress_to(path: str | os.PathLike, out: IO[bytes], piece: int = 8 << 20)
     written = lines = 0
     with open_input(path, "a DREAM text file") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as stream:
         while True:
-            try:
-                data = stream.read(piece)
-            except EOFError:
-                raise InputError(
-                    str(path),
-                    f"truncated gzip stream: it ends after {written} decompressed bytes "
-                    f"(near line {lines + 1}); the file is incomplete, fetch it again",
-                ) from None
-            except (gzip.BadGzipFile, zlib.error, OSError) as exc:
-                raise InputError(str(path), f"corrupt gzip data near line {lines + 1} ({exc})") from None
+            data = _read_stream(stream, piece, path, written, lines + 1)
             if not data:
                 return written
             out.write(data)

@@ -809,16 +809,7 @@ def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: 
             pool.join()
         if bar is not None:
             bar.close()
-    if report.rows_ok == 0:
-        if report.rows_in == 0:
-            raise InputError(str(source), "the file is empty (no rows)")
-        raise InputError(str(source), "no valid row\n" + report.summary())
-    if report.rows_rejected > read_options.max_bad_fraction * report.rows_in:
-        raise InputError(
-            str(source),
-            f"{report.rows_rejected} of {report.rows_in} rows are bad, more than max_bad_fraction="
-            f"{read_options.max_bad_fraction}; is this the right file?\n" + report.summary(),
-        )
+    report.check_whole_file(read_options)
     labels = np.concatenate([labels for _, _, labels in shards])  # 4 B per row, partitioned in place
     threshold = top_threshold(labels, options.top_fraction, overwrite=True)
     del labels
