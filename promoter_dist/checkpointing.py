@@ -430,10 +430,7 @@ class CheckpointManager:
                 raise UserError(f"{rank_file}: missing; checkpoint {tag} was written by a run of another world "
                                 "size, or is incomplete (exact resume needs every rank's file)")
         rank_state = self._read_rank_state(rank_file, tag, trust_pickle)
-        with weights_only_loads(trust_pickle):
-            _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
-        state = self._trainer_state(client, tag, config)
+        state = self._trainer_state(self._load_engine(engine, self.dir / tag, trust_pickle), tag, config)
         if state["world_size"] != self.world_size:
             raise UserError(f"{self.dir / tag}: saved with {state['world_size']} ranks, now {self.world_size}")
         _copy_into(dist.norm_statistics(engine.module), rank_state.pop("norm_statistics", []))
@@ -458,15 +455,11 @@ class CheckpointManager:
             folder = self.universal_checkpoint(tag, trust_pickle)
             engine._config.load_universal_checkpoint = True  # the flag DeepSpeed reads at load time
             try:
-                with weights_only_loads(trust_pickle):
-                    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
+                client = self._load_engine(engine, folder, trust_pickle)
             finally:
                 engine._config.load_universal_checkpoint = False
         else:
-            with weights_only_loads(trust_pickle):
-                _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+            client = self._load_engine(engine, self.dir / tag, trust_pickle)
         state = self._trainer_state(client, tag, config)
         self._load_average_norm_statistics(engine, tag, trust_pickle)
         state["world_size"] = self.world_size
@@ -496,6 +489,14 @@ class CheckpointManager:
                 fsync_paths([self.dir / tag])
         dist.barrier()
         return folder
+
+    @staticmethod
+    def _load_engine(engine: Any, folder: Path, trust_pickle: bool) -> dict | None:
+        """DeepSpeed's load of checkpoint folder ``folder`` (model and optimizer), weights-only; its client state."""
+        with weights_only_loads(trust_pickle):
+            _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        return client
 
     def _read_rank_state(self, rank_file: Path, tag: str, trust_pickle: bool) -> dict[str, Any]:
         """A rank state file, after every file of the checkpoint was checked readable weights-only."""

@@ -682,8 +682,11 @@ class ShardLoader:
             micro_batch_lanes(lanes, world_size, config.grad_accum, rank)  # a shape that cannot share it is refused
             self.lanes = lanes
         # Training needs a full global batch; evaluation only some row somewhere (a rank may hold none).
-        if self.steps_per_epoch(0) == 0 and (self.training or not any(
-                plan_epoch(self.manifest, self.shard_dir, config, 0, world_size).steps_per_rank)):
+        if self.training:
+            empty = self.steps_per_epoch(0) == 0
+        else:
+            empty = not any(plan_epoch(self.manifest, self.shard_dir, config, 0, world_size).steps_per_rank)
+        if empty:
             raise UserError(
                 f"{self.shard_dir}: split {config.split!r} (view {config.view!r}) has too few rows for one batch of "
                 f"{config.batch_size} on each of {self.world_size} rank(s)"
