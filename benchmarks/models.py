@@ -114,7 +114,7 @@ def make_grammar_data(grammar: Grammar, rows: int, test_rows: int, glove_iterati
     grammar.shards = grammar.folder / "shards"
     build_shards(grammar.train, grammar.shards, ShardOptions(), progress=False, log=lambda *_: None)
     glove_dir = grammar.folder / "glove"
-    train_glove(nad_word_batches(str(grammar.shards)), glove_dir, GloveConfig(), progress=False)
+    train_glove(nad_word_batches(str(grammar.shards)), glove_dir, GloveConfig(iterations=glove_iterations), progress=False)
     grammar.vectors = glove_dir / W2V_FILE
 
 
