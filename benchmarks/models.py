@@ -199,7 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-rows", type=int, default=5_000, help="held-out test rows per grammar")
     parser.add_argument("--procs", type=int, default=2, help="DeepSpeed processes per training run")
     parser.add_argument("--work", help="folder for data and runs (default: a temporary folder, removed after)")
-    parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--json", help="write every figure here, after each model; cells it already holds "
+                        "(same --rows, --test-rows, --procs) are not trained again")
     args = parser.parse_args(argv)
     args.grammars = [g.strip() for g in args.grammars.split(",") if g.strip()]
     for g in args.grammars:
@@ -212,19 +213,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def load_earlier(path: Path | None, args: argparse.Namespace) -> dict[str, dict[str, Result]]:
+    """Cells an earlier run of the same sizes recorded in ``--json``: they are not trained again."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        same = all(earlier.get(k) == getattr(args, k) for k in ("rows", "test_rows", "procs"))
+        cells = {m: {g: Result(**r) for g, r in row.items() if not r.get("error")}
+                 for m, row in earlier.get("results", {}).items()} if same else {}
+    except (ValueError, TypeError, AttributeError) as error:
+        raise SystemExit(f"{path}: not a leaderboard record this script can continue ({error})") from None
+    return cells
+
+
+def write_record(path: Path, args: argparse.Namespace, oracles: dict[str, float],
+                 results: dict[str, dict[str, Result]]) -> None:
+    """Every figure so far, rewritten atomically after each cell so that a stopped run continues."""
+    record = {"grammars": {g: {"oracle_test": v} for g, v in oracles.items()},
+              "results": {m: {g: vars(r) for g, r in row.items()} for m, row in results.items()},
+              "rows": args.rows, "test_rows": args.test_rows, "procs": args.procs}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="leaderboard-"))
+    record = Path(args.json) if args.json else None
     t0 = time.perf_counter()
     grammars = [Grammar(label, work / label.replace(":", "-")) for label in args.grammars]
-    results: dict[str, dict[str, Result]] = {m: {} for m in args.models}
+    earlier = load_earlier(record, args)
+    results = {m: dict(earlier.get(m, {})) for m in [*args.models, *(set(earlier) - set(args.models))]}
+    oracles = {g: v["oracle_test"] for g, v in json.loads(record.read_text()).get("grammars", {}).items()
+               } if earlier else {}
     try:
         for grammar in grammars:
+            todo = [name for name in args.models if grammar.label not in results[name]]
+            if not todo:
+                grammar.oracle_test = oracles.get(grammar.label, math.nan)
+                print(f"{grammar.label}: every model recorded in {record}", flush=True)
+                continue
             t_data = time.perf_counter()
             make_grammar_data(grammar, args.rows, args.test_rows, 50)
             print(f"{grammar.label}: {args.rows:,} train + {args.test_rows:,} test rows, shards, GloVe in "
                   f"{time.perf_counter() - t_data:.0f} s; test oracle Pearson {grammar.oracle_test:.4f}", flush=True)
-            for name in args.models:
+            oracles[grammar.label] = grammar.oracle_test
+            for name in todo:
                 try:
                     result = run_recipe(RECIPES[name], grammar, args.procs)
                 except RuntimeError as error:
@@ -234,19 +270,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {RECIPES[name].name}: test Pearson {result.pearson:.4f}, ratio {result.ratio:.3f}, "
                           f"{result.samples_per_s:,.0f} samples/s, {result.seconds:.0f} s", flush=True)
                 results[name][grammar.label] = result
+                if record:
+                    write_record(record, args, oracles, results)
         print(f"\n{len(args.models)} models x {len(grammars)} grammars in {(time.perf_counter() - t0) / 60:.1f} min; "
               f"ratio = test Pearson / oracle Pearson (test Pearson in brackets)\n")
-        print(table(results, grammars))
-        if args.json:
-            Path(args.json).write_text(json.dumps({
-                "grammars": {g.label: {"oracle_test": g.oracle_test} for g in grammars},
-                "results": {m: {g: vars(r) for g, r in row.items()} for m, row in results.items()},
-                "rows": args.rows, "test_rows": args.test_rows, "procs": args.procs}, indent=1) + "\n")
+        print(table({m: results[m] for m in args.models}, grammars))
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     return 1 if any(r.error for row in results.values() for r in row.values()) else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
