@@ -193,11 +193,6 @@ def finite_global_sum(value: torch.Tensor) -> tuple[bool, float]:
     return True, total
 
 
-def all_ranks_finite(value: torch.Tensor) -> bool:
-    """True when the scalar ``value`` is finite on every rank (one scalar all-reduce)."""
-    return finite_global_sum(value)[0]
-
-
 @dataclass(frozen=True)
 class StepAgreement:
     """What every rank learns from the one collective of an optimizer step (the same on every rank)."""
