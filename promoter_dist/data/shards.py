@@ -68,6 +68,7 @@ import stat
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, NoReturn, Sequence
 
@@ -339,12 +340,14 @@ def row_flags(rows: Rows) -> np.ndarray:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
+    """What ``np.save`` writes for ``array`` (the reference the fast writer is tested against)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one member as the shards' tar headers have it (the reference the fast writer is tested against)."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0
@@ -354,23 +357,88 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def encode_shard_tarfile(name: str, blocks: list[dict[str, np.ndarray]]) -> bytes:
+    """The shard's bytes as python's ``tarfile`` and ``np.save`` write them: the reference for
+    :func:`encode_shard`, which must give the same bytes (tests compare them)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for b, block in enumerate(blocks):
+            for member in MEMBERS:
+                _add_member(tar, f"{name}_{b:04d}.{member}.npy", _npy_bytes(block[member]))
+    return buf.getvalue()
+
+
+def _header_template() -> tuple[bytes, int]:
+    """A USTAR header as ``tarfile`` writes the shards' members, with an empty name, size 0 and a blank
+    checksum field, and the byte sum of that header: name, size and checksum are filled in per member."""
+    info = tarfile.TarInfo("")
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0, 0o444, 0, 0, "", ""
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    header[_SIZE_FIELD] = b"\0" * 12
+    header[_CHECKSUM_FIELD] = b" " * 8  # as the checksum is computed: its own field counted as spaces
+    return bytes(header), sum(header)
+
+
+_NAME_FIELD, _SIZE_FIELD, _CHECKSUM_FIELD = slice(0, 100), slice(124, 136), slice(148, 156)
+_HEADER, _HEADER_SUM = _header_template()
+_TAR_BLOCK, _TAR_RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+
+
+def _tar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte USTAR header of a member ``name`` (< 100 bytes) of ``size`` bytes, as ``tarfile`` writes it."""
+    if len(name) > 100:  # tarfile splits such a name into the prefix field: let it write the header
+        info = tarfile.TarInfo(name.decode())
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    size_field = b"%011o\0" % size  # tarfile's itn() for a USTAR size field
+    header = bytearray(_HEADER)
+    header[: len(name)] = name
+    header[_SIZE_FIELD] = size_field
+    checksum = _HEADER_SUM + sum(name) + sum(size_field)
+    header[_CHECKSUM_FIELD] = b"%06o\0 " % checksum  # tarfile: 6 octal digits, NUL, then the space left
+    return bytes(header)
+
+
+@lru_cache(maxsize=4096)
+def _npy_header(descr: str, count: int) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a 1-D array of ``count`` values of ``descr`` (numpy's own
+    writer, so the padding rules are numpy's; cached: blocks repeat the same few lengths)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": (count,)})
+    return buf.getvalue()
+
+
 def encode_shard(name: str, blocks: list[dict[str, np.ndarray]],
                  threshold: float = float("nan")) -> tuple[bytes, list[BlockIndex]]:
     """Tar bytes of one shard and the index of each of its blocks (checksums over the finished bytes).
 
-    ``rows_top`` counts labels >= ``threshold`` (none while it is unknown: NaN; a build sets
-    the counts once the whole file is read, :func:`_set_rows_top`).
+    The bytes are those of :func:`encode_shard_tarfile` (``tarfile`` + ``np.save``), made
+    without them: both cost more than the rest of the build per member, and here only a
+    member's name and size vary. ``rows_top`` counts labels >= ``threshold`` (none while it
+    is unknown: NaN; a build sets the counts once the whole file is read, :func:`_set_rows_top`).
     """
-    buf = io.BytesIO()
+    parts: list[bytes | memoryview] = []
     spans: list[tuple[int, int, dict[str, np.ndarray]]] = []
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for b, block in enumerate(blocks):
-            start = tar.offset
-            key = f"{name}_{b:04d}"
-            for member in MEMBERS:
-                _add_member(tar, f"{key}.{member}.npy", _npy_bytes(block[member]))
-            spans.append((start, tar.offset - start, block))
-    data = buf.getvalue()
+    offset = 0
+    for b, block in enumerate(blocks):
+        start = offset
+        key = f"{name}_{b:04d}"
+        for member in MEMBERS:
+            descr = MEMBER_DTYPES[member]
+            array = np.ascontiguousarray(block[member], dtype=descr)
+            if array.ndim != 1:
+                raise ValueError(f"{key}.{member}: expected a one-dimensional array, got shape {array.shape}")
+            head = _npy_header(descr, len(array))
+            size = len(head) + array.nbytes
+            parts += [_tar_header(f"{key}.{member}.npy".encode(), size), head, memoryview(array).cast("B")]
+            padding = -size % _TAR_BLOCK
+            if padding:
+                parts.append(bytes(padding))
+            offset += _TAR_BLOCK + size + padding
+        spans.append((start, offset - start, block))
+    end = offset + 2 * _TAR_BLOCK  # end-of-archive: two zero blocks, then zeros to a whole record
+    parts.append(bytes(end - offset + (-end % _TAR_RECORD)))
+    data = b"".join(parts)
     view = memoryview(data)
     index = []
     for start, nbytes, block in spans:
@@ -387,13 +455,17 @@ def encode_shard(name: str, blocks: list[dict[str, np.ndarray]],
     return data, index
 
 
-def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """The members of one block for the rows ``idx`` (file order)."""
+def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray, per_block: int) -> list[dict[str, np.ndarray]]:
+    """The members of each block of ``per_block`` rows of the rows ``idx`` (file order).
+
+    The columns of all of ``idx`` are gathered at once and each block is a slice of them
+    (a gather per block cost more than the rest of a shard's encoding).
+    """
     lengths = rows.lengths[idx]
     codes = rows.codes[idx]
     mask = np.arange(codes.shape[1]) < lengths[:, None].astype(np.int64)
     # The dtypes readers demand (MEMBER_DTYPES), little-endian on any machine.
-    return {
+    columns = {
         # row-major boolean selection keeps each row contiguous
         "seq": codes[mask].astype(MEMBER_DTYPES["seq"], copy=False),
         "len": lengths.astype(MEMBER_DTYPES["len"], copy=False),
@@ -401,6 +473,11 @@ def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray) -> dict[str, np
         "line": rows.lines[idx].astype(MEMBER_DTYPES["line"], copy=False),
         "flags": flags[idx].astype(MEMBER_DTYPES["flags"], copy=False),
     }
+    cuts = list(range(0, len(idx), per_block)) + [len(idx)]
+    bases = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])[cuts].tolist()
+    return [{member: (columns[member][bases[b] : bases[b + 1]] if member == "seq" else columns[member][lo:hi])
+             for member in MEMBERS}
+            for b, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:]))]
 
 
 # Set before the worker pool forks: what every segment task needs besides its byte range.
@@ -432,7 +509,7 @@ def shard_name(split: str, segment: int, i: int, options: ShardOptions) -> str:
 
 def _write_shard(out: Path, name: str, rows: Rows, flags: np.ndarray, idx: np.ndarray, per_block: int) -> dict:
     """Encode the rows ``idx`` as the shard ``name`` and write it atomically (flushed later, with the others)."""
-    blocks = [block_arrays(rows, flags, idx[i : i + per_block]) for i in range(0, len(idx), per_block)]
+    blocks = block_arrays(rows, flags, idx, per_block)
     data, index = encode_shard(name, blocks)
     with atomic_open(out / f"{name}.tar", "wb", fsync=False) as handle:
         handle.write(data)  # flushed to disk together before the manifest is written
