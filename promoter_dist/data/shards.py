@@ -67,6 +67,7 @@ import reprlib
 import stat
 import tarfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -80,11 +81,14 @@ from ..errors import UserError
 from ..io import (
     atomic_open,
     file_kind,
+    fsync_file,
+    fsync_folder,
     fsync_paths,
     open_input,
     require_regular_file,
     sha256_file,
     write_json_atomic,
+    xxh3_128_file,
 )
 from .alphabet import BASES, NOMINAL_LENGTH, PAD, T
 from ..errors import InputError
@@ -93,12 +97,15 @@ from .hashing import mix64
 from .nad_words import nad_eligible
 
 FORMAT = "promoter-dist-shards"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2: a checksum per block; 3: shards written per segment, the top-expression subset selected by the
-manifest's threshold (no flag bit). Older folders are refused by readers and rebuilt by ``--overwrite``."""
-_OLD_FORMATS = {1: "shards without block checksums", 2: "shards with the top-expression subset as a flag bit"}
+manifest's threshold (no flag bit); 4: the source identified by its xxh3-128 (``source.xxh3_128``), not sha256.
+Older folders are refused by readers and rebuilt by ``--overwrite``."""
+_OLD_FORMATS = {1: "shards without block checksums", 2: "shards with the top-expression subset as a flag bit",
+                3: "the source identified by sha256"}
 """Why readers refuse each older format version (the message asks for a rebuild)."""
-_OLD_FORMATS_SHORT = {1: "no block checksums", 2: "the top-expression subset as a flag bit"}
+_OLD_FORMATS_SHORT = {1: "no block checksums", 2: "the top-expression subset as a flag bit",
+                      3: "the source identified by sha256"}
 MANIFEST = "manifest.json"
 BUILD_STATE = "build-state.jsonl"
 REJECTED = "rejected.tsv"
@@ -512,7 +519,7 @@ def _write_shard(out: Path, name: str, rows: Rows, flags: np.ndarray, idx: np.nd
     blocks = block_arrays(rows, flags, idx, per_block)
     data, index = encode_shard(name, blocks)
     with atomic_open(out / f"{name}.tar", "wb", fsync=False) as handle:
-        handle.write(data)  # flushed to disk together before the manifest is written
+        handle.write(data)  # flushed by the segment's fsync thread (_segment_task), its name by the build
     return {
         "name": name,
         "file": f"{name}.tar",
@@ -563,6 +570,21 @@ def _segment_task(task: tuple[int, int, int, int]) -> dict:
     rows = read.rows
     flags = row_flags(rows)
     result["rows_integer"] = int((flags & FLAG_INTEGER > 0).sum())
+    # Each written shard is fsynced by a thread (fsync releases the GIL) while this process encodes the next,
+    # and the segment is done only once all of its shards are on disk: the build's end flushes no shard bytes.
+    flushed: list[Future] = []
+    with ThreadPoolExecutor(1) as flusher:
+        _write_segment_shards(out, state, segment, rows, flags, options, result, flusher, flushed)
+    for done in flushed:
+        done.result()  # an I/O error fails the build here, as the OS reports it
+    return result
+
+
+def _write_segment_shards(out: Path, state: dict, segment: int, rows: Rows, flags: np.ndarray,
+                          options: ShardOptions, result: dict, flusher: ThreadPoolExecutor,
+                          flushed: list[Future]) -> None:
+    """Cut the segment's rows into shards per split (file order) and write or reuse each; the written ones
+    are handed to ``flusher`` to fsync (their futures appended to ``flushed``)."""
     split_of_row = assign_splits(rows.hash, options)
     per_block = options.rows_per_block
     per_shard = per_block * options.blocks_per_shard
@@ -576,9 +598,9 @@ def _segment_task(task: tuple[int, int, int, int]) -> dict:
             if written:
                 entry = _write_shard(out, name, rows, flags, part, per_block)
                 _log_shard(out / BUILD_STATE, entry)  # here, as soon as the shard is whole: a kill loses no more
+                flushed.append(flusher.submit(fsync_file, out / entry["file"]))
             result["shards"].append((split, entry, written))
             result["labels"].append(rows.labels[part])
-    return result
 
 
 def _set_rows_top(entry: dict, labels: np.ndarray, threshold: float, rows_per_block: int) -> dict:
@@ -622,9 +644,9 @@ class BuildResult:
         return "\n".join(lines)
 
 
-def _fingerprint(source_sha: str, read_options: ReadOptions, options: ShardOptions) -> dict:
+def _fingerprint(source_digest: str, read_options: ReadOptions, options: ShardOptions) -> dict:
     read = {k: v for k, v in asdict(read_options).items() if k not in ("workers", "chunk_bytes")}
-    fingerprint = {"format_version": FORMAT_VERSION, "source_sha256": source_sha, "read": read, "shards": asdict(options)}
+    fingerprint = {"format_version": FORMAT_VERSION, "source_xxh3_128": source_digest, "read": read, "shards": asdict(options)}
     return json.loads(json.dumps(fingerprint))  # the form it takes when read back from JSON
 
 
@@ -632,6 +654,7 @@ _SHARD_NAME = re.compile(r"[^\W\d]\w*-\d{6,}")
 """A shard's name as the writer makes it: ``{split}-{i:06d}`` (:func:`shard_name`)."""
 _SHARD_FILE = re.compile(r"[^\W\d]\w*-\d{6,}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_XXH3_128 = re.compile(r"[0-9a-f]{32}")
 _LABEL_MODES = re.compile("required|optional")
 _TEMPORARY = re.compile(
     r"(?:manifest\.json|build-state\.jsonl|rejected\.tsv|\.write-check|source\.decompressed"
@@ -785,8 +808,8 @@ def build_shards(
     _check_ours(out, previous, state)
     _remove_temporaries(out)  # leftovers of a killed build, only once the folder is known to be ours
 
-    source_sha = sha256_file(source)
-    fingerprint = _fingerprint(source_sha, read_options, options)
+    source_digest = xxh3_128_file(source)  # not sha256: this pass is serial, before any worker starts
+    fingerprint = _fingerprint(source_digest, read_options, options)
     if previous is not None and previous["fingerprint"] == fingerprint and not overwrite:
         log(f"{out}: already built from this source with these options (manifest.json); nothing to do")
         return BuildResult(str(out), previous, time.perf_counter() - t0, 0, 0, ReadReport(str(source)))
@@ -815,27 +838,29 @@ def build_shards(
         if plain != source:
             with open(plain, "wb") as handle:
                 decompress_to(source, handle)
-        report, threshold, results, written, rows_integer = _build_segments(plain, source, out, state, options, read_options,
-                                                              workers, progress)
+        report, threshold, results, reused, rows_integer = _build_segments(plain, source, out, state, options,
+                                                                           read_options, workers, progress)
     finally:
         if plain != source:
             plain.unlink(missing_ok=True)
 
     _write_rejected(out / REJECTED, report)
-    fsync_paths([out / entry["file"] for _, entry, _ in results])
-    manifest = _manifest(source, source_sha, fingerprint, report, options, threshold, results, rows_integer)
+    # Written shards were fsynced by their workers; reused ones may still be dirty pages of the killed build.
+    fsync_paths([out / name for name in reused])
+    fsync_folder(out)  # the shards' names (renamed into place by the workers)
+    manifest = _manifest(source, source_digest, fingerprint, report, options, threshold, results, rows_integer)
     write_json_atomic(manifest_path, manifest)
     state_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
-    return BuildResult(str(out), manifest, seconds, written, len(results) - written, report)
+    return BuildResult(str(out), manifest, seconds, len(results) - len(reused), len(reused), report)
 
 
 def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: ShardOptions,
                     read_options: ReadOptions, workers: int, progress: bool,
-                    ) -> tuple[ReadReport, float, list[tuple[str, dict, np.ndarray]], int, int]:
+                    ) -> tuple[ReadReport, float, list[tuple[str, dict, np.ndarray]], list[str], int]:
     """Cut ``plain`` (the source, or its decompressed copy) into segments; each worker parses and writes one at
     a time. Returns the read report, the top-expression threshold, (split, entry with ``rows_top``, labels) of
-    every shard in segment order, the number of shards written (not reused) and of integer labels.
+    every shard in segment order, the files of the shards reused (not written) and the number of integer labels.
 
     Raises InputError for a strict-mode bad row (the first in the file), a file without valid
     rows or one with more bad rows than ``max_bad_fraction``.
@@ -859,7 +884,8 @@ def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: 
             bar = tqdm(total=sum(end - start for _, start, end in bounds), unit="B", unit_scale=True,
                        desc=f"shards {source.name}")
         shards: list[tuple[str, dict, np.ndarray]] = []
-        written = rows_integer = 0
+        rows_integer = 0
+        reused: list[str] = []
         for part in done:  # in segment order: the first bad row a strict build meets is the file's first
             if part["rejected"] and read_options.strict:
                 first = part["rejected"][0]
@@ -872,7 +898,8 @@ def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: 
             rows_integer += part["rows_integer"]
             for (split, entry, new), labels in zip(part["shards"], part["labels"]):
                 report.rows_ok += entry["rows"]
-                written += new
+                if not new:
+                    reused.append(entry["file"])
                 shards.append((split, entry, labels))
             if bar is not None:
                 bar.update(part["bytes"])
@@ -892,7 +919,7 @@ def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: 
     del labels
     shards = [(split, _set_rows_top(entry, labels, threshold, options.rows_per_block), labels)
               for split, entry, labels in shards]
-    return report, threshold, shards, written, rows_integer
+    return report, threshold, shards, reused, rows_integer
 
 
 def _write_rejected(path: Path, report: ReadReport) -> None:
@@ -904,7 +931,7 @@ def _write_rejected(path: Path, report: ReadReport) -> None:
             handle.write(f"{r.line}\t{r.reason}\t{r.field}\t{r.detail}\t{raw}\n")
 
 
-def _manifest(source, source_sha, fingerprint, report, options, threshold, results, rows_integer) -> dict:
+def _manifest(source, source_digest, fingerprint, report, options, threshold, results, rows_integer) -> dict:
     # Entries were written by encode_shard or checked by _reusable: well formed.
     blocks = [shard_blocks(entry, MANIFEST) for _, entry, _ in results]
     splits = {}
@@ -920,7 +947,7 @@ def _manifest(source, source_sha, fingerprint, report, options, threshold, resul
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_by": f"promoter-dist {__version__}",
-        "source": {"path": str(source), "name": source.name, "sha256": source_sha, "bytes": source.stat().st_size},
+        "source": {"path": str(source), "name": source.name, "xxh3_128": source_digest, "bytes": source.stat().st_size},
         "fingerprint": fingerprint,
         "options": asdict(options),
         "schema": SCHEMA,
@@ -1083,7 +1110,10 @@ def check_manifest(manifest: object, path: str | os.PathLike, readable: bool = T
     typed.count(top, "max_row_length", "")
     source = typed.child(top, "source", "")
     typed.text(source, "path", "source")
-    typed.text(source, "sha256", "source", _SHA256, "64 lower-case hex digits")
+    if version >= 4:
+        typed.text(source, "xxh3_128", "source", _XXH3_128, "32 lower-case hex digits")
+    else:  # read only to rebuild: which shard files the old folder lists
+        typed.text(source, "sha256", "source", _SHA256, "64 lower-case hex digits")
     fingerprint = typed.child(top, "fingerprint", "")
     typed.text(typed.child(fingerprint, "read", "fingerprint"), "labels", "fingerprint.read",
                 _LABEL_MODES, "'required' or 'optional'")
