@@ -369,13 +369,14 @@ _ENCODE_TABLE = ENCODE_LUT.tobytes()
 """``bytes.translate`` table of the base codes (:data:`~promoter_dist.data.alphabet.ENCODE_LUT`)."""
 
 
-def _gather(buffer: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+def gather_windows(buffer: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
     """A (len(starts), width) copy of ``buffer[s : s + width]`` for each start; ``buffer`` holds every window.
 
     Each window is one item of a ``width``-byte void dtype over a byte-strided view, so the
     gather copies a row with one memcpy: about twice as fast as indexing a sliding_window_view.
     """
-    width = max(width, 1)
+    if width < 1:
+        return np.empty((len(starts), 0), dtype=np.uint8)
     items = np.ndarray(buffer=buffer, dtype=f"V{width}", shape=(len(buffer) - width + 1,), strides=(1,))
     return items[starts].view(np.uint8).reshape(len(starts), width)
 
@@ -424,7 +425,7 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
                                & (ends - starts <= options.max_line_bytes))
     cand_len = seq_len[candidate]
     width = int(cand_len.max()) if len(candidate) else 1
-    cand_codes = _gather(coded, starts[candidate], width)
+    cand_codes = gather_windows(coded, starts[candidate], width)
     cand_codes[np.arange(width) >= cand_len[:, None]] = PAD
     bad_bases = np.zeros(n, dtype=bool)
     bad_bases[candidate] = cand_codes.max(axis=1, initial=0) == INVALID  # INVALID is the largest code
@@ -449,7 +450,7 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     has_label = (reason == 0) & (label_len > 0)
     short = np.flatnonzero(has_label & (label_len <= _MAX_FAST_LABEL))
     text_width = int(label_len[short].max(initial=1))
-    text = _gather(raw, label_start[short], text_width)
+    text = gather_windows(raw, label_start[short], text_width)
     text[np.arange(text_width) >= label_len[short, None]] = 0
     plain_rows = np.count_nonzero(_LABEL_CHARS[text], axis=1) == label_len[short]
     idx, text = short[plain_rows], text[plain_rows]

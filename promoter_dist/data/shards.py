@@ -92,7 +92,8 @@ from ..io import (
 )
 from .alphabet import BASES, NOMINAL_LENGTH, PAD, T
 from ..errors import InputError
-from .dream import ReadOptions, ReadReport, Rows, decompress_to, is_gzip, read_segment, segment_bounds
+from .dream import (ReadOptions, ReadReport, Rows, decompress_to, gather_windows, is_gzip, read_segment,
+                    segment_bounds)
 from .hashing import mix64
 from .nad_words import nad_eligible
 
@@ -1337,16 +1338,34 @@ def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], firs
 
 
 def padded_codes(block: dict[str, np.ndarray], rows: np.ndarray | None = None, width: int | None = None) -> np.ndarray:
-    """(n, width) PAD-padded codes for ``rows`` of a block (all rows if None)."""
+    """(n, width) PAD-padded codes for ``rows`` of a block (all rows if None); a longer row is cut at ``width``.
+
+    Each row is one copy of ``width`` bases from where it starts in ``seq`` (:func:`gather_windows`);
+    what lies beyond its length becomes PAD by ORing in a 0/255 window of a constant table and
+    clipping to PAD (stored codes are 0..4, :func:`check_block`): two passes instead of a
+    boolean-mask assignment, which cost more than the rest of the layout.
+    """
     lengths = block["len"].astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1]
     if rows is not None:
         lengths, offsets = lengths[rows], offsets[rows]
     width = int(lengths.max(initial=0)) if width is None else width
     seq = np.concatenate([block["seq"], np.full(max(width, 1), PAD, np.uint8)])
-    codes = np.lib.stride_tricks.sliding_window_view(seq, max(width, 1))[offsets, :width]
-    codes[np.arange(width) >= lengths[:, None]] = PAD
-    return codes
+    codes = gather_windows(seq, offsets, width)
+    np.bitwise_or(codes, gather_windows(_beyond(width), np.maximum(width - lengths, 0), width), out=codes)
+    return np.minimum(codes, PAD, out=codes)
+
+
+_BEYOND: dict[int, np.ndarray] = {}
+
+
+def _beyond(width: int) -> np.ndarray:
+    """``width`` zeros then ``width`` bytes of 255: its window at ``width - length`` masks what lies beyond a row."""
+    if width not in _BEYOND:
+        if len(_BEYOND) > 64:  # bounded: a few widths per run
+            _BEYOND.clear()
+        _BEYOND[width] = np.concatenate([np.zeros(width, np.uint8), np.full(width, 255, np.uint8)])
+    return _BEYOND[width]
 
 
 # --------------------------------------------------------------------------- verify
