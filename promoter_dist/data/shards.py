@@ -1111,10 +1111,8 @@ def check_manifest(manifest: object, path: str | os.PathLike, readable: bool = T
     typed.count(top, "max_row_length", "")
     source = typed.child(top, "source", "")
     typed.text(source, "path", "source")
-    if version >= 4:
+    if version >= 4:  # older folders are read only to rebuild them: which shard files they list
         typed.text(source, "xxh3_128", "source", _XXH3_128, "32 lower-case hex digits")
-    else:  # read only to rebuild: which shard files the old folder lists
-        typed.text(source, "sha256", "source", _SHA256, "64 lower-case hex digits")
     fingerprint = typed.child(top, "fingerprint", "")
     typed.text(typed.child(fingerprint, "read", "fingerprint"), "labels", "fingerprint.read",
                 _LABEL_MODES, "'required' or 'optional'")
