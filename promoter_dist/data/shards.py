@@ -37,7 +37,9 @@ owner, mode and mtime 0. Every file is written to a temporary name and renamed;
 ``build-state.jsonl`` logs finished shards (one appended line each), so a killed
 build resumes and ends byte-identical to an uninterrupted one. ``manifest.json`` is written last.
 
-Writing uses python's ``tarfile`` (USTAR). Reading back does not: ``read_block_range``
+Writing makes the USTAR and ``.npy`` headers itself, the bytes python's ``tarfile`` and ``np.save``
+write (:func:`encode_shard`, tested against :func:`encode_shard_tarfile`). Reading back parses
+them itself too: ``read_block_range``
 seeks to a block's offset from the manifest, parses the USTAR headers itself
 (:func:`iter_tar_members`) and maps each ``.npy`` body without copying
 (:func:`_load_npy`). Stock ``webdataset`` and ``tar`` read the shards too.
