@@ -410,11 +410,11 @@ def _tar_header(name: bytes, size: int) -> bytes:
 
 
 @lru_cache(maxsize=4096)
-def _npy_header(descr: str, count: int) -> bytes:
-    """The ``.npy`` header ``np.save`` writes for a 1-D array of ``count`` values of ``descr`` (numpy's own
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered array of ``shape`` and dtype ``descr`` (numpy's own
     writer, so the padding rules are numpy's; cached: blocks repeat the same few lengths)."""
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": (count,)})
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
     return buf.getvalue()
 
 
@@ -434,13 +434,11 @@ def encode_shard(name: str, blocks: list[dict[str, np.ndarray]],
         start = offset
         key = f"{name}_{b:04d}"
         for member in MEMBERS:
-            descr = MEMBER_DTYPES[member]
-            array = np.ascontiguousarray(block[member], dtype=descr)
-            if array.ndim != 1:
-                raise ValueError(f"{key}.{member}: expected a one-dimensional array, got shape {array.shape}")
-            head = _npy_header(descr, len(array))
+            # As given, as np.save would write it: the build hands over MEMBER_DTYPES, readers refuse the rest.
+            array = np.ascontiguousarray(block[member])
+            head = _npy_header(np.lib.format.dtype_to_descr(array.dtype), array.shape)
             size = len(head) + array.nbytes
-            parts += [_tar_header(f"{key}.{member}.npy".encode(), size), head, memoryview(array).cast("B")]
+            parts += [_tar_header(f"{key}.{member}.npy".encode(), size), head, array.reshape(-1).view(np.uint8)]
             padding = -size % _TAR_BLOCK
             if padding:
                 parts.append(bytes(padding))

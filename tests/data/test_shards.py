@@ -378,3 +378,14 @@ def test_workers_flush_their_shards_before_the_manifest(tmp_path: Path, monkeypa
     flushed = [name for kind, name in events if kind == "file"]
     assert sorted(flushed) == sorted(files)
     assert events[-2:] == [("folder", "out"), ("json", MANIFEST)]
+
+
+def test_shard_bytes_equal_np_save_for_other_dtypes_and_shapes() -> None:
+    """The writer is a faithful encoder (tests use it to make shards readers must refuse): a member of another
+    dtype, byte order or shape is written as np.save writes it."""
+    rng = np.random.default_rng(9)
+    block = _random_blocks(rng, [17])[0]
+    for changed in ({"y": block["y"].astype(np.float64)}, {"len": block["len"].astype(">u2")},
+                    {"seq": block["seq"][:16].reshape(4, 4)}, {"line": np.asfortranarray(np.ones((3, 2), "<u4"))}):
+        blocks = [block | changed]
+        assert encode_shard("train-000000", blocks)[0] == encode_shard_tarfile("train-000000", blocks)
