@@ -20,7 +20,8 @@ alike); GloVe count + fit time over the NAD words of the train split. Targets on
 one worker, peak memory a constant plus a few bytes/row (100M rows < 4 GB), loader >= 1M
 samples/s per process, block checks <= 5% of it, GloVe <= 2 min.
 
-Peak memory is the largest sum, sampled every 20 ms, of the proportional set size (Pss,
+Peak memory (from a build of its own: sampling takes CPU from the build) is the largest sum, sampled every
+20 ms, of the proportional set size (Pss,
 ``/proc/<pid>/smaps_rollup``: shared pages split between the processes that map them) of the
 build process and all its workers: what the build takes from the node.
 """
@@ -106,17 +107,23 @@ def _build_in_child(source: str, out: str, workers: int, reply) -> None:
     reply.send((result.seconds, result.manifest, sum(u.ru_utime + u.ru_stime for u in used)))
 
 
-def measured_build(source: Path, out: Path, workers: int) -> tuple[float, dict, int, float]:
+def measured_build(source: Path, out: Path, workers: int, sample: bool = True) -> tuple[float, dict, int, float]:
     """(seconds, manifest, peak bytes, CPU seconds of the build and its workers) of one shard build in a fresh
-    process, its memory sampled from outside."""
+    process, its memory sampled from outside (``sample``; else the peak is 0).
+
+    Sampling costs: reading ``smaps_rollup`` walks a process's pages, ~3 ms per 300 MB process,
+    about a third of a core at one sample every 20 ms (measured). With every core building, that
+    is taken from the build; so the timed builds are not sampled, and the memory is measured by
+    separate builds.
+    """
     context = mp.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_build_in_child, args=(str(source), str(out), workers, send))
     child.start()
     peak = 0
-    while child.is_alive() and not receive.poll():
-        peak = max(peak, sum(_pss_bytes(pid) for pid in _descendants(child.pid)))
-        time.sleep(0.02)
+    while child.is_alive() and not receive.poll(0.02):
+        if sample:
+            peak = max(peak, sum(_pss_bytes(pid) for pid in _descendants(child.pid)))
     seconds, manifest, cpu = receive.recv()
     child.join()
     if child.exitcode:
@@ -175,13 +182,16 @@ def main() -> None:
 
         full = None  # (rows, seconds, peak, manifest) of the build with every core
         if "build" in parts:
-            print(f"shards build scaling ({args.rows:,} rows; peak memory: build + workers, Pss)")
+            print(f"shards build scaling ({args.rows:,} rows; peak memory: build + workers, Pss, from a second "
+                  "build sampled every 20 ms; the timed one is not sampled)")
             print(f"  {'workers':>7} {'seconds':>8} {'rows/s':>12} {'efficiency':>10} {'peak MB':>8} {'B/row':>6} "
                   f"{'CPU s':>6} {'rows/CPU s':>11}")
             one_worker = None
             for workers in range(1, (cores or 1) + 1):
                 shutil.rmtree(work / "shards", ignore_errors=True)
-                seconds, manifest, peak, cpu = measured_build(source, work / "shards", workers)
+                _, _, peak, _ = measured_build(source, work / "shards", workers)
+                shutil.rmtree(work / "shards", ignore_errors=True)
+                seconds, manifest, _, cpu = measured_build(source, work / "shards", workers, sample=False)
                 rows = manifest["rows"]
                 rate = rows / seconds
                 one_worker = one_worker or rate

@@ -114,12 +114,14 @@ def xxh3_128_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 
     The identity of a large input that is hashed on every run: ~10x faster than sha256
     (0.10 s against 1.05 s for an 800 MB file, page cache warm), and collisions of a
-    128-bit hash are no concern for telling one file from another.
+    128-bit hash are no concern for telling one file from another. Read into one reused
+    buffer (not mapped: a file cut short meanwhile must be an error, not a SIGBUS).
     """
     digest = xxhash.xxh3_128()
-    with open_input(path, "a regular file") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    buffer = bytearray(chunk)
+    with open_input(path, "a regular file") as handle, memoryview(buffer) as view:
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 
