@@ -335,7 +335,7 @@ def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_token
     one across its end) are looked up, read in place from ``codes`` as strided columns.
     """
     n, width = codes.shape
-    up_ids, lead, tails = _LAYOUTS[frame]
+    up_ids, lead, _ = _LAYOUTS[frame]
     lead_len = len(lead)
     core_len = lead_len + lengths  # the row with the flank bases before its first 3-mer
     whole = core_len // K  # 3-mers within lead + row

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -485,7 +486,7 @@ def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray, per_block: int)
     bases = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])[cuts].tolist()
     return [{member: (columns[member][bases[b] : bases[b + 1]] if member == "seq" else columns[member][lo:hi])
              for member in MEMBERS}
-            for b, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:]))]
+            for b, (lo, hi) in enumerate(itertools.pairwise(cuts))]
 
 
 # Set before the worker pool forks: what every segment task needs besides its byte range.

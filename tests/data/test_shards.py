@@ -17,10 +17,10 @@ import pytest
 import webdataset as wds
 import xxhash
 
+from promoter_dist.data import shards as shards_module
 from promoter_dist.data.alphabet import PAD, decode
 from promoter_dist.data.dream import ReadOptions, read_dream
 from promoter_dist.data.hashing import sequence_hash
-from promoter_dist.data import shards as shards_module
 from promoter_dist.data.shards import (
     BLOCK_INDEX_FIELDS,
     FLAG_INTEGER,
