@@ -517,7 +517,7 @@ def shard_name(split: str, segment: int, i: int, options: ShardOptions) -> str:
 
 
 def _write_shard(out: Path, name: str, rows: Rows, flags: np.ndarray, idx: np.ndarray, per_block: int) -> dict:
-    """Encode the rows ``idx`` as the shard ``name`` and write it atomically (flushed later, with the others)."""
+    """Encode the rows ``idx`` as the shard ``name`` and write it atomically (fsynced by its segment's flush thread)."""
     blocks = block_arrays(rows, flags, idx, per_block)
     data, index = encode_shard(name, blocks)
     with atomic_open(out / f"{name}.tar", "wb", fsync=False) as handle:
