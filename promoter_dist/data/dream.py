@@ -324,6 +324,8 @@ def _classify_label(text: bytes) -> tuple[float | None, str, str]:
 
 _POW10 = 10.0 ** np.arange(23)
 """Powers of ten exact in float64 (up to 1e22)."""
+_POW10_INT = 10 ** np.arange(19, dtype=np.int64)
+"""Powers of ten in int64 (up to 1e18)."""
 _MAX_DECIMAL_DIGITS = 15
 """Digits of a label the decimal path reads: below 2**53, so the mantissa is an exact float64."""
 
@@ -352,13 +354,31 @@ def _plain_decimals(text: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, 
     mantissa = np.zeros(n, dtype=np.int64)
     after_point = np.zeros(n, dtype=np.int64)
     seen_point = np.zeros(n, dtype=bool)
-    for j in range(width):  # a column at a time: labels are short, rows many
-        is_digit = digit[:, j]
-        mantissa = np.where(is_digit, mantissa * 10 + text[:, j].astype(np.int64) - ord("0"), mantissa)
+    # A column at a time (labels are short, rows many), over transposed copies: each column contiguous.
+    columns, digit_columns, dot_columns = (np.ascontiguousarray(a.T) for a in (text, digit, dot))
+    for j in range(width):
+        is_digit = digit_columns[j]
+        mantissa = np.where(is_digit, mantissa * 10 + columns[j] - ord("0"), mantissa)
         after_point += is_digit & seen_point
-        seen_point |= dot[:, j]
+        seen_point |= dot_columns[j]
     values = mantissa / _POW10[np.minimum(after_point, len(_POW10) - 1)]
     return np.where(negative, -values, values), decimal
+
+
+_ENCODE_TABLE = ENCODE_LUT.tobytes()
+"""``bytes.translate`` table of the base codes (:data:`~promoter_dist.data.alphabet.ENCODE_LUT`)."""
+
+
+def gather_windows(buffer: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """A (len(starts), width) copy of ``buffer[s : s + width]`` for each start; ``buffer`` holds every window.
+
+    Each window is one item of a ``width``-byte void dtype over a byte-strided view, so the
+    gather copies a row with one memcpy: about twice as fast as indexing a sliding_window_view.
+    """
+    if width < 1:
+        return np.empty((len(starts), 0), dtype=np.uint8)
+    items = np.ndarray(buffer=buffer, dtype=f"V{width}", shape=(len(buffer) - width + 1,), strides=(1,))
+    return items[starts].view(np.uint8).reshape(len(starts), width)
 
 
 def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Rejected], int]:
@@ -393,17 +413,19 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     seq_len = seq_end - starts
     label_len = ends - label_start
 
-    # Rows are gathered as fixed-width windows over the chunk (padded so every window fits).
-    pad_to = max(options.max_length, _MAX_FAST_LABEL) + 1
-    padded = np.concatenate([arr, np.zeros(pad_to, np.uint8)])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, pad_to)
+    # Rows are gathered as fixed-width windows over the chunk (padded so every window fits): the
+    # bytes as they are (labels) and as base codes (one bytes.translate of the chunk, cheaper than
+    # looking up the codes of the gathered windows).
+    padded = chunk.data + bytes(max(options.max_length, _MAX_FAST_LABEL) + 1)
+    raw = np.frombuffer(padded, dtype=np.uint8)
+    coded = np.frombuffer(padded.translate(_ENCODE_TABLE), dtype=np.uint8)  # the padding codes as invalid
     # Base codes only of the rows that reach the base check (every earlier check passed on its
     # lengths): one (rows, width) gather instead of coding and searching the whole chunk.
     candidate = np.flatnonzero((seq_len > 0) & (seq_len <= options.max_length)
                                & (ends - starts <= options.max_line_bytes))
     cand_len = seq_len[candidate]
     width = int(cand_len.max()) if len(candidate) else 1
-    cand_codes = ENCODE_LUT[windows[starts[candidate], :width]]
+    cand_codes = gather_windows(coded, starts[candidate], width)
     cand_codes[np.arange(width) >= cand_len[:, None]] = PAD
     bad_bases = np.zeros(n, dtype=bool)
     bad_bases[candidate] = cand_codes.max(axis=1, initial=0) == INVALID  # INVALID is the largest code
@@ -427,8 +449,9 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     labels = np.full(n, np.nan, dtype=np.float64)
     has_label = (reason == 0) & (label_len > 0)
     short = np.flatnonzero(has_label & (label_len <= _MAX_FAST_LABEL))
-    text = windows[label_start[short], :_MAX_FAST_LABEL]
-    text = np.where(np.arange(_MAX_FAST_LABEL) < label_len[short, None], text, 0).astype(np.uint8)
+    text_width = int(label_len[short].max(initial=1))
+    text = gather_windows(raw, label_start[short], text_width)
+    text[np.arange(text_width) >= label_len[short, None]] = 0
     plain_rows = np.count_nonzero(_LABEL_CHARS[text], axis=1) == label_len[short]
     idx, text = short[plain_rows], text[plain_rows]
     slow_rows = has_label.copy()
@@ -438,7 +461,7 @@ def _parse_chunk(chunk: _Chunk, options: ReadOptions) -> tuple[Rows, list[Reject
     idx, text = idx[~decimal], text[~decimal]  # exponents, odd signs: numpy's parser, then row by row
     if len(idx):
         try:
-            labels[idx] = np.ascontiguousarray(text).view(f"S{_MAX_FAST_LABEL}").ravel().astype(np.float64)
+            labels[idx] = np.ascontiguousarray(text).view(f"S{text_width}").ravel().astype(np.float64)
         except ValueError:  # e.g. "1.2.3" or "--4": decide those row by row
             slow_rows[idx] = True
     slow = np.flatnonzero(slow_rows)

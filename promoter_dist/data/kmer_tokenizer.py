@@ -68,6 +68,7 @@ if TYPE_CHECKING:  # imported where used: the loader's numpy path needs neither 
     from transformers import PreTrainedTokenizerFast
 
 from .alphabet import ADAPTER_3P, ADAPTER_5P, BASES, DOWNSTREAM_150, PAD, UPSTREAM_150, encode
+from .dream import gather_windows
 
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[UNK]", "[SEP]", "[MASK]"]
 PAD_ID, CLS_ID, UNK_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
@@ -281,39 +282,46 @@ _ACROSS_2 = _TRIPLE_LUT8[36 * _CODES[:, None] + 6 * _CODES[None, :] + _DOWN_CODE
 
 
 _LAYOUTS = {frame: _frame_layout(frame) for frame in FRAMES}
-_WINDOWS: dict[tuple[int, int, int], np.ndarray] = {}
+_TAIL_TOKENS = {frame: np.array([len(t) - 1 - (p > 0) for p, t in enumerate(_LAYOUTS[frame][2])]) for frame in FRAMES}
+"""Per frame and phase: the downstream flank's whole 3-mers after a row (the slot across its end and [SEP] not
+counted)."""
+_ROW_TABLES: dict[tuple[int, int, int], np.ndarray] = {}
 
 
-def _tail_windows(frame: int, most: int, after: int) -> np.ndarray:
-    """Windows of ``after`` ids: window ``p * (most + after) + most - w`` is ``w`` PADs, then the tail
-    of phase ``p`` (:func:`_frame_layout`), then PADs: what follows the first ``w`` 3-mers of a row.
+def _row_table(frame: int, most: int, natural: int) -> np.ndarray:
+    """(K * (most + 1), natural) uint8: row ``p * (most + 1) + w`` is [CLS], the upstream flank's 3-mers,
+    ``w`` PADs (where a row's own ``w`` 3-mers go), then the tail of phase ``p`` (:func:`_frame_layout`),
+    then PADs. One gather of its rows lays out a batch but for the rows' own 3-mers.
 
-    One flat table per (frame, most, after): per phase, ``most`` PADs, the tail, PADs. Batches
-    share a few shapes, so the tables are kept (a few KB each).
+    Batches share a few shapes, so the tables are kept (a few tens of KB each).
     """
-    key = (frame, most, after)
-    if key not in _WINDOWS:
-        if len(_WINDOWS) > 256:  # bounded: rows of unusual lengths could make many shapes
-            _WINDOWS.clear()
-        part = most + after
-        table = np.zeros(K * part + after, dtype=np.uint8)
-        for p, tail in enumerate(_LAYOUTS[frame][2]):
-            table[p * part + most : p * part + most + len(tail)] = tail
-        _WINDOWS[key] = np.lib.stride_tricks.sliding_window_view(table, after)
-    return _WINDOWS[key]
+    key = (frame, most, natural)
+    if key not in _ROW_TABLES:
+        if len(_ROW_TABLES) > 64:  # bounded: rows of unusual lengths could make many shapes
+            _ROW_TABLES.clear()
+        up_ids, _, tails = _LAYOUTS[frame]
+        table = np.zeros((K * (most + 1), natural), dtype=np.uint8)
+        table[:, 0] = CLS_ID
+        table[:, 1 : 1 + len(up_ids)] = up_ids
+        start = 1 + len(up_ids)
+        for p, tail in enumerate(tails):
+            for w in range(most + 1):
+                shown = tail[: max(natural - start - w, 0)]
+                table[p * (most + 1) + w, start + w : start + w + len(shown)] = shown
+        _ROW_TABLES[key] = table
+    return _ROW_TABLES[key]
 
 
-_MASKS: dict[int, np.ndarray] = {}
+_KEEP_TABLES: dict[int, np.ndarray] = {}
 
 
-def _mask_windows(total: int) -> np.ndarray:
-    """Window ``total - m`` of ``total`` bytes is ``m`` ones then zeros (an attention mask row)."""
-    if total not in _MASKS:
-        if len(_MASKS) > 256:
-            _MASKS.clear()
-        table = np.concatenate([np.ones(total, np.uint8), np.zeros(total, np.uint8)])
-        _MASKS[total] = np.lib.stride_tricks.sliding_window_view(table, total)
-    return _MASKS[total]
+def _keep_table(most: int) -> np.ndarray:
+    """``most`` bytes of 0xFF then ``most`` zeros: its window at ``most - w`` keeps a row's first ``w`` 3-mers."""
+    if most not in _KEEP_TABLES:
+        if len(_KEEP_TABLES) > 64:
+            _KEEP_TABLES.clear()
+        _KEEP_TABLES[most] = np.concatenate([np.full(most, 0xFF, np.uint8), np.zeros(most, np.uint8)])
+    return _KEEP_TABLES[most]
 
 
 def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_tokens: int | None
@@ -322,43 +330,53 @@ def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_token
 
     The flanks are the same for every row: the upstream flank's whole 3-mers are one
     constant run, and what follows a row depends only on where its last 3-mer ends (three
-    phases), so only the row's own 3-mers (and the one across its end) are looked up; the
-    constant tail is placed after each row by one row-wise copy from a padded table.
+    phases), so a batch is laid out by one gather of rows of a constant table
+    (:func:`_row_table`, by phase and 3-mer count) and only the row's own 3-mers (and the
+    one across its end) are looked up, read in place from ``codes`` as strided columns.
     """
     n, width = codes.shape
-    up_ids, lead, tails = _LAYOUTS[frame]
-    core_len = len(lead) + lengths  # the row with the flank bases before its first 3-mer
+    up_ids, lead, _ = _LAYOUTS[frame]
+    lead_len = len(lead)
+    core_len = lead_len + lengths  # the row with the flank bases before its first 3-mer
     whole = core_len // K  # 3-mers within lead + row
     phase = core_len - K * whole
-    counts = len(up_ids) + whole + (phase > 0) + np.array([len(t) - 1 - (i > 0) for i, t in enumerate(tails)])[phase]
+    counts = len(up_ids) + whole + (phase > 0) + _TAIL_TOKENS[frame][phase]
     natural = int(counts.max(initial=0)) + 2
     total = natural if max_tokens is None else int(max_tokens)
     if total < 2:
         raise ValueError(f"max_tokens must be at least 2 ([CLS] and [SEP]), not {max_tokens}")
-    # Lead + row codes clipped to 0..5 (INVALID and a stray PAD inside a row become [UNK]), PAD-padded to 3-mers.
-    span = -(-(len(lead) + width) // K) * K
-    core = np.full((n, span + K), _BAD, dtype=np.uint8)
-    core[:, : len(lead)] = lead
-    np.minimum(codes, _BAD, out=core[:, len(lead) : len(lead) + width], casting="unsafe")
+    # Codes clipped to 0..5 (INVALID and a stray PAD inside a row become [UNK]); the loader's are already.
+    if codes.dtype != np.uint8:
+        codes = np.minimum(codes, _BAD).astype(np.uint8)
+    elif n and width and int(codes.max()) > _BAD:
+        codes = np.minimum(codes, np.uint8(_BAD))
+    if width < K:  # so that the 3-mer holding the lead has its row bases as columns (rows this short: none whole)
+        codes = np.concatenate([codes, np.full((n, K - width), _BAD, np.uint8)], axis=1)
     most = int(whole.max(initial=0))
-    row_ids = _triple_ids(core[:, : K * most])
+    first = int(lead_len > 0)  # a lead makes the first 3-mer lead + the row's first bases
+    skip = (K - lead_len) % K  # the row's bases in that 3-mer
+    row_ids = np.empty((n, most), dtype=np.uint8)
+    if first and most:
+        index = np.full(n, 36 * int(lead[0]), dtype=np.uint8)
+        index += (lead[1] if lead_len == 2 else codes[:, 0]) * np.uint8(6)
+        index += codes[:, skip - 1]
+        row_ids[:, 0] = np.take(_TRIPLE_LUT8, index)
+    if most > first:
+        row_ids[:, first:] = _triple_ids(codes[:, skip : skip + K * (most - first)])
 
-    after = natural - 1 - len(up_ids)  # columns from the first row 3-mer to the end
-    part = most + after
-    windows = _tail_windows(frame, most, after)
-    ids = np.empty((n, natural), dtype=np.uint8)
-    ids[:, 0] = CLS_ID
-    ids[:, 1 : 1 + len(up_ids)] = up_ids
-    region = ids[:, 1 + len(up_ids) :]
-    region[:] = windows[phase * part + most - whole]  # PADs, then from column whole[i] the tail
-    np.copyto(region[:, :most], row_ids, where=np.arange(most) < whole[:, None])
+    ids = _row_table(frame, most, natural)[phase * (most + 1) + whole]  # PADs where the row's 3-mers go
+    start = 1 + len(up_ids)
+    # The row's own 3-mers into those PADs (PAD_ID is 0): ANDed with a 0xFF/0 window, then ORed in,
+    # cheaper than a copy under a boolean mask.
+    mine = gather_windows(_keep_table(most), most - whole, most)
+    np.bitwise_and(mine, row_ids, out=mine)
+    np.bitwise_or(ids[:, start : start + most], mine, out=ids[:, start : start + most])
     # The 3-mer across the row's end: its last lead/row bases, then the first downstream bases.
     cross = np.flatnonzero(phase > 0)
     if len(cross):
-        last = core[cross, core_len[cross] - 1]
-        before = core[cross, core_len[cross] - 2]  # wraps for a 1-base core: then unused (phase 1)
-        region[cross, whole[cross]] = np.where(phase[cross] == 1, _ACROSS_1[last],
-                                               _ACROSS_2[6 * before.astype(np.intp) + last])
+        last, before = _last_bases(codes, lead, cross, core_len[cross] - 1)
+        ids[cross, start + whole[cross]] = np.where(phase[cross] == 1, _ACROSS_1[last],
+                                                    _ACROSS_2[6 * before.astype(np.intp) + last])
 
     if total != natural:  # max_tokens: cut long rows (keeping [SEP] last) or pad short ones
         kept = np.zeros((n, total), dtype=np.uint8)
@@ -367,13 +385,27 @@ def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_token
         kept[cut, total - 1] = SEP_ID
         counts = np.minimum(counts, total - 2)
         ids = kept
-    # Both outputs widened into one allocation: two fresh ~1 MB arrays per batch made malloc map and
-    # unmap pages each time (measured: 0.43 ms against 0.06 ms for 1,024 rows).
+    # Both outputs in one allocation: two fresh ~1 MB arrays per batch made malloc map and unmap pages
+    # each time (measured: 0.43 ms against 0.06 ms for 1,024 rows).
     out = np.empty((2, n, total), dtype=np.int64)
     out[0] = ids
-    out[1] = _mask_windows(total)[total - 2 - counts]  # ones through [SEP] (column counts + 1), then zeros
+    np.not_equal(ids, PAD_ID, out=out[1], casting="unsafe")  # ones through [SEP]: no PAD before it
     return out[0], out[1]
 
 
+def _last_bases(codes: np.ndarray, lead: np.ndarray, rows: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The codes at positions ``at`` and ``at - 1`` of lead + row for ``rows`` (a position before the row is a
+    lead base; ``at - 1`` is -1 only for a 1-base core, whose base before is never used)."""
+    flat = codes.reshape(-1)  # one take from the flat codes: cheaper than a 2-D index
+    where = rows * codes.shape[1] + at - len(lead)
+    last = np.take(flat, np.maximum(where, 0))
+    before = np.take(flat, np.maximum(where - 1, 0))
+    if len(lead) and int(at.min(initial=len(lead))) <= len(lead):  # rows of a base or two: rare
+        for bases, position in ((last, at), (before, at - 1)):
+            in_lead = np.flatnonzero(position < len(lead))
+            bases[in_lead] = lead[np.maximum(position[in_lead], 0)]
+    return last, before
+
+
 # The base codes this module relies on (PAD must be above every base for the clip).
-assert PAD == _BAD and BASES == "ACGTN"
+assert PAD == _BAD and BASES == "ACGTN" and PAD_ID == 0

@@ -148,6 +148,7 @@ def epoch_units(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int
     units = []
     for shard in manifest["splits"][config.split]["shards"]:
         blocks = shard_blocks(shard, manifest_path)
+        path = str(Path(shard_dir) / shard["file"])  # once per shard, not per unit: thousands per epoch
         for i, block in enumerate(blocks):
             if block.max_length > manifest["max_row_length"]:  # rows are laid out at that width
                 raise UserError(f"{manifest_path}: shard {shard['name']} block {i}: max_length {block.max_length} "
@@ -156,7 +157,7 @@ def epoch_units(manifest: dict, shard_dir: str, config: LoaderConfig, epoch: int
             run = tuple(blocks[i : i + config.chunk_blocks])
             rows = sum(b.rows_in_view(config.view) for b in run)
             if rows:
-                units.append(Unit(str(Path(shard_dir) / shard["file"]), i, run, rows))
+                units.append(Unit(path, i, run, rows))
     if config.shuffle:
         order = np.random.default_rng([config.seed, epoch, 0x5EED]).permutation(len(units))
         units = [units[i] for i in order]
@@ -330,10 +331,18 @@ class _LaneStream(IterableDataset):
         self.rank, self.world_size, self.width, self.verify = rank, world_size, width, verify
         self.global_batch = config.batch_size * world_size * config.grad_accum
         self._position = RawArray("q", 2)  # (epoch, first step) of the next pass
+        self._plan: tuple[int, LanePlan] | None = None
+
+    def plan(self, epoch: int) -> LanePlan:
+        """The epoch's :func:`plan_lanes`, made once: the loader's length, the start of a pass and the reader
+        all ask for it, and making it parses every block entry of the manifest."""
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, plan_lanes(self.manifest, self.shard_dir, self.config, epoch, self.global_batch))
+        return self._plan[1]
 
     def start_pass(self, epoch: int, start_step: int) -> LanePlan:
         self._position[0], self._position[1] = epoch, start_step
-        return plan_lanes(self.manifest, self.shard_dir, self.config, epoch, self.global_batch)
+        return self.plan(epoch)
 
     def rank_lanes(self, lanes: int) -> list[int]:
         slots = micro_batch_lanes(lanes, self.world_size, self.config.grad_accum, self.rank)
@@ -349,7 +358,7 @@ class _LaneStream(IterableDataset):
         info = get_worker_info()
         try:
             epoch, start = self._position[0], self._position[1]
-            plan = plan_lanes(self.manifest, self.shard_dir, self.config, epoch, self.global_batch)
+            plan = self.plan(epoch)
             mine = self.worker_lanes(plan.lanes, 0 if info is None else info.id)
             if not mine:
                 return
@@ -595,18 +604,25 @@ class _RankStream(IterableDataset):
         self.rank, self.world_size, self.width = rank, world_size, width
         self.verify = verify
         self._position = RawArray("q", 2)  # (epoch, start step) of the next pass
+        self._plan: tuple[int, EpochPlan] | None = None
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's :func:`plan_epoch`, made once (the loader's length, the pass and its reader ask for it)."""
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, plan_epoch(self.manifest, self.shard_dir, self.config, epoch, self.world_size))
+        return self._plan[1]
 
     def start_pass(self, epoch: int, start_step: int) -> EpochPlan:
         """Set the next pass to ``epoch`` from batch ``start_step`` on; returns its plan."""
         self._position[0], self._position[1] = epoch, start_step
-        return plan_epoch(self.manifest, self.shard_dir, self.config, epoch, self.world_size)
+        return self.plan(epoch)
 
     def worker_stream(self, worker_slot: int) -> Iterator[dict[str, torch.Tensor] | None]:
         """The batches of logical worker ``(slot + start_step) % W`` from its resume point on."""
         import webdataset as wds
 
         epoch, start_step = self._position[0], self._position[1]
-        plan = plan_epoch(self.manifest, self.shard_dir, self.config, epoch, self.world_size)
+        plan = self.plan(epoch)
         workers = max(self.config.num_workers, 1)
         logical = (worker_slot + start_step) % workers
         skip = len(range(logical, start_step, workers))  # its batches already consumed
@@ -685,7 +701,7 @@ class ShardLoader:
         if self.training:
             empty = self.steps_per_epoch(0) == 0
         else:
-            empty = not any(plan_epoch(self.manifest, self.shard_dir, config, 0, world_size).steps_per_rank)
+            empty = not any(self._stream.plan(0).steps_per_rank)
         if empty:
             raise UserError(
                 f"{self.shard_dir}: split {config.split!r} (view {config.view!r}) has too few rows for one batch of "
@@ -696,9 +712,8 @@ class ShardLoader:
         """Batches this rank yields in an epoch (training: global steps x grad_accum, the same on every rank)."""
         epoch = self.epoch if epoch is None else epoch
         if self.training:
-            plan = plan_lanes(self.manifest, self.shard_dir, self.config, epoch, self.global_batch)
-            return plan.steps * self.config.grad_accum
-        return plan_epoch(self.manifest, self.shard_dir, self.config, epoch, self.world_size).steps_per_rank[self.rank]
+            return self._stream.plan(epoch).steps * self.config.grad_accum
+        return self._stream.plan(epoch).steps_per_rank[self.rank]
 
     def __len__(self) -> int:
         return self.steps_per_epoch()
@@ -775,7 +790,7 @@ class ShardLoader:
             "epoch": self.epoch, "step": self.step, "global_step": self.step // self.config.grad_accum,
             "global_batch": self.global_batch, "world_size": self.world_size,
             "num_workers": self.config.num_workers, "config": asdict(self.config),
-            "source_sha256": self.manifest["source"]["sha256"],
+            "source_xxh3_128": self.manifest["source"]["xxh3_128"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -784,7 +799,7 @@ class ShardLoader:
         checks = (("global_batch", state.get("global_batch"), self.global_batch),
                   ("config", _layout(saved_config) if isinstance(saved_config, dict) else saved_config,
                    _layout(asdict(self.config))),
-                  ("source_sha256", state.get("source_sha256"), self.manifest["source"]["sha256"]))
+                  ("source_xxh3_128", state.get("source_xxh3_128"), self.manifest["source"]["xxh3_128"]))
         for key, saved, mine in checks:
             if saved != mine:
                 raise UserError(

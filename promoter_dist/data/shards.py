@@ -37,7 +37,9 @@ owner, mode and mtime 0. Every file is written to a temporary name and renamed;
 ``build-state.jsonl`` logs finished shards (one appended line each), so a killed
 build resumes and ends byte-identical to an uninterrupted one. ``manifest.json`` is written last.
 
-Writing uses python's ``tarfile`` (USTAR). Reading back does not: ``read_block_range``
+Writing makes the USTAR and ``.npy`` headers itself, the bytes python's ``tarfile`` and ``np.save``
+write (:func:`encode_shard`, tested against :func:`encode_shard_tarfile`). Reading back parses
+them itself too: ``read_block_range``
 seeks to a block's offset from the manifest, parses the USTAR headers itself
 (:func:`iter_tar_members`) and maps each ``.npy`` body without copying
 (:func:`_load_npy`). Stock ``webdataset`` and ``tar`` read the shards too.
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -67,7 +70,9 @@ import reprlib
 import stat
 import tarfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, NoReturn, Sequence
 
@@ -79,25 +84,32 @@ from ..errors import UserError
 from ..io import (
     atomic_open,
     file_kind,
+    fsync_file,
+    fsync_folder,
     fsync_paths,
     open_input,
     require_regular_file,
     sha256_file,
     write_json_atomic,
+    xxh3_128_file,
 )
 from .alphabet import BASES, NOMINAL_LENGTH, PAD, T
 from ..errors import InputError
-from .dream import ReadOptions, ReadReport, Rows, decompress_to, is_gzip, read_segment, segment_bounds
+from .dream import (ReadOptions, ReadReport, Rows, decompress_to, gather_windows, is_gzip, read_segment,
+                    segment_bounds)
 from .hashing import mix64
 from .nad_words import nad_eligible
 
 FORMAT = "promoter-dist-shards"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2: a checksum per block; 3: shards written per segment, the top-expression subset selected by the
-manifest's threshold (no flag bit). Older folders are refused by readers and rebuilt by ``--overwrite``."""
-_OLD_FORMATS = {1: "shards without block checksums", 2: "shards with the top-expression subset as a flag bit"}
+manifest's threshold (no flag bit); 4: the source identified by its xxh3-128 (``source.xxh3_128``), not sha256.
+Older folders are refused by readers and rebuilt by ``--overwrite``."""
+_OLD_FORMATS = {1: "shards without block checksums", 2: "shards with the top-expression subset as a flag bit",
+                3: "the source identified by sha256"}
 """Why readers refuse each older format version (the message asks for a rebuild)."""
-_OLD_FORMATS_SHORT = {1: "no block checksums", 2: "the top-expression subset as a flag bit"}
+_OLD_FORMATS_SHORT = {1: "no block checksums", 2: "the top-expression subset as a flag bit",
+                      3: "the source identified by sha256"}
 MANIFEST = "manifest.json"
 BUILD_STATE = "build-state.jsonl"
 REJECTED = "rejected.tsv"
@@ -339,12 +351,14 @@ def row_flags(rows: Rows) -> np.ndarray:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
+    """What ``np.save`` writes for ``array`` (the reference the fast writer is tested against)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one member as the shards' tar headers have it (the reference the fast writer is tested against)."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0
@@ -354,23 +368,86 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def encode_shard_tarfile(name: str, blocks: list[dict[str, np.ndarray]]) -> bytes:
+    """The shard's bytes as python's ``tarfile`` and ``np.save`` write them: the reference for
+    :func:`encode_shard`, which must give the same bytes (tests compare them)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for b, block in enumerate(blocks):
+            for member in MEMBERS:
+                _add_member(tar, f"{name}_{b:04d}.{member}.npy", _npy_bytes(block[member]))
+    return buf.getvalue()
+
+
+def _header_template() -> tuple[bytes, int]:
+    """A USTAR header as ``tarfile`` writes the shards' members, with an empty name, size 0 and a blank
+    checksum field, and the byte sum of that header: name, size and checksum are filled in per member."""
+    info = tarfile.TarInfo("")
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0, 0o444, 0, 0, "", ""
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    header[_SIZE_FIELD] = b"\0" * 12
+    header[_CHECKSUM_FIELD] = b" " * 8  # as the checksum is computed: its own field counted as spaces
+    return bytes(header), sum(header)
+
+
+_NAME_FIELD, _SIZE_FIELD, _CHECKSUM_FIELD = slice(0, 100), slice(124, 136), slice(148, 156)
+_HEADER, _HEADER_SUM = _header_template()
+_TAR_BLOCK, _TAR_RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+
+
+def _tar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte USTAR header of a member ``name`` (< 100 bytes) of ``size`` bytes, as ``tarfile`` writes it."""
+    if len(name) > 100:  # tarfile splits such a name into the prefix field: let it write the header
+        info = tarfile.TarInfo(name.decode())
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    size_field = b"%011o\0" % size  # tarfile's itn() for a USTAR size field
+    header = bytearray(_HEADER)
+    header[: len(name)] = name
+    header[_SIZE_FIELD] = size_field
+    checksum = _HEADER_SUM + sum(name) + sum(size_field)
+    header[_CHECKSUM_FIELD] = b"%06o\0 " % checksum  # tarfile: 6 octal digits, NUL, then the space left
+    return bytes(header)
+
+
+@lru_cache(maxsize=4096)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered array of ``shape`` and dtype ``descr`` (numpy's own
+    writer, so the padding rules are numpy's; cached: blocks repeat the same few lengths)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
 def encode_shard(name: str, blocks: list[dict[str, np.ndarray]],
                  threshold: float = float("nan")) -> tuple[bytes, list[BlockIndex]]:
     """Tar bytes of one shard and the index of each of its blocks (checksums over the finished bytes).
 
-    ``rows_top`` counts labels >= ``threshold`` (none while it is unknown: NaN; a build sets
-    the counts once the whole file is read, :func:`_set_rows_top`).
+    The bytes are those of :func:`encode_shard_tarfile` (``tarfile`` + ``np.save``), made
+    without them: both cost more than the rest of the build per member, and here only a
+    member's name and size vary. ``rows_top`` counts labels >= ``threshold`` (none while it
+    is unknown: NaN; a build sets the counts once the whole file is read, :func:`_set_rows_top`).
     """
-    buf = io.BytesIO()
+    parts: list[bytes | memoryview] = []
     spans: list[tuple[int, int, dict[str, np.ndarray]]] = []
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for b, block in enumerate(blocks):
-            start = tar.offset
-            key = f"{name}_{b:04d}"
-            for member in MEMBERS:
-                _add_member(tar, f"{key}.{member}.npy", _npy_bytes(block[member]))
-            spans.append((start, tar.offset - start, block))
-    data = buf.getvalue()
+    offset = 0
+    for b, block in enumerate(blocks):
+        start = offset
+        key = f"{name}_{b:04d}"
+        for member in MEMBERS:
+            # As given, as np.save would write it: the build hands over MEMBER_DTYPES, readers refuse the rest.
+            array = np.ascontiguousarray(block[member])
+            head = _npy_header(np.lib.format.dtype_to_descr(array.dtype), array.shape)
+            size = len(head) + array.nbytes
+            parts += [_tar_header(f"{key}.{member}.npy".encode(), size), head, array.reshape(-1).view(np.uint8)]
+            padding = -size % _TAR_BLOCK
+            if padding:
+                parts.append(bytes(padding))
+            offset += _TAR_BLOCK + size + padding
+        spans.append((start, offset - start, block))
+    end = offset + 2 * _TAR_BLOCK  # end-of-archive: two zero blocks, then zeros to a whole record
+    parts.append(bytes(end - offset + (-end % _TAR_RECORD)))
+    data = b"".join(parts)
     view = memoryview(data)
     index = []
     for start, nbytes, block in spans:
@@ -387,13 +464,17 @@ def encode_shard(name: str, blocks: list[dict[str, np.ndarray]],
     return data, index
 
 
-def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """The members of one block for the rows ``idx`` (file order)."""
+def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray, per_block: int) -> list[dict[str, np.ndarray]]:
+    """The members of each block of ``per_block`` rows of the rows ``idx`` (file order).
+
+    The columns of all of ``idx`` are gathered at once and each block is a slice of them
+    (a gather per block cost more than the rest of a shard's encoding).
+    """
     lengths = rows.lengths[idx]
     codes = rows.codes[idx]
     mask = np.arange(codes.shape[1]) < lengths[:, None].astype(np.int64)
     # The dtypes readers demand (MEMBER_DTYPES), little-endian on any machine.
-    return {
+    columns = {
         # row-major boolean selection keeps each row contiguous
         "seq": codes[mask].astype(MEMBER_DTYPES["seq"], copy=False),
         "len": lengths.astype(MEMBER_DTYPES["len"], copy=False),
@@ -401,6 +482,11 @@ def block_arrays(rows: Rows, flags: np.ndarray, idx: np.ndarray) -> dict[str, np
         "line": rows.lines[idx].astype(MEMBER_DTYPES["line"], copy=False),
         "flags": flags[idx].astype(MEMBER_DTYPES["flags"], copy=False),
     }
+    cuts = list(range(0, len(idx), per_block)) + [len(idx)]
+    bases = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])[cuts].tolist()
+    return [{member: (columns[member][bases[b] : bases[b + 1]] if member == "seq" else columns[member][lo:hi])
+             for member in MEMBERS}
+            for b, (lo, hi) in enumerate(itertools.pairwise(cuts))]
 
 
 # Set before the worker pool forks: what every segment task needs besides its byte range.
@@ -431,11 +517,11 @@ def shard_name(split: str, segment: int, i: int, options: ShardOptions) -> str:
 
 
 def _write_shard(out: Path, name: str, rows: Rows, flags: np.ndarray, idx: np.ndarray, per_block: int) -> dict:
-    """Encode the rows ``idx`` as the shard ``name`` and write it atomically (flushed later, with the others)."""
-    blocks = [block_arrays(rows, flags, idx[i : i + per_block]) for i in range(0, len(idx), per_block)]
+    """Encode the rows ``idx`` as the shard ``name`` and write it atomically (fsynced by its segment's flush thread)."""
+    blocks = block_arrays(rows, flags, idx, per_block)
     data, index = encode_shard(name, blocks)
     with atomic_open(out / f"{name}.tar", "wb", fsync=False) as handle:
-        handle.write(data)  # flushed to disk together before the manifest is written
+        handle.write(data)  # flushed by the segment's fsync thread (_segment_task), its name by the build
     return {
         "name": name,
         "file": f"{name}.tar",
@@ -486,6 +572,21 @@ def _segment_task(task: tuple[int, int, int, int]) -> dict:
     rows = read.rows
     flags = row_flags(rows)
     result["rows_integer"] = int((flags & FLAG_INTEGER > 0).sum())
+    # Each written shard is fsynced by a thread (fsync releases the GIL) while this process encodes the next,
+    # and the segment is done only once all of its shards are on disk: the build's end flushes no shard bytes.
+    flushed: list[Future] = []
+    with ThreadPoolExecutor(1) as flusher:
+        _write_segment_shards(out, state, segment, rows, flags, options, result, flusher, flushed)
+    for done in flushed:
+        done.result()  # an I/O error fails the build here, as the OS reports it
+    return result
+
+
+def _write_segment_shards(out: Path, state: dict, segment: int, rows: Rows, flags: np.ndarray,
+                          options: ShardOptions, result: dict, flusher: ThreadPoolExecutor,
+                          flushed: list[Future]) -> None:
+    """Cut the segment's rows into shards per split (file order) and write or reuse each; the written ones
+    are handed to ``flusher`` to fsync (their futures appended to ``flushed``)."""
     split_of_row = assign_splits(rows.hash, options)
     per_block = options.rows_per_block
     per_shard = per_block * options.blocks_per_shard
@@ -499,9 +600,9 @@ def _segment_task(task: tuple[int, int, int, int]) -> dict:
             if written:
                 entry = _write_shard(out, name, rows, flags, part, per_block)
                 _log_shard(out / BUILD_STATE, entry)  # here, as soon as the shard is whole: a kill loses no more
+                flushed.append(flusher.submit(fsync_file, out / entry["file"]))
             result["shards"].append((split, entry, written))
             result["labels"].append(rows.labels[part])
-    return result
 
 
 def _set_rows_top(entry: dict, labels: np.ndarray, threshold: float, rows_per_block: int) -> dict:
@@ -545,9 +646,9 @@ class BuildResult:
         return "\n".join(lines)
 
 
-def _fingerprint(source_sha: str, read_options: ReadOptions, options: ShardOptions) -> dict:
+def _fingerprint(source_digest: str, read_options: ReadOptions, options: ShardOptions) -> dict:
     read = {k: v for k, v in asdict(read_options).items() if k not in ("workers", "chunk_bytes")}
-    fingerprint = {"format_version": FORMAT_VERSION, "source_sha256": source_sha, "read": read, "shards": asdict(options)}
+    fingerprint = {"format_version": FORMAT_VERSION, "source_xxh3_128": source_digest, "read": read, "shards": asdict(options)}
     return json.loads(json.dumps(fingerprint))  # the form it takes when read back from JSON
 
 
@@ -555,6 +656,7 @@ _SHARD_NAME = re.compile(r"[^\W\d]\w*-\d{6,}")
 """A shard's name as the writer makes it: ``{split}-{i:06d}`` (:func:`shard_name`)."""
 _SHARD_FILE = re.compile(r"[^\W\d]\w*-\d{6,}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_XXH3_128 = re.compile(r"[0-9a-f]{32}")
 _LABEL_MODES = re.compile("required|optional")
 _TEMPORARY = re.compile(
     r"(?:manifest\.json|build-state\.jsonl|rejected\.tsv|\.write-check|source\.decompressed"
@@ -708,8 +810,8 @@ def build_shards(
     _check_ours(out, previous, state)
     _remove_temporaries(out)  # leftovers of a killed build, only once the folder is known to be ours
 
-    source_sha = sha256_file(source)
-    fingerprint = _fingerprint(source_sha, read_options, options)
+    source_digest = xxh3_128_file(source)  # not sha256: this pass is serial, before any worker starts
+    fingerprint = _fingerprint(source_digest, read_options, options)
     if previous is not None and previous["fingerprint"] == fingerprint and not overwrite:
         log(f"{out}: already built from this source with these options (manifest.json); nothing to do")
         return BuildResult(str(out), previous, time.perf_counter() - t0, 0, 0, ReadReport(str(source)))
@@ -738,27 +840,29 @@ def build_shards(
         if plain != source:
             with open(plain, "wb") as handle:
                 decompress_to(source, handle)
-        report, threshold, results, written, rows_integer = _build_segments(plain, source, out, state, options, read_options,
-                                                              workers, progress)
+        report, threshold, results, reused, rows_integer = _build_segments(plain, source, out, state, options,
+                                                                           read_options, workers, progress)
     finally:
         if plain != source:
             plain.unlink(missing_ok=True)
 
     _write_rejected(out / REJECTED, report)
-    fsync_paths([out / entry["file"] for _, entry, _ in results])
-    manifest = _manifest(source, source_sha, fingerprint, report, options, threshold, results, rows_integer)
+    # Written shards were fsynced by their workers; reused ones may still be dirty pages of the killed build.
+    fsync_paths([out / name for name in reused])
+    fsync_folder(out)  # the shards' names (renamed into place by the workers)
+    manifest = _manifest(source, source_digest, fingerprint, report, options, threshold, results, rows_integer)
     write_json_atomic(manifest_path, manifest)
     state_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
-    return BuildResult(str(out), manifest, seconds, written, len(results) - written, report)
+    return BuildResult(str(out), manifest, seconds, len(results) - len(reused), len(reused), report)
 
 
 def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: ShardOptions,
                     read_options: ReadOptions, workers: int, progress: bool,
-                    ) -> tuple[ReadReport, float, list[tuple[str, dict, np.ndarray]], int, int]:
+                    ) -> tuple[ReadReport, float, list[tuple[str, dict, np.ndarray]], list[str], int]:
     """Cut ``plain`` (the source, or its decompressed copy) into segments; each worker parses and writes one at
     a time. Returns the read report, the top-expression threshold, (split, entry with ``rows_top``, labels) of
-    every shard in segment order, the number of shards written (not reused) and of integer labels.
+    every shard in segment order, the files of the shards reused (not written) and the number of integer labels.
 
     Raises InputError for a strict-mode bad row (the first in the file), a file without valid
     rows or one with more bad rows than ``max_bad_fraction``.
@@ -782,7 +886,8 @@ def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: 
             bar = tqdm(total=sum(end - start for _, start, end in bounds), unit="B", unit_scale=True,
                        desc=f"shards {source.name}")
         shards: list[tuple[str, dict, np.ndarray]] = []
-        written = rows_integer = 0
+        rows_integer = 0
+        reused: list[str] = []
         for part in done:  # in segment order: the first bad row a strict build meets is the file's first
             if part["rejected"] and read_options.strict:
                 first = part["rejected"][0]
@@ -795,7 +900,8 @@ def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: 
             rows_integer += part["rows_integer"]
             for (split, entry, new), labels in zip(part["shards"], part["labels"]):
                 report.rows_ok += entry["rows"]
-                written += new
+                if not new:
+                    reused.append(entry["file"])
                 shards.append((split, entry, labels))
             if bar is not None:
                 bar.update(part["bytes"])
@@ -815,7 +921,7 @@ def _build_segments(plain: Path, source: Path, out: Path, state: dict, options: 
     del labels
     shards = [(split, _set_rows_top(entry, labels, threshold, options.rows_per_block), labels)
               for split, entry, labels in shards]
-    return report, threshold, shards, written, rows_integer
+    return report, threshold, shards, reused, rows_integer
 
 
 def _write_rejected(path: Path, report: ReadReport) -> None:
@@ -827,7 +933,7 @@ def _write_rejected(path: Path, report: ReadReport) -> None:
             handle.write(f"{r.line}\t{r.reason}\t{r.field}\t{r.detail}\t{raw}\n")
 
 
-def _manifest(source, source_sha, fingerprint, report, options, threshold, results, rows_integer) -> dict:
+def _manifest(source, source_digest, fingerprint, report, options, threshold, results, rows_integer) -> dict:
     # Entries were written by encode_shard or checked by _reusable: well formed.
     blocks = [shard_blocks(entry, MANIFEST) for _, entry, _ in results]
     splits = {}
@@ -843,7 +949,7 @@ def _manifest(source, source_sha, fingerprint, report, options, threshold, resul
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_by": f"promoter-dist {__version__}",
-        "source": {"path": str(source), "name": source.name, "sha256": source_sha, "bytes": source.stat().st_size},
+        "source": {"path": str(source), "name": source.name, "xxh3_128": source_digest, "bytes": source.stat().st_size},
         "fingerprint": fingerprint,
         "options": asdict(options),
         "schema": SCHEMA,
@@ -1006,7 +1112,8 @@ def check_manifest(manifest: object, path: str | os.PathLike, readable: bool = T
     typed.count(top, "max_row_length", "")
     source = typed.child(top, "source", "")
     typed.text(source, "path", "source")
-    typed.text(source, "sha256", "source", _SHA256, "64 lower-case hex digits")
+    if version >= 4:  # older folders are read only to rebuild them: which shard files they list
+        typed.text(source, "xxh3_128", "source", _XXH3_128, "32 lower-case hex digits")
     fingerprint = typed.child(top, "fingerprint", "")
     typed.text(typed.child(fingerprint, "read", "fingerprint"), "labels", "fingerprint.read",
                 _LABEL_MODES, "'required' or 'optional'")
@@ -1230,16 +1337,34 @@ def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], firs
 
 
 def padded_codes(block: dict[str, np.ndarray], rows: np.ndarray | None = None, width: int | None = None) -> np.ndarray:
-    """(n, width) PAD-padded codes for ``rows`` of a block (all rows if None)."""
+    """(n, width) PAD-padded codes for ``rows`` of a block (all rows if None); a longer row is cut at ``width``.
+
+    Each row is one copy of ``width`` bases from where it starts in ``seq`` (:func:`gather_windows`);
+    what lies beyond its length becomes PAD by ORing in a 0/255 window of a constant table and
+    clipping to PAD (stored codes are 0..4, :func:`check_block`): two passes instead of a
+    boolean-mask assignment, which cost more than the rest of the layout.
+    """
     lengths = block["len"].astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1]
     if rows is not None:
         lengths, offsets = lengths[rows], offsets[rows]
     width = int(lengths.max(initial=0)) if width is None else width
     seq = np.concatenate([block["seq"], np.full(max(width, 1), PAD, np.uint8)])
-    codes = np.lib.stride_tricks.sliding_window_view(seq, max(width, 1))[offsets, :width]
-    codes[np.arange(width) >= lengths[:, None]] = PAD
-    return codes
+    codes = gather_windows(seq, offsets, width)
+    np.bitwise_or(codes, gather_windows(_beyond(width), np.maximum(width - lengths, 0), width), out=codes)
+    return np.minimum(codes, PAD, out=codes)
+
+
+_BEYOND: dict[int, np.ndarray] = {}
+
+
+def _beyond(width: int) -> np.ndarray:
+    """``width`` zeros then ``width`` bytes of 255: its window at ``width - length`` masks what lies beyond a row."""
+    if width not in _BEYOND:
+        if len(_BEYOND) > 64:  # bounded: a few widths per run
+            _BEYOND.clear()
+        _BEYOND[width] = np.concatenate([np.zeros(width, np.uint8), np.full(width, 255, np.uint8)])
+    return _BEYOND[width]
 
 
 # --------------------------------------------------------------------------- verify

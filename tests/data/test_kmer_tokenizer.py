@@ -262,3 +262,43 @@ def test_random_rows_of_every_length_phase_and_letter_equal_hf() -> None:
             hf_ids, hf_mask = hf_batch(tok, sequences, padding="max_length", truncation=True, max_length=max_tokens)
             np.testing.assert_array_equal(ids, hf_ids)
             np.testing.assert_array_equal(mask, hf_mask)
+
+
+def _plain_ids(sequence: str, frame: int, total: int) -> tuple[list[int], list[int]]:
+    """The module docstring's rule, row by row on strings: flank, skip ``frame`` bases, whole 3-mers
+    (any letter outside ACGTN: [UNK]), [CLS] ... [SEP], cut to keep [SEP] last, then [PAD]."""
+    vocab = kt.kmer_vocabulary()
+    extended = (kt.UPSTREAM_FLANK + sequence.upper() + kt.DOWNSTREAM_FLANK)[frame:]
+    kmers = [extended[i : i + 3] for i in range(0, len(extended) - 2, 3)]
+    ids = [vocab.get(kmer, kt.UNK_ID) for kmer in kmers][: total - 2]
+    ids = [kt.CLS_ID, *ids, kt.SEP_ID]
+    return ids + [kt.PAD_ID] * (total - len(ids)), [1] * len(ids) + [0] * (total - len(ids))
+
+
+def test_loader_layout_of_random_rows_equals_a_plain_reference() -> None:
+    """Rows as the loader hands them over (codes 0..4, PAD beyond each row, the batch wider than its
+    longest row) and as callers may (INVALID and PAD inside a row, int64 codes): every length 1..150, every
+    frame, with and without max_tokens, against :func:`_plain_ids`."""
+    rng = np.random.default_rng(23)
+    lengths = np.concatenate([np.arange(1, 151), rng.integers(1, 151, 150)])
+    sequences = ["".join(rng.choice(list("ACGTN"), n, p=[0.24, 0.24, 0.24, 0.24, 0.04])) for n in lengths]
+    sequences[::7] = [s[:-1] + "X" for s in sequences[::7]]  # invalid letters, some at the row's end
+    sequences[3::11] = ["X" + s[1:] for s in sequences[3::11]]
+    width = int(lengths.max()) + 9
+    codes = np.full((len(sequences), width), PAD, dtype=np.uint8)
+    for i, sequence in enumerate(sequences):
+        codes[i, : len(sequence)] = encode(sequence)
+    assert (codes == INVALID).any()
+    for frame in kt.FRAMES:
+        for max_tokens in (None, 2, 45, 130):
+            for batch in (codes, codes.astype(np.int64)):
+                ids, mask = kt.encode_codes(batch, lengths, frame, max_tokens=max_tokens)
+                total = ids.shape[1]
+                assert max_tokens is None or total == max_tokens
+                expected = [_plain_ids(s, frame, total) for s in sequences]
+                np.testing.assert_array_equal(ids, [e[0] for e in expected])
+                np.testing.assert_array_equal(mask, [e[1] for e in expected])
+                assert ids.dtype == mask.dtype == np.int64
+    ids, mask = kt.encode_codes_all_frames(codes, lengths)
+    for frame in kt.FRAMES:
+        np.testing.assert_array_equal(ids[:, frame], [_plain_ids(s, frame, ids.shape[2])[0] for s in sequences])

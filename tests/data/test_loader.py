@@ -12,7 +12,7 @@ from promoter_dist.data.alphabet import encode
 from promoter_dist.data.kmer_tokenizer import build_tokenizer
 from promoter_dist.data.loader import LoaderConfig, ShardLoader
 from promoter_dist.data.nad_words import words_from_codes
-from promoter_dist.data.shards import load_manifest
+from promoter_dist.data.shards import ShardOptions, build_shards, load_manifest
 from promoter_dist.errors import UserError
 from tests.conftest import DEMO_TRAIN
 
@@ -109,6 +109,26 @@ def test_resume_with_another_global_batch_is_refused(small_shards: Path) -> None
         ShardLoader(small_shards, NAD, rank=0, world_size=1).load_state_dict(state)
     with pytest.raises(UserError, match="seed"):
         ShardLoader(small_shards, LoaderConfig(**{**NAD.__dict__, "seed": 4}), 0, 2).load_state_dict(state)
+
+
+def test_resume_on_shards_of_another_source_is_refused(small_shards: Path, tmp_path: Path) -> None:
+    """The loader's state names the source by the manifest's xxh3-128: shards of a file with one base changed
+    (the same size, the same options) are another order."""
+    text = bytearray(DEMO_TRAIN.read_bytes())
+    text[20] = ord("A") if text[20] != ord("A") else ord("C")
+    (tmp_path / "edited.txt").write_bytes(bytes(text))
+    other = build_shards(tmp_path / "edited.txt", tmp_path / "shards", _options_of(small_shards),
+                         progress=False).out_dir
+    state = ShardLoader(small_shards, NAD, rank=0, world_size=1).state_dict()
+    assert state["source_xxh3_128"] == load_manifest(small_shards)["source"]["xxh3_128"]
+    with pytest.raises(UserError, match=r"source_xxh3_128 differs"):
+        ShardLoader(other, NAD, rank=0, world_size=1).load_state_dict(state)
+
+
+def _options_of(shards: Path) -> ShardOptions:
+    """The ShardOptions a shard folder was built with (from its manifest)."""
+    options = load_manifest(shards)["options"]
+    return ShardOptions(**{**options, "splits": tuple(tuple(pair) for pair in options["splits"])})
 
 
 def _global_batches(shards: Path, config: LoaderConfig, world_size: int, grad_accum: int,

@@ -19,6 +19,7 @@ from promoter_dist.data.dream import (
 )
 from promoter_dist.data.loader import LoaderConfig, ShardLoader
 from promoter_dist.data.shards import (
+    FORMAT_VERSION,
     MANIFEST,
     ShardOptions,
     build_shards,
@@ -200,7 +201,7 @@ def test_shards_of_format_version_2_are_refused_until_rebuilt(tmp_path: Path) ->
                                         r"--overwrite"):
         build_shards(DEMO_TRAIN, out, TINY, progress=False)
     result = build_shards(DEMO_TRAIN, out, TINY, overwrite=True, progress=False)
-    assert result.manifest["format_version"] == 3 and verify_shards(out).ok
+    assert result.manifest["format_version"] == FORMAT_VERSION and verify_shards(out).ok
 
 
 # --------------------------------------------------------------------------- the parsers segments rely on

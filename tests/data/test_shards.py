@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -14,19 +15,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+import xxhash
 
-from promoter_dist.data.alphabet import decode
+from promoter_dist.data import shards as shards_module
+from promoter_dist.data.alphabet import PAD, decode
 from promoter_dist.data.dream import ReadOptions, read_dream
 from promoter_dist.data.hashing import sequence_hash
 from promoter_dist.data.shards import (
     BLOCK_INDEX_FIELDS,
     FLAG_INTEGER,
     FLAG_NAD,
+    FORMAT_VERSION,
     MANIFEST,
     BlockIndex,
     ShardOptions,
     block_checksum,
     build_shards,
+    encode_shard,
+    encode_shard_tarfile,
     load_manifest,
     padded_codes,
     read_block_range,
@@ -239,6 +245,13 @@ def test_other_source_is_refused_unless_overwrite(tmp_path: Path) -> None:
     other.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:1000]) + "\n")
     with pytest.raises(UserError, match="another source"):
         build_shards(other, out, SMALL, progress=False)
+    # The same size, one base changed: the source digest tells them apart as well.
+    same_size = tmp_path / "same-size.txt"
+    text = bytearray(DEMO_TRAIN.read_bytes())
+    text[5] = ord("C") if text[5] != ord("C") else ord("G")
+    same_size.write_bytes(bytes(text))
+    with pytest.raises(UserError, match="another source"):
+        build_shards(same_size, out, SMALL, progress=False)
     m = build_shards(other, out, SMALL, overwrite=True, progress=False).manifest
     assert m["rows"] == 1000 and verify_shards(out).ok
     assert sum(len(s["shards"]) for s in m["splits"].values()) == len(list(out.glob("*.tar")))
@@ -274,10 +287,105 @@ def test_shards_of_format_version_1_are_refused_until_rebuilt(tmp_path: Path) ->
     with pytest.raises(UserError, match=r"holds shards of format version 1 \(no block checksums\); pass --overwrite"):
         build_shards(DEMO_TRAIN, out, SMALL, progress=False)
     result = build_shards(DEMO_TRAIN, out, SMALL, overwrite=True, progress=False)
-    assert result.manifest["format_version"] == 3 and verify_shards(out).ok
+    assert result.manifest["format_version"] == FORMAT_VERSION and verify_shards(out).ok
 
 
 def test_rebuild_of_finished_folder_is_a_no_op(small_shards: Path) -> None:
     before = tree_digest(small_shards)
     result = build_shards(DEMO_TRAIN, small_shards, SMALL, progress=False, log=lambda *_: None)
     assert result.shards_written == 0 and tree_digest(small_shards) == before
+
+
+def test_manifest_names_the_source_by_its_xxh3_128(small_shards: Path) -> None:
+    source = load_manifest(small_shards)["source"]
+    assert source["xxh3_128"] == xxhash.xxh3_128(DEMO_TRAIN.read_bytes()).hexdigest()
+    assert "sha256" not in source and source["bytes"] == DEMO_TRAIN.stat().st_size
+
+
+def test_shards_of_format_version_3_are_refused_until_rebuilt(tmp_path: Path) -> None:
+    """Format 3 named the source by sha256: readers refuse it, a build asks for --overwrite, then rebuilds."""
+    out = tmp_path / "v3"
+    build_shards(DEMO_TRAIN, out, SMALL, progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["format_version"] = manifest["fingerprint"]["format_version"] = 3
+    manifest["source"]["sha256"] = hashlib.sha256(DEMO_TRAIN.read_bytes()).hexdigest()
+    del manifest["source"]["xxh3_128"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"manifest\.json: format_version 3: the source identified by sha256; rebuild"):
+        load_manifest(out)
+    with pytest.raises(UserError, match=r"format version 3 \(the source identified by sha256\); pass --overwrite"):
+        build_shards(DEMO_TRAIN, out, SMALL, progress=False)
+    result = build_shards(DEMO_TRAIN, out, SMALL, overwrite=True, progress=False)
+    assert result.manifest["format_version"] == FORMAT_VERSION and verify_shards(out).ok
+
+
+def _random_blocks(rng: np.random.Generator, sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    blocks = []
+    for n in sizes:
+        lengths = rng.integers(0, 300, n).astype("<u2")
+        blocks.append({"seq": rng.integers(0, 5, int(lengths.sum())).astype("|u1"), "len": lengths,
+                       "y": rng.normal(size=n).astype("<f4"), "line": rng.integers(1, 2**32, n).astype("<u4"),
+                       "flags": rng.integers(0, 4, n).astype("|u1")})
+    return blocks
+
+
+@pytest.mark.parametrize("name", ["train-000000", "val-123456", "a" * 60 + "-000001", "\u00e9t\u00e9-000002"])
+def test_shard_bytes_are_those_of_tarfile_and_np_save(name: str) -> None:
+    """The writer makes its tar and .npy headers itself: byte for byte what tarfile and np.save write, for
+    empty blocks, one row, uneven sizes (every padding), long and non-ASCII names."""
+    rng = np.random.default_rng(len(name))
+    for sizes in ([0], [1], [1024, 1024, 7], [3, 5000, 1], list(rng.integers(0, 40, 25))):
+        blocks = _random_blocks(rng, [int(n) for n in sizes])
+        data, index = encode_shard(name, blocks)
+        assert data == encode_shard_tarfile(name, blocks)
+        assert [b.rows for b in index] == [int(n) for n in sizes] and len(data) % tarfile.RECORDSIZE == 0
+
+
+def test_padded_codes_equal_a_plain_layout() -> None:
+    """One copy per row and a 0/255 window for what lies beyond: the same as laying out row by row, for
+    subsets of rows, widths above and below the longest row, empty rows and none."""
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n = int(rng.integers(0, 40))
+        lengths = rng.integers(0, 50, n).astype(np.uint16)
+        block = {"seq": rng.integers(0, 5, int(lengths.sum())).astype(np.uint8), "len": lengths}
+        rows = None if trial % 3 == 0 else np.flatnonzero(rng.random(n) < 0.5)
+        width = None if trial % 2 else int(rng.integers(0, 60))
+        picked = np.arange(n) if rows is None else rows
+        starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        shown = int(lengths[picked].max(initial=0)) if width is None else width
+        expected = np.full((len(picked), shown), PAD, dtype=np.uint8)
+        for out_row, row in enumerate(picked):
+            take = min(int(lengths[row]), shown)
+            expected[out_row, :take] = block["seq"][starts[row] : starts[row] + take]
+        np.testing.assert_array_equal(padded_codes(block, rows, width), expected)
+
+
+def test_workers_flush_their_shards_before_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every shard the build writes is fsynced (by the worker that wrote it), and the folder after the last
+    of them, before the manifest is written. In-process (one worker) so the calls can be watched."""
+    events: list[tuple[str, str]] = []
+    real_file, real_folder, real_json = shards_module.fsync_file, shards_module.fsync_folder, \
+        shards_module.write_json_atomic
+    monkeypatch.setattr(shards_module, "fsync_file", lambda p: events.append(("file", Path(p).name)) or real_file(p))
+    monkeypatch.setattr(shards_module, "fsync_folder",
+                        lambda p: events.append(("folder", Path(p).name)) or real_folder(p))
+    monkeypatch.setattr(shards_module, "write_json_atomic",
+                        lambda p, obj: events.append(("json", Path(p).name)) or real_json(p, obj))
+    out = tmp_path / "out"
+    manifest = build_shards(DEMO_TRAIN, out, SMALL, workers=1, progress=False).manifest
+    files = {s["file"] for info in manifest["splits"].values() for s in info["shards"]}
+    flushed = [name for kind, name in events if kind == "file"]
+    assert sorted(flushed) == sorted(files)
+    assert events[-2:] == [("folder", "out"), ("json", MANIFEST)]
+
+
+def test_shard_bytes_equal_np_save_for_other_dtypes_and_shapes() -> None:
+    """The writer is a faithful encoder (tests use it to make shards readers must refuse): a member of another
+    dtype, byte order or shape is written as np.save writes it."""
+    rng = np.random.default_rng(9)
+    block = _random_blocks(rng, [17])[0]
+    for changed in ({"y": block["y"].astype(np.float64)}, {"len": block["len"].astype(">u2")},
+                    {"seq": block["seq"][:16].reshape(4, 4)}, {"line": np.asfortranarray(np.ones((3, 2), "<u4"))}):
+        blocks = [block | changed]
+        assert encode_shard("train-000000", blocks)[0] == encode_shard_tarfile("train-000000", blocks)
