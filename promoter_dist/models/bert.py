@@ -65,7 +65,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -77,6 +77,7 @@ if TYPE_CHECKING:  # transformers is imported where used: reading a config must 
         PreTrainedModel,
     )
 
+from ..choices import check_choice_fields
 from ..errors import ConfigError
 
 #: SYSU-SAIL's vocabulary, the default of the builders' ``vocab_size`` and ``pad_token_id``:
@@ -88,8 +89,9 @@ DEFAULT_PAD_ID = 0
 #: reading frame; the smallest position table :attr:`BertConfig.max_tokens` accepts.
 NOMINAL_TOKENS = 128
 
-ATTENTION = ("sdpa", "eager")
-INITS = ("bert", "local")
+#: Attention implementations and random initialisations: the allowed values live in these types only.
+Attention = Literal["sdpa", "eager"]
+Init = Literal["bert", "local"]
 #: The weight files a model folder is loaded from: safetensors holds tensors only, never code.
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 #: Weight files that only a pickle load reads (torch.save; Hugging Face's older format): never loaded.
@@ -122,9 +124,9 @@ class BertConfig:
     """Position-table length, [CLS]/[SEP] included: >= 128 (110-bp row); 192 covers 300-bp rows; 512 = published size."""
     pretrained: str = ""
     """Folder of a masked-LM export (written by the mlm task) to initialise the encoder from; '' = random init."""
-    attention: str = "sdpa"
+    attention: Attention = "sdpa"
     """Attention implementation: 'sdpa' (torch fused attention; default) or 'eager' (plain matmuls)."""
-    init: str = "bert"
+    init: Init = "bert"
     """Random initialisation: 'bert' (Hugging Face's N(0, 0.02)) or 'local' (sinusoidal positions, first-layer heads attending to tokens -1, +1, -2, +2; see :func:`local_attention_init`). Unused with ``pretrained``."""
 
     def __post_init__(self) -> None:
@@ -143,10 +145,8 @@ class BertConfig:
             )
         if not isinstance(self.pretrained, str):
             raise ConfigError(f"model.bert.pretrained must be a folder path or '', not {self.pretrained!r}")
-        if self.attention not in ATTENTION:
-            raise ConfigError(f"model.bert.attention must be one of {list(ATTENTION)}, not {self.attention!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"model.bert.init must be one of {list(INITS)}, not {self.init!r}")
+        # The coercer checks these for a config file; a BertConfig built in code gets the same check.
+        check_choice_fields(self, "model.bert")
 
     def transformers_config(self, vocab_size: int, pad_token_id: int, **extra: object) -> transformers.BertConfig:
         """The Hugging Face config for these settings and vocabulary (``extra`` adds head options)."""

@@ -162,7 +162,8 @@ def test_bad_pretrained_paths_give_clear_errors(tmp_path):
         ({"intermediate": 0}, "model.bert.intermediate"),
         ({"dropout": 1.0}, "model.bert.dropout"),
         ({"max_tokens": 100}, "model.bert.max_tokens"),
-        ({"attention": "flash"}, "model.bert.attention"),
+        ({"attention": "flash"}, "model.bert.attention must be one of"),
+        ({"init": "sinusoid"}, "model.bert.init must be one of"),
     ],
 )
 def test_settings_validation_names_the_key(bad, key):
