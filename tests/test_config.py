@@ -146,6 +146,8 @@ def test_wrong_type_names_the_key(override, key):
     ("engine.grad_accum=0", "engine.grad_accum"),
     ("engine.nonfinite=ignore", "engine.nonfinite"),
     ("engine.offload_optimizer=nvme", "engine.offload_optimizer"),
+    ("engine.timeout_s=0", "engine.timeout_s"),  # a zero timeout fails every collective at once
+    ("engine.timeout_s=-5", "engine.timeout_s"),
     ("data.batch_size=0", "data.batch_size"),
     ("data.view=short", "data.view"),
     ("data.kmer_frame=3", "data.kmer_frame"),
