@@ -64,7 +64,9 @@ READ_CHUNK_BYTES = 1 << 20
 
 
 def run_folder(run_dir: str | os.PathLike) -> Path:
-    """``run_dir`` checked to be a training run's folder (it holds ``config.yaml`` and ``checkpoints/``)."""
+    """``run_dir`` checked to be a training run's folder (it holds ``config.yaml`` and checkpoints)."""
+    from .checkpointing import checkpoints_dir
+
     path = Path(run_dir)
     if not path.exists():
         raise UserError(f"{path}: no such run folder (expected the run.out_dir of a training run)")
@@ -72,7 +74,7 @@ def run_folder(run_dir: str | os.PathLike) -> Path:
         raise UserError(f"{path}: not a folder (expected the run.out_dir of a training run)")
     if not (path / "config.yaml").is_file():
         raise UserError(f"{path}: not a run folder (no config.yaml; expected the run.out_dir of a training run)")
-    if not (path / "checkpoints").is_dir():
+    if not checkpoints_dir(path).is_dir():
         raise UserError(f"{path}: the run has no checkpoints folder (it saved no checkpoint yet)")
     return path
 
@@ -131,7 +133,7 @@ def load_model(checkpoint: str | os.PathLike, which: str = "best", device: str |
     mode and sits on ``device``. Regression and soft-classification runs predict expression; an MLM run is refused.
     Checkpoint files are read weights-only unless ``trust_pickle``.
     """
-    from .checkpointing import checkpoint_tag, fp32_state_dict, is_export, read_export
+    from .checkpointing import checkpoint_tag, checkpoints_dir, fp32_state_dict, is_export, read_export
     from .config import config_from_mapping, parse_yaml
 
     if is_export(checkpoint):
@@ -146,7 +148,7 @@ def load_model(checkpoint: str | os.PathLike, which: str = "best", device: str |
         config = load_run_config(folder)
         _check_regression(config, str(folder))
         tag = checkpoint_tag(folder, which)
-        origin = f"{folder}/checkpoints/{tag}"
+        origin = str(checkpoints_dir(folder) / tag)
         # DeepSpeed's consolidation prints progress on stdout; keep stdout for our own report.
         with contextlib.redirect_stdout(sys.stderr):
             state = fp32_state_dict(folder, tag, trust_pickle)
