@@ -15,7 +15,7 @@ Layout::
 
 :class:`CheckpointManager` writes a checkpoint collectively from a training engine and
 resumes one; the read-only functions below (:func:`checkpoint_tag`, :func:`fp32_state_dict`,
-:func:`export_fp32`, :func:`read_best_record`) need no engine and serve ``predict`` and
+:func:`export_model`, :func:`read_best_record`) need no engine and serve ``predict`` and
 ``export``.
 
 Untrusted files: a checkpoint may come from another user, so every ``torch.load`` of one,
@@ -52,6 +52,9 @@ LATEST, BEST = "latest", "best"
 """The two pointer files."""
 BEST_RECORD = "best.json"
 """The best checkpoint's validation record, beside the ``best`` pointer."""
+TAG_PATTERN = re.compile(r"(best-)?step[0-9]{8,20}")
+"""The tags :meth:`CheckpointManager.save` writes; a pointer holding anything else is refused, since
+a pointer may come from another user and a path in it (``..``, ``/``) would lead outside the run."""
 
 
 DEEPSPEED_TYPES = (
@@ -131,9 +134,23 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def read_pointer(run_dir: str | os.PathLike, name: str) -> str | None:
-    """The tag a pointer file ('latest' or 'best') holds, or None when there is none yet."""
+    """The tag a pointer file ('latest' or 'best') holds, or None when there is none yet.
+
+    Anything but a tag of :data:`TAG_PATTERN` is refused with one line naming the pointer file.
+    """
     path = checkpoints_dir(run_dir) / name
-    return path.read_text().strip() if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:
+            raw = f.read(65)  # a tag is at most 31 bytes; more is not a tag, and need not be read whole
+    except OSError as error:
+        raise UserError(f"{path}: unreadable checkpoint pointer ({error.strerror or error})") from None
+    tag = raw.decode("ascii", errors="replace").strip()
+    if len(raw) > 64 or not TAG_PATTERN.fullmatch(tag):
+        raise UserError(f"{path}: not a checkpoint pointer (it must hold one tag such as step00001200 or "
+                        f"best-step00001200, not {raw[:40]!r})")
+    return tag
 
 
 def checkpoint_tag(run_dir: str | os.PathLike, which: str = BEST) -> str:
