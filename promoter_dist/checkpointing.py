@@ -35,6 +35,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -491,8 +492,8 @@ class CheckpointManager:
 
                 from deepspeed.checkpoint import ds_to_universal
 
-                partial = self.dir / tag / f"{UNIVERSAL}.tmp-{os.getpid()}"
-                shutil.rmtree(partial, ignore_errors=True)
+                # A fresh folder of an unpredictable name: nothing planted at a guessable name is reused.
+                partial = Path(tempfile.mkdtemp(dir=self.dir / tag, prefix=f"{UNIVERSAL}.tmp-"))
                 log.info("converting checkpoint %s into a universal checkpoint for the new shape (DeepSpeed "
                          "ds_to_universal) -> %s", tag, folder)
                 arguments = Namespace(input_folder=str(self.dir / tag), output_folder=str(partial),
