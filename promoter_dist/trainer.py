@@ -28,7 +28,7 @@ from .config import TrainConfig, config_dict, dump_yaml
 from .data.loader import ShardLoader
 from .engine import build_engine, set_beta1, set_learning_rate
 from .errors import NonFiniteLossError, UserError
-from .io import atomic_open
+from .io import atomic_open, check_output_folder
 from .launch.environment import DistEnv
 from .models.common import count_parameters
 from .optim.engine_grads import zero_engine_gradients
@@ -64,7 +64,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, env: DistEnv, stop: StopRequest | None = None):
         self.config, self.env, self.stop = config, env, stop
-        self.out_dir = Path(config.run.out_dir)
+        # Checked before anything is written: a file or an unwritable folder is one line, not a traceback.
+        self.out_dir = check_output_folder(config.run.out_dir, "run.out_dir")
         setup_logging(self.out_dir, env.rank)
         self.write_config()
 

@@ -86,6 +86,20 @@ def test_unknown_key_without_dump_config_fails_before_training(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_a_run_folder_that_cannot_be_made_is_one_line_naming_run_out_dir(tmp_path, where):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder\n")
+    out = blocker if where == "file" else blocker / "run"
+    done = train_py("--config", str(DEBUG), f"run.out_dir={out}", "data.glove=")
+    assert done.returncode == 2, everything(done)
+    assert "Traceback" not in done.stdout + done.stderr, everything(done)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, everything(done)
+    assert "run.out_dir" in errors[0] and str(out) in errors[0] and f"{blocker} is a file" in errors[0], errors
+    assert blocker.read_text() == "not a folder\n"
+
+
 def test_bad_value_exits_2_with_one_line():
     assert_one_line_error(train_py("--dump-config", "engine.zero_stage=two"), "engine.zero_stage")
 
