@@ -9,7 +9,7 @@
     promoter-dist demo    --out DIR                            the whole chain on synthetic data
     promoter-dist score   --predictions FILE --truth-dir DIR   official DREAM 2022 score of a submission JSON
     promoter-dist predict --checkpoint RUN --input FILE --out submission.json   DREAM submission of a trained run
-    promoter-dist export  --checkpoint RUN --out model.pt       a checkpoint's consolidated fp32 weights
+    promoter-dist export  --checkpoint RUN --out model.safetensors   fp32 weights + the run's config (safetensors)
     promoter-dist submit train --config FILE [KEY=VALUE ...]   training as a SLURM job (submitit; or --cluster local)
     promoter-dist submit shards FILE --out DIR                 the shard build as a SLURM CPU job
 
@@ -164,7 +164,7 @@ def cmd_glove(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> shards -> verify -> GloVe -> NAD and BERT training, with the figures a user checks."""
+    """Synthetic data -> shards -> verify -> GloVe -> NAD, LegNet and BERT training, with the figures a user checks."""
     from .demo import DemoOptions, run_demo
     from .io import check_output_folder
 
