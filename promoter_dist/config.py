@@ -123,12 +123,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.onehot_window <= 150:
             raise ConfigError(f"data.onehot_window must be in [1, 150] (the vector flank is 150 bp), not {self.onehot_window}")
-        for key in ("batch_size", "shuffle_buffer", "lanes"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be >= 1, not {getattr(self, key)}")
-        for key in ("eval_batch_size", "num_workers"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"data.{key} must be >= 0, not {getattr(self, key)}")
+        # The loader's rule for the fields it is built from (TrainConfig.loader_config), under data.* names.
+        LoaderConfig.check_counts({key: getattr(self, key) for key in ("batch_size", "shuffle_buffer", "lanes",
+                                                                         "num_workers")}, "data")
+        if self.eval_batch_size < 0:  # 0: the training batch size
+            raise ConfigError(f"data.eval_batch_size must be >= 0, not {self.eval_batch_size}")
 
 
 @dataclass
@@ -306,8 +305,7 @@ class EngineConfig:
     """GPUs: TF32 tensor cores for fp32 matmuls and convolutions (10-bit mantissa products, fp32 sums)."""
 
     def __post_init__(self) -> None:
-        if self.grad_accum < 1:
-            raise ConfigError(f"engine.grad_accum must be >= 1, not {self.grad_accum}")
+        LoaderConfig.check_counts({"grad_accum": self.grad_accum}, "engine")
         if self.gradient_clipping < 0:
             raise ConfigError(f"engine.gradient_clipping must be >= 0, not {self.gradient_clipping}")
         if self.offload_optimizer == "cpu" and self.zero_stage == 0:

@@ -481,3 +481,17 @@ def test_a_run_configs_loader_errors_name_the_data_keys():
     assert error_of("data.batch_size=0").startswith("data.batch_size must be >= 1")
     assert error_of("data.shuffle_buffer=0").startswith("data.shuffle_buffer must be >= 1")
     assert error_of("data.num_workers=-1").startswith("data.num_workers must be >= 0")
+
+
+# The loader's counts are checked by one rule: LoaderConfig's, under the key the user wrote.
+@pytest.mark.parametrize("section, key", [("data", "batch_size"), ("data", "shuffle_buffer"), ("data", "lanes"),
+                                          ("data", "num_workers"), ("engine", "grad_accum")])
+def test_the_loaders_counts_are_one_rule_under_the_users_key(section, key):
+    least = LoaderConfig.LEAST[key]
+    assert error_of(f"{section}.{key}={least - 1}") == f"{section}.{key} must be >= {least}, not {least - 1}"
+    with pytest.raises(ConfigError, match=rf"^loader\.{key} must be >= {least}, not {least - 1}$"):
+        LoaderConfig(**{key: least - 1})
+    config = load_config(overrides=[f"{section}.{key}={least}"])
+    assert getattr(getattr(config, section), key) == least
+    loader = config.loader_config("train", training=True)
+    assert getattr(loader, key) == least

@@ -42,7 +42,7 @@ import os
 from dataclasses import asdict, dataclass
 from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, ClassVar, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -115,16 +115,23 @@ class LoaderConfig:
     persistent_workers: bool = True
     """Keep the worker processes from one epoch (or evaluation) to the next instead of forking new ones."""
 
+    LEAST: ClassVar[dict[str, int]] = {"batch_size": 1, "shuffle_buffer": 1, "chunk_blocks": 1, "grad_accum": 1,
+                                       "lanes": 1, "num_workers": 0}
+    """The least value of each count; the run config's sections check their copies of these fields here too."""
+
     def __post_init__(self) -> None:
         # Built in code, not through the config coercer: the choices are checked here, from the types.
         check_choice_fields(self, "loader")
         if self.tokens == "nad" and self.view != "nad":
             raise ConfigError("loader.tokens='nad' needs loader.view='nad' (NAD words exist only for 110-bp rows without N)")
-        for key in ("batch_size", "shuffle_buffer", "chunk_blocks", "grad_accum", "lanes"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"loader.{key} must be >= 1, not {getattr(self, key)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"loader.num_workers must be >= 0, not {self.num_workers}")
+        self.check_counts({key: getattr(self, key) for key in self.LEAST}, "loader")
+
+    @classmethod
+    def check_counts(cls, values: dict[str, int], prefix: str) -> None:
+        """Each of ``values`` (fields of :data:`LEAST`) at least its least value; else a ConfigError naming ``prefix.key``."""
+        for key, value in values.items():
+            if value < cls.LEAST[key]:
+                raise ConfigError(f"{prefix}.{key} must be >= {cls.LEAST[key]}, not {value}")
 
 
 # --------------------------------------------------------------------------- planning
