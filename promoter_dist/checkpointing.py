@@ -227,6 +227,22 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, which: str 
     return out
 
 
+def export_for_task(run_dir: str | os.PathLike, task: Any, out_dir: str | os.PathLike) -> str | None:
+    """The best (else the latest) checkpoint in the task's portable form (``task.export``) at ``out_dir``.
+
+    The model is rebuilt by ``task.build_model()`` from the checkpoint's consolidated fp32 weights,
+    so this works for every ZeRO stage without gathering partitions. Returns the pointer used
+    ('best' or 'latest'), or None when the run holds no checkpoint.
+    """
+    which = BEST if read_pointer(run_dir, BEST) else LATEST
+    if read_pointer(run_dir, which) is None:
+        return None
+    model = task.build_model()
+    model.load_state_dict(fp32_state_dict(run_dir, which), strict=True)
+    task.export(model, Path(out_dir))
+    return which
+
+
 @dataclass
 class ExportedModel:
     """An exported model file, read and checked."""

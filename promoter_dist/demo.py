@@ -206,7 +206,9 @@ def describe_best(label: str, best: dict, run_dir: Path, synth: SynthReport) -> 
         row = f" ({best['row_accuracy']:.4f} on the rows' own tokens)" if "row_accuracy" in best else ""
         return (f"{label}: validation masked-token accuracy {best.get('accuracy', float('nan')):.4f}{row}, "
                 f"loss {best['loss']:.4f}")
-    lines = np.load(run_dir / "best_val_predictions.npz")["line"]
+    from .records import BEST_PREDICTIONS
+
+    lines = np.load(run_dir / BEST_PREDICTIONS)["line"]
     oracle = oracle_on_rows(Path(synth.path), Path(synth.noise_free_path), lines)
     return (f"{label}: validation Pearson {best['pearson']:.4f} (Spearman {best['spearman']:.4f}) on {len(lines)} "
             f"rows; oracle Pearson on the same rows {oracle:.4f}; ratio {best['pearson'] / oracle:.3f}")

@@ -1,4 +1,5 @@
-"""What a run reports as it goes: rank logs, ``metrics.jsonl``, DeepSpeed's monitor and the curves.
+"""What a run reports as it goes: rank logs, ``metrics.jsonl``, DeepSpeed's monitor, the curves and
+the best checkpoint's validation predictions.
 
 ``metrics.jsonl`` holds one JSON object per line, ``{"kind": "train"|"val", "step": N,
 "epoch": E, ...metrics}``, non-finite values as ``null`` (strict JSON). Rank 0 writes it;
@@ -13,6 +14,8 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from . import distributed as dist
 from .io import atomic_open
@@ -102,3 +105,22 @@ class MetricsLog:
                 if any(k in r for r in flat)]
         if keys:
             plot_curves(flat, self.out_dir / "curves.png", keys, title=title)
+
+
+BEST_PREDICTIONS = "best_val_predictions.npz"
+"""The best checkpoint's validation outputs (``pred``, ``y``, ...), in the run folder."""
+BEST_PREDICTIONS_PLOT = "val_predicted_vs_measured.png"
+
+
+def write_best_predictions(out_dir: Path, outputs: dict[str, np.ndarray], step: int, plot: bool) -> None:
+    """The best checkpoint's validation predictions as ``best_val_predictions.npz`` and, with ``plot``, their
+    predicted-vs-measured figure; nothing for outputs without predictions (masked-LM runs)."""
+    if "pred" not in outputs:
+        return
+    with atomic_open(out_dir / BEST_PREDICTIONS, "wb") as f:
+        np.savez(f, **outputs)
+    if plot:
+        from .plots import plot_predicted_vs_measured
+
+        plot_predicted_vs_measured(outputs["pred"], outputs["y"], out_dir / BEST_PREDICTIONS_PLOT,
+                                   title=f"validation, step {step}")

@@ -16,14 +16,13 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from . import distributed as dist
-from .checkpointing import BEST, LATEST, CheckpointManager, TrainShape, fp32_state_dict
+from .checkpointing import LATEST, CheckpointManager, TrainShape, export_for_task
 from .config import TrainConfig, config_dict, dump_yaml
 from .data.loader import ShardLoader
 from .engine import build_engine, set_beta1, set_learning_rate
@@ -32,7 +31,7 @@ from .io import atomic_open, check_output_folder
 from .launch.environment import DistEnv
 from .models.common import count_parameters
 from .optim.engine_grads import zero_engine_gradients
-from .records import MetricsLog, setup_logging
+from .records import MetricsLog, setup_logging, write_best_predictions
 from .schedules import ONE_CYCLE, Plateau, lr_at, one_cycle_momentum, span_steps
 from .stopping import StopRequest
 from .tasks import build_task
@@ -389,35 +388,15 @@ class Trainer:
             self.best = record
             self.save_checkpoint(best=True)
             if self.env.is_main:
-                self.write_best_outputs(outputs)
-
-    def write_best_outputs(self, outputs: dict[str, np.ndarray]) -> None:
-        """Validation predictions of the best checkpoint, and their plot."""
-        if "pred" not in outputs:
-            return
-        path = self.out_dir / "best_val_predictions.npz"
-        with atomic_open(path, "wb") as f:
-            np.savez(f, **outputs)
-        if self.config.run.plots:
-            from .plots import plot_predicted_vs_measured
-
-            plot_predicted_vs_measured(outputs["pred"], outputs["y"], self.out_dir / "val_predicted_vs_measured.png",
-                                       title=f"validation, step {self.step}")
+                write_best_predictions(self.out_dir, outputs, self.step, self.config.run.plots)
 
     def export(self) -> None:
-        """The best (else the latest) checkpoint in the task's portable form, in <out_dir>/export.
-
-        Rebuilt from the checkpoint's consolidated fp32 weights, so it works for every ZeRO
-        stage without gathering partitions. NAD's model has no portable form beyond the
-        checkpoint; BERT models save as Hugging Face folders with their tokenizer.
-        """
-        which = BEST if self.checkpoints.pointer(BEST) else LATEST
-        if self.checkpoints.pointer(which) is None or self.config.model.name != "bert":
+        """The BERT models' Hugging Face folder in <out_dir>/export; the other models live in the checkpoint."""
+        if self.config.model.name != "bert":
             return
-        model = self.task.build_model()
-        model.load_state_dict(fp32_state_dict(self.out_dir, which), strict=True)
-        self.task.export(model, self.out_dir / "export")
-        log.info("exported the %s checkpoint to %s", which, self.out_dir / "export")
+        which = export_for_task(self.out_dir, self.task, self.out_dir / "export")
+        if which is not None:
+            log.info("exported the %s checkpoint to %s", which, self.out_dir / "export")
 
     # -- checkpoints ----------------------------------------------------------------------
 
