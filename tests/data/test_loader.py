@@ -145,8 +145,9 @@ def _global_batches(shards: Path, config: LoaderConfig, world_size: int, grad_ac
     return [np.sort(np.concatenate(parts)) for parts in zip(*per_rank)][:steps]
 
 
-@pytest.mark.parametrize("config", [NAD, LoaderConfig(view="all", tokens="kmer", batch_size=24, shuffle_buffer=500,
-                                                      chunk_blocks=2, seed=5)])
+@pytest.mark.parametrize("config", [NAD, pytest.param(LoaderConfig(view="all", tokens="kmer", batch_size=24,
+                                                                    shuffle_buffer=500, chunk_blocks=2, seed=5),
+                                                       marks=pytest.mark.slow)])  # 6 to 11 s: every row, every shape
 def test_every_shape_sees_the_same_global_batches(small_shards: Path, config: LoaderConfig) -> None:
     """(1 rank x 2 accumulation), (2 x 1), (2 x 1 with 2 workers), (1 x 2 with 3 workers), (4 x 1):
     the same rows in every global batch, step by step, over two epochs (micro batch = half or a quarter)."""

@@ -256,6 +256,7 @@ def test_plain_decimals_read_exactly_what_float_reads() -> None:
             assert b"e" in t or len(t.strip(b"+-.")) - t.count(b".") > 15, t  # left to the general parser
 
 
+@pytest.mark.slow  # 5 to 8 s
 def test_segments_read_what_the_whole_file_read_gives() -> None:
     rng = np.random.default_rng(5)
     whole, report = read_dream(DEMO_TRAIN, ReadOptions(workers=0))

@@ -89,6 +89,7 @@ def test_control_character_stops_the_submission_before_sbatch(tmp_path, record, 
     assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()  # no job folder written
 
 
+@pytest.mark.slow  # 18 s here, most of it inside the submit path
 def test_clean_strings_reach_the_script_and_srun_ends_every_task_on_a_failure(tmp_path, record, capsys):
     status = main(_train(tmp_path, "--job-name", "nad train", "--partition", "gpu", "--account", "bio",
                          "--setup", "module load cuda/12.4", "--setup", "export\tA=1",
