@@ -16,7 +16,8 @@ Layout::
 :class:`CheckpointManager` writes a checkpoint collectively from a training engine and
 resumes one; the read-only functions below (:func:`checkpoint_tag`, :func:`fp32_state_dict`,
 :func:`export_model`, :func:`read_best_record`) need no engine and serve ``predict`` and
-``export``.
+``export``; :func:`export_for_task` writes a task's portable form (BERT's Hugging Face folder)
+at the end of a run. Pointer files hold a plain tag (:data:`TAG_PATTERN`) or are refused.
 
 Untrusted files: a checkpoint may come from another user, so every ``torch.load`` of one,
 DeepSpeed's own loading included, runs with ``weights_only=True`` inside

@@ -2,9 +2,10 @@
 
 ``Trainer.train()`` runs epochs of ``train_step`` (micro batches -> forward/backward ->
 optimizer step), validates, and asks its components for the rest: checkpoints
-(:class:`~promoter_dist.checkpointing.CheckpointManager`: save, prune, resume exactly),
-records (:class:`~promoter_dist.records.MetricsLog`), collectives
-(:mod:`promoter_dist.distributed`) and the engine (:mod:`promoter_dist.engine`). Models and
+(:class:`~promoter_dist.checkpointing.CheckpointManager`: save, prune, resume exactly; the
+end-of-run export, :func:`~promoter_dist.checkpointing.export_for_task`), records
+(:class:`~promoter_dist.records.MetricsLog`; the best validation predictions,
+:func:`~promoter_dist.records.write_best_predictions`), collectives (:mod:`promoter_dist.distributed`) and the engine (:mod:`promoter_dist.engine`). Models and
 tasks know nothing of DeepSpeed. A :class:`~promoter_dist.stopping.StopRequest`, when the
 launch code passes one, makes every rank checkpoint the step in progress and stop together.
 """
