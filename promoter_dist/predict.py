@@ -133,7 +133,13 @@ def load_model(checkpoint: str | os.PathLike, which: str = "best", device: str |
     mode and sits on ``device``. Regression and soft-classification runs predict expression; an MLM run is refused.
     Checkpoint files are read weights-only unless ``trust_pickle``.
     """
-    from .checkpointing import checkpoint_tag, checkpoints_dir, fp32_state_dict, is_export, read_export
+    from .checkpointing import (
+        checkpoint_tag,
+        checkpoints_dir,
+        fp32_state_dict,
+        is_export,
+        read_export,
+    )
     from .config import config_from_mapping, parse_yaml
 
     if is_export(checkpoint):

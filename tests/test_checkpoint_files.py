@@ -13,9 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from promoter_dist.checkpointing import CheckpointManager, TrainShape, checkpoints_dir, export_for_task
+from promoter_dist.checkpointing import (
+    CheckpointManager,
+    TrainShape,
+    checkpoints_dir,
+    export_for_task,
+)
 from promoter_dist.config import load_config
-from promoter_dist.records import BEST_PREDICTIONS, BEST_PREDICTIONS_PLOT, write_best_predictions
+from promoter_dist.records import (
+    BEST_PREDICTIONS,
+    BEST_PREDICTIONS_PLOT,
+    write_best_predictions,
+)
 from tests.conftest import REPO
 
 TINY_BERT = ["model.bert.pretrained=", "model.bert.hidden=16", "model.bert.layers=1", "model.bert.heads=2", "model.bert.intermediate=32",
