@@ -69,6 +69,7 @@ import re
 import reprlib
 import stat
 import tarfile
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -835,10 +836,13 @@ def build_shards(
     plain = source
     if is_gzip(source):
         # A gzip stream cannot be read from an offset: one plain copy, cut as the plain file would be.
-        plain = out / f"source.decompressed.tmp-{os.getpid()}"
+        # mkstemp: a random name opened O_CREAT|O_EXCL (mode 0600), so a link planted in a shared
+        # folder is never followed nor truncated; the name still matches _TEMPORARY.
+        fd, name = tempfile.mkstemp(dir=out, prefix=f"source.decompressed.tmp-{os.getpid()}-")
+        plain = Path(name)
     try:
         if plain != source:
-            with open(plain, "wb") as handle:
+            with os.fdopen(fd, "wb") as handle:
                 decompress_to(source, handle)
         report, threshold, results, reused, rows_integer = _build_segments(plain, source, out, state, options,
                                                                            read_options, workers, progress)
