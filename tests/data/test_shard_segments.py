@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +124,46 @@ def test_gzip_gives_the_shards_of_the_plain_file(tmp_path: Path) -> None:
     assert plain["splits"] == zipped["splits"] and plain["labels"] == zipped["labels"]
     assert (tmp_path / "plain" / "rejected.tsv").read_bytes() == (tmp_path / "gz" / "rejected.tsv").read_bytes()
     assert sorted(p.name for p in (tmp_path / "gz").iterdir() if "decompressed" in p.name) == []
+
+
+def test_gzip_copy_never_follows_a_link_planted_at_a_predictable_name(tmp_path: Path) -> None:
+    # Another user of a shared output folder plants links at the copy's old name (pid-only) all
+    # through the build, after its cleanup of leftovers too: the file they point at stays as it was.
+    source = _messy_source(tmp_path)
+    packed = tmp_path / "messy.txt.gz"
+    packed.write_bytes(gzip.compress(source.read_bytes()))
+    plain = build_shards(source, tmp_path / "plain", TINY, workers=2, progress=False).manifest
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"not yours\n")
+    out = tmp_path / "gz"
+    out.mkdir()
+    planted = out / f"source.decompressed.tmp-{os.getpid()}"
+    done = threading.Event()
+
+    def plant() -> None:
+        while not done.is_set():
+            try:
+                planted.symlink_to(victim)
+            except FileExistsError:
+                pass
+            time.sleep(0)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # let the planter run between the build's steps
+    planter = threading.Thread(target=plant)
+    planter.start()
+    try:
+        zipped = build_shards(packed, out, TINY, workers=2, progress=False).manifest
+    finally:
+        done.set()
+        planter.join()
+        sys.setswitchinterval(interval)
+    assert victim.read_bytes() == b"not yours\n"
+    assert planted.is_symlink()  # still a link: nothing was written through it or in its place
+    tars = {k: v for k, v in tree_digest(tmp_path / "plain").items() if k.endswith(".tar")}
+    assert tars == {k: v for k, v in tree_digest(out).items() if k.endswith(".tar")}
+    assert plain["splits"] == zipped["splits"]
+    assert [p.name for p in out.iterdir() if "decompressed" in p.name] == [planted.name]
 
 
 def test_strict_names_the_first_bad_row_of_the_file_whichever_segment_finishes_first(tmp_path: Path) -> None:
