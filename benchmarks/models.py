@@ -15,7 +15,9 @@ Per model and grammar: test Pearson of the predictions against the test labels, 
 Pearson (the noise-free values against the same labels); the table gives parameters, training
 samples/s (median of the run's logged windows), each grammar's ratio, the mean and the worst.
 BERT is pretrained (masked LM) and fine-tuned on each grammar's own rows; its samples/s and
-parameters are the fine-tuning's.
+parameters are the fine-tuning's. A reference row with no training run comes first: a ridge
+regression on the counts of each row's overlapping 4-mers (:func:`kmer_ridge_pearson`), what a
+model gets from sequence composition alone, without motif positions or their combinations.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from promoter_dist.demo import launch_training
 from promoter_dist.metrics import pearson
 
 REPO = Path(__file__).resolve().parents[1]
+KMER_RIDGE_K = 4
+"""k of the composition-only reference row (4**4 = 256 counts per row)."""
 CONFIGS = REPO / "configs"
 
 
@@ -82,6 +86,8 @@ class Grammar:
     vectors: Path = Path()
     oracle_test: float = math.nan
     """Pearson of the test file's noise-free values with its labels."""
+    kmer_ridge: float = math.nan
+    """Test Pearson of :func:`kmer_ridge_pearson` fitted on the training file."""
     test_labels: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
@@ -110,12 +116,48 @@ def make_grammar_data(grammar: Grammar, rows: int, test_rows: int, glove_iterati
     synthesize(grammar.train, rows=rows, seed=0, kind="train", progress=False, **grammar.synth_args)
     test = synthesize(grammar.test, rows=test_rows, seed=1, kind="test", progress=False, **grammar.synth_args)
     grammar.oracle_test = test.oracle_pearson
-    grammar.test_labels = read_dream(grammar.test, ReadOptions(), progress=False)[0].labels.astype(np.float64)
+    test_rows = read_dream(grammar.test, ReadOptions(), progress=False)[0]
+    grammar.test_labels = test_rows.labels.astype(np.float64)
     grammar.shards = grammar.folder / "shards"
     build_shards(grammar.train, grammar.shards, ShardOptions(), progress=False, log=lambda *_: None)
     glove_dir = grammar.folder / "glove"
     train_glove(nad_word_batches(str(grammar.shards)), glove_dir, GloveConfig(iterations=glove_iterations), progress=False)
     grammar.vectors = glove_dir / W2V_FILE
+    measure_reference(grammar)
+
+
+def measure_reference(grammar: Grammar) -> None:
+    """The composition-only reference of one grammar: :func:`kmer_ridge_pearson` from its files."""
+    train_rows = read_dream(grammar.folder / "train.txt", ReadOptions(), progress=False)[0]
+    test_rows = read_dream(grammar.folder / "test.txt", ReadOptions(), progress=False)[0]
+    grammar.kmer_ridge = kmer_ridge_pearson(train_rows.codes, train_rows.labels, test_rows.codes, test_rows.labels)
+
+
+def kmer_counts(codes: np.ndarray, k: int = KMER_RIDGE_K) -> np.ndarray:
+    """(rows, 4**k) float64 counts of each row's overlapping k-mers of A C G T (windows with N or padding skipped)."""
+    rows, width = codes.shape
+    if width < k:
+        return np.zeros((rows, 4**k))
+    index = np.zeros((rows, width - k + 1), dtype=np.int64)
+    valid = np.ones((rows, width - k + 1), dtype=bool)
+    for j in range(k):
+        window = codes[:, j : width - k + 1 + j].astype(np.int64)
+        valid &= window < 4  # codes 0..3 are A C G T; N is 4, padding 5
+        index = index * 4 + np.minimum(window, 3)
+    row_of = np.broadcast_to(np.arange(rows)[:, None], index.shape)
+    flat = row_of[valid] * 4**k + index[valid]
+    return np.bincount(flat, minlength=rows * 4**k).reshape(rows, 4**k).astype(np.float64)
+
+
+def kmer_ridge_pearson(train_codes: np.ndarray, train_labels: np.ndarray, test_codes: np.ndarray,
+                       test_labels: np.ndarray, k: int = KMER_RIDGE_K, alpha: float = 10.0) -> float:
+    """Test Pearson of a ridge regression (penalty ``alpha``, free intercept) on overlapping k-mer counts."""
+    x, x_test = kmer_counts(train_codes, k), kmer_counts(test_codes, k)
+    mean_x, mean_y = x.mean(axis=0), float(np.mean(train_labels))
+    centred = x - mean_x
+    weights = np.linalg.solve(centred.T @ centred + alpha * np.eye(x.shape[1]),
+                              centred.T @ (np.asarray(train_labels, np.float64) - mean_y))
+    return pearson((x_test - mean_x) @ weights + mean_y, np.asarray(test_labels, np.float64))
 
 
 def train(config: Path, overrides: list[str], run_dir: Path, procs: int, log: Path) -> None:
@@ -174,6 +216,11 @@ def table(results: dict[str, dict[str, Result]], grammars: list[Grammar]) -> str
         ratios = [results[name][g.label].ratio for g in grammars]
         return statistics.fmean(ratios) if all(math.isfinite(x) for x in ratios) else -1.0
 
+    reference = [g.kmer_ridge / g.oracle_test for g in grammars]
+    if all(math.isfinite(x) for x in reference):
+        lines.append("| " + " | ".join(["overlapping 4-mer counts + ridge (reference)", f"{4**KMER_RIDGE_K + 1:,}", "-"]
+                                       + [f"{x:.3f} ({g.kmer_ridge:.3f})" for x, g in zip(reference, grammars)]
+                                       + [f"{statistics.fmean(reference):.3f}", f"{min(reference):.3f}"]) + " |")
     for name in sorted(results, key=mean_ratio, reverse=True):
         row = results[name]
         first = next((r for r in row.values() if r.parameters), Result())
@@ -227,10 +274,10 @@ def load_earlier(path: Path | None, args: argparse.Namespace) -> dict[str, dict[
     return cells
 
 
-def write_record(path: Path, args: argparse.Namespace, oracles: dict[str, float],
+def write_record(path: Path, args: argparse.Namespace, grammar_figures: dict[str, dict[str, float]],
                  results: dict[str, dict[str, Result]]) -> None:
     """Every figure so far, rewritten atomically after each cell so that a stopped run continues."""
-    record = {"grammars": {g: {"oracle_test": v} for g, v in oracles.items()},
+    record = {"grammars": grammar_figures,
               "results": {m: {g: vars(r) for g, r in row.items()} for m, row in results.items()},
               "rows": args.rows, "test_rows": args.test_rows, "procs": args.procs}
     tmp = path.with_name(path.name + ".tmp")
@@ -246,20 +293,26 @@ def main(argv: list[str] | None = None) -> int:
     grammars = [Grammar(label, work / label.replace(":", "-")) for label in args.grammars]
     earlier = load_earlier(record, args)
     results = {m: dict(earlier.get(m, {})) for m in [*args.models, *(set(earlier) - set(args.models))]}
-    oracles = {g: v["oracle_test"] for g, v in json.loads(record.read_text()).get("grammars", {}).items()
-               } if earlier else {}
+    # Per grammar: oracle_test and kmer_ridge (test Pearson), as make_grammar_data measured them.
+    grammar_figures = json.loads(record.read_text()).get("grammars", {}) if earlier else {}
     try:
         for grammar in grammars:
             todo = [name for name in args.models if grammar.label not in results[name]]
             if not todo:
-                grammar.oracle_test = oracles.get(grammar.label, math.nan)
+                figures = grammar_figures.get(grammar.label, {})
+                grammar.oracle_test = figures.get("oracle_test", math.nan)
+                grammar.kmer_ridge = figures.get("kmer_ridge", math.nan)
+                if not math.isfinite(grammar.kmer_ridge) and (grammar.folder / "test.txt").is_file():
+                    measure_reference(grammar)  # a record written before the reference row existed
+                    figures["kmer_ridge"] = grammar.kmer_ridge
                 print(f"{grammar.label}: every model recorded in {record}", flush=True)
                 continue
             t_data = time.perf_counter()
             make_grammar_data(grammar, args.rows, args.test_rows, 50)
             print(f"{grammar.label}: {args.rows:,} train + {args.test_rows:,} test rows, shards, GloVe in "
-                  f"{time.perf_counter() - t_data:.0f} s; test oracle Pearson {grammar.oracle_test:.4f}", flush=True)
-            oracles[grammar.label] = grammar.oracle_test
+                  f"{time.perf_counter() - t_data:.0f} s; test oracle Pearson {grammar.oracle_test:.4f}; "
+                  f"4-mer ridge {grammar.kmer_ridge:.4f} (ratio {grammar.kmer_ridge / grammar.oracle_test:.3f})", flush=True)
+            grammar_figures[grammar.label] = {"oracle_test": grammar.oracle_test, "kmer_ridge": grammar.kmer_ridge}
             for name in todo:
                 try:
                     result = run_recipe(RECIPES[name], grammar, args.procs)
@@ -271,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{result.samples_per_s:,.0f} samples/s, {result.seconds:.0f} s", flush=True)
                 results[name][grammar.label] = result
                 if record:
-                    write_record(record, args, oracles, results)
+                    write_record(record, args, grammar_figures, results)
         print(f"\n{len(args.models)} models x {len(grammars)} grammars in {(time.perf_counter() - t0) / 60:.1f} min; "
               f"ratio = test Pearson / oracle Pearson (test Pearson in brackets)\n")
         print(table({m: results[m] for m in args.models}, grammars))
