@@ -1191,8 +1191,10 @@ def iter_tar_members(data: bytes, where: str = "", start: int = 0, end: int | No
 _NPY_HEADER = re.compile(rb"\{'descr': '([^']+)', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
 _MEMBER_NPY = {member: (descr.encode(), np.dtype(descr)) for member, descr in MEMBER_DTYPES.items()}
 _SUM, _MAX = np.add.reduce, np.maximum.reduce
-# The flag values that carry each view's bit: summing their counts gives the view's rows.
-_NAD_FLAG_VALUES = [value for value in range(KNOWN_FLAGS + 1) if value & FLAG_NAD]
+# Which flag values carry the NAD bit (a selector over the flag counts): summing theirs gives the view's rows.
+_NAD_FLAG_SELECTOR = [bool(value & FLAG_NAD) for value in range(KNOWN_FLAGS + 1)]
+# The most uint16 lengths whose sum fits uint32 exactly: 65,536 x 65,535 < 2**32.
+_UINT32_EXACT_ROWS = 2**32 // 2**16
 
 
 def _load_npy(data: bytes | memoryview, member: str) -> np.ndarray:
@@ -1248,7 +1250,8 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool,
         return (f"row counts differ: len {len(lengths)}, y {len(y)}, line {len(block['line'])}, flags {len(flags)}; "
                 f"the manifest says {entry.rows}")
     # The ufuncs' reduce directly: these arrays are small, so the per-call cost of .sum()/.max() counts.
-    total = int(_SUM(lengths, dtype=np.uint64))
+    # uint16 lengths sum exactly in uint32 up to 65,536 rows, and that cast is cheaper than uint64's.
+    total = int(_SUM(lengths, dtype=np.uint32 if len(lengths) <= _UINT32_EXACT_ROWS else np.uint64))
     if total != len(seq):
         return f"row lengths sum to {total} bases but seq holds {len(seq)}"
     longest = int(_MAX(lengths)) if len(lengths) else 0
@@ -1261,8 +1264,7 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool,
     if len(counts) > KNOWN_FLAGS + 1:
         unknown = int(np.bitwise_or.reduce(flags)) & ~KNOWN_FLAGS
         return f"unknown flag bits {unknown:#04x} (known: {KNOWN_FLAGS:#04x})"
-    per_value = counts.tolist()  # eight numbers: Python sums beat numpy calls here
-    nad = sum(per_value[v] for v in _NAD_FLAG_VALUES)
+    nad = sum(itertools.compress(counts.tolist(), _NAD_FLAG_SELECTOR))  # four numbers: Python beats numpy calls
     top = entry.rows_top if top_threshold is None else int((y >= np.float32(top_threshold)).sum())
     if (nad, top) != (entry.rows_nad, entry.rows_top):
         return (f"{nad} NAD-eligible and {top} top-expression rows; the manifest says {entry.rows_nad} and "
@@ -1284,7 +1286,7 @@ def check_nad_rows(codes: np.ndarray, lengths: np.ndarray) -> str | None:
     longer one or an N would make word ids outside the vocabulary.
     """
     # Two reductions on the hot path: a short row shows as PAD in its codes, a long one in its length.
-    if codes.max(initial=0) <= T and lengths.max(initial=0) <= NOMINAL_LENGTH:
+    if not len(lengths) or (_MAX(codes, axis=None) <= T and _MAX(lengths) <= NOMINAL_LENGTH):
         return None
     if (lengths != NOMINAL_LENGTH).any():
         return f"a row flagged NAD-eligible is {int(lengths[lengths != NOMINAL_LENGTH][0])} bp, not {NOMINAL_LENGTH}"

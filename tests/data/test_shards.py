@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -389,3 +390,30 @@ def test_shard_bytes_equal_np_save_for_other_dtypes_and_shapes() -> None:
                     {"seq": block["seq"][:16].reshape(4, 4)}, {"line": np.asfortranarray(np.ones((3, 2), "<u4"))}):
         blocks = [block | changed]
         assert encode_shard("train-000000", blocks)[0] == encode_shard_tarfile("train-000000", blocks)
+
+
+def _long_block(rows: int, length: int, bases: int) -> tuple[dict[str, np.ndarray], BlockIndex]:
+    """A block of ``rows`` rows of ``length`` bp whose seq claims ``bases`` bases (a zero-stride array: no memory)."""
+    block = {"seq": np.broadcast_to(np.uint8(0), (bases,)), "len": np.full(rows, length, np.uint16),
+             "y": np.zeros(rows, np.float32), "line": np.arange(rows, dtype=np.uint32),
+             "flags": np.zeros(rows, np.uint8)}
+    entry = BlockIndex(offset=0, nbytes=0, rows=rows, rows_nad=0, rows_top=0, max_length=length, checksum="0" * 16)
+    return block, entry
+
+
+@pytest.mark.parametrize("rows", [65_536, 65_538])
+def test_row_lengths_sum_exactly_past_what_uint32_holds(rows: int) -> None:
+    # 65,538 rows of 65,535 bp hold more than 2**32 - 1 bases: a uint32 sum would wrap to `wrapped`.
+    total = rows * 65_535
+    wrapped = total % 2**32
+    block, entry = _long_block(rows, 65_535, wrapped if total >= 2**32 else total - 1)
+    problem = shards_module.check_block(block, entry, labelled=True)
+    assert problem == f"row lengths sum to {total} bases but seq holds {len(block['seq'])}"
+
+
+def test_nad_rows_are_counted_from_every_flag_value_with_the_bit() -> None:
+    block, entry = _long_block(8, 3, 24)
+    block["flags"][:] = [0, FLAG_NAD, FLAG_NAD | FLAG_INTEGER, FLAG_INTEGER, FLAG_NAD, 0, 0, 0]
+    assert shards_module.check_block(block, replace(entry, rows_nad=3), labelled=True) is None
+    problem = shards_module.check_block(block, replace(entry, rows_nad=2), labelled=True)
+    assert problem == "3 NAD-eligible and 0 top-expression rows; the manifest says 2 and 0"
