@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from _runs import read_metrics, trainable_parameters
-from promoter_dist.data.dream import ReadOptions, read_dream
+from promoter_dist.data.dream import ReadOptions, Rows, read_dream
 from promoter_dist.data.glove import W2V_FILE, GloveConfig, nad_word_batches, train_glove
 from promoter_dist.data.shards import ShardOptions, build_shards
 from promoter_dist.data.synthetic import synthesize
@@ -116,21 +116,23 @@ def make_grammar_data(grammar: Grammar, rows: int, test_rows: int, glove_iterati
     synthesize(grammar.train, rows=rows, seed=0, kind="train", progress=False, **grammar.synth_args)
     test = synthesize(grammar.test, rows=test_rows, seed=1, kind="test", progress=False, **grammar.synth_args)
     grammar.oracle_test = test.oracle_pearson
-    test_rows = read_dream(grammar.test, ReadOptions(), progress=False)[0]
-    grammar.test_labels = test_rows.labels.astype(np.float64)
+    test_file = read_dream(grammar.test, ReadOptions(), progress=False)[0]
+    grammar.test_labels = test_file.labels.astype(np.float64)
     grammar.shards = grammar.folder / "shards"
     build_shards(grammar.train, grammar.shards, ShardOptions(), progress=False, log=lambda *_: None)
     glove_dir = grammar.folder / "glove"
     train_glove(nad_word_batches(str(grammar.shards)), glove_dir, GloveConfig(iterations=glove_iterations), progress=False)
     grammar.vectors = glove_dir / W2V_FILE
-    measure_reference(grammar)
+    measure_reference(grammar, test_file)
 
 
-def measure_reference(grammar: Grammar) -> None:
-    """The composition-only reference of one grammar: :func:`kmer_ridge_pearson` from its files."""
-    train_rows = read_dream(grammar.folder / "train.txt", ReadOptions(), progress=False)[0]
-    test_rows = read_dream(grammar.folder / "test.txt", ReadOptions(), progress=False)[0]
-    grammar.kmer_ridge = kmer_ridge_pearson(train_rows.codes, train_rows.labels, test_rows.codes, test_rows.labels)
+def measure_reference(grammar: Grammar, test_file: Rows | None = None) -> None:
+    """The composition-only reference of one grammar: :func:`kmer_ridge_pearson` from its files
+    (``test_file``: the test file's rows when the caller has read them already)."""
+    train_file = read_dream(grammar.folder / "train.txt", ReadOptions(), progress=False)[0]
+    if test_file is None:
+        test_file = read_dream(grammar.folder / "test.txt", ReadOptions(), progress=False)[0]
+    grammar.kmer_ridge = kmer_ridge_pearson(train_file.codes, train_file.labels, test_file.codes, test_file.labels)
 
 
 def kmer_counts(codes: np.ndarray, k: int = KMER_RIDGE_K) -> np.ndarray:
@@ -218,7 +220,7 @@ def table(results: dict[str, dict[str, Result]], grammars: list[Grammar]) -> str
 
     reference = [g.kmer_ridge / g.oracle_test for g in grammars]
     if all(math.isfinite(x) for x in reference):
-        lines.append("| " + " | ".join(["overlapping 4-mer counts + ridge (reference)", f"{4**KMER_RIDGE_K + 1:,}", "-"]
+        lines.append("| " + " | ".join([f"overlapping {KMER_RIDGE_K}-mer counts + ridge (reference)", f"{4**KMER_RIDGE_K + 1:,}", "-"]
                                        + [f"{x:.3f} ({g.kmer_ridge:.3f})" for x, g in zip(reference, grammars)]
                                        + [f"{statistics.fmean(reference):.3f}", f"{min(reference):.3f}"]) + " |")
     for name in sorted(results, key=mean_ratio, reverse=True):
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             make_grammar_data(grammar, args.rows, args.test_rows, 50)
             print(f"{grammar.label}: {args.rows:,} train + {args.test_rows:,} test rows, shards, GloVe in "
                   f"{time.perf_counter() - t_data:.0f} s; test oracle Pearson {grammar.oracle_test:.4f}; "
-                  f"4-mer ridge {grammar.kmer_ridge:.4f} (ratio {grammar.kmer_ridge / grammar.oracle_test:.3f})", flush=True)
+                  f"{KMER_RIDGE_K}-mer ridge {grammar.kmer_ridge:.4f} (ratio {grammar.kmer_ridge / grammar.oracle_test:.3f})", flush=True)
             grammar_figures[grammar.label] = {"oracle_test": grammar.oracle_test, "kmer_ridge": grammar.kmer_ridge}
             for name in todo:
                 try:
