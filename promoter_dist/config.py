@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from .choices import check_choice, is_choice
+from .data.kmer_tokenizer import FULL_FLANK_BP, MIN_FLANK_BP
 from .data.loader import KmerFrame, LoaderConfig, Tokens, View
 from .errors import ConfigError, UserError
 from .io import read_input
@@ -114,6 +115,8 @@ class DataConfig:
     """Rows held for shuffling over all lanes of the training order (each lane holds its share, at least 1,024)."""
     kmer_frame: KmerFrame = 0
     """Reading frame (0, 1 or 2) of the 3-mer tokens for the BERT models."""
+    kmer_flank_bp: int = 150
+    """BERT: vector sequence on each side of a row for the 3-mer tokens, the row's own adapters included: 150 as published (133 bp of vector before the row, 137 after); b in 19..150 keeps the b - 17 / b - 13 vector bases next to the row. The flanks are the same in every row and set most of a step's compute; a fine-tuning run must use its pretraining's value."""
     kmer_all_frames: bool = False
     """BERT: tokenize every row in all three reading frames (input_ids (B, 3, T)); regression averages the model's outputs over them, as SYSU-SAIL's model code averaged three token sequences; the masked LM trains on all three. Three times the compute per row; the Hugging Face export holds the model and the data.kmer_frame tokenizer (average over the three frames' outputs yourself)."""
 
@@ -121,6 +124,10 @@ class DataConfig:
     """LegNet and Prix Fixe models: input window (bp), the row without its 5' adapter after vector sequence, its last this many bases (published: 150)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.kmer_flank_bp, bool) or not isinstance(self.kmer_flank_bp, int) \
+                or not MIN_FLANK_BP <= self.kmer_flank_bp <= FULL_FLANK_BP:
+            raise ConfigError(f"data.kmer_flank_bp must be an integer in {MIN_FLANK_BP}..{FULL_FLANK_BP} (150 bp of "
+                              f"vector each side, adapters included, as published), not {self.kmer_flank_bp!r}")
         if not 1 <= self.onehot_window <= 150:
             raise ConfigError(f"data.onehot_window must be in [1, 150] (the vector flank is 150 bp), not {self.onehot_window}")
         # The loader's rule for the fields it is built from (TrainConfig.loader_config), under data.* names.
@@ -390,7 +397,7 @@ class TrainConfig:
             batch_size=data.batch_size if training else (data.eval_batch_size or data.batch_size),
             shuffle=training, shuffle_buffer=data.shuffle_buffer, drop_last=training,
             seed=self.run.seed, num_workers=data.num_workers, kmer_frame=data.kmer_frame,
-            kmer_all_frames=data.kmer_all_frames, onehot_window=data.onehot_window, pin_memory=pin_memory,
+            kmer_all_frames=data.kmer_all_frames, kmer_flank_bp=data.kmer_flank_bp, onehot_window=data.onehot_window, pin_memory=pin_memory,
             grad_accum=self.engine.grad_accum if training else 1, lanes=data.lanes,
         )
 

@@ -257,7 +257,7 @@ class RowEncoder:
 
         limit = self.config.model.bert.max_tokens
         frame = 0 if self.config.data.kmer_all_frames else self.config.data.kmer_frame  # frame 0 has the most
-        tokens = kmer_count(lengths.astype(np.int64), frame) + 2
+        tokens = kmer_count(lengths.astype(np.int64), frame, self.config.data.kmer_flank_bp) + 2
         over = tokens > limit
         if over.any():
             at = np.flatnonzero(over)[0]
@@ -279,7 +279,8 @@ class RowEncoder:
         from .data.kmer_tokenizer import encode_for_model
 
         data = self.config.data  # all frames: the regression task averages over the three
-        ids, mask = encode_for_model(batch.codes, batch.lengths, data.kmer_frame, data.kmer_all_frames)
+        ids, mask = encode_for_model(batch.codes, batch.lengths, data.kmer_frame, data.kmer_all_frames,
+                                     data.kmer_flank_bp)
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 

@@ -151,6 +151,8 @@ def test_wrong_type_names_the_key(override, key):
     ("data.batch_size=0", "data.batch_size"),
     ("data.view=short", "data.view"),
     ("data.kmer_frame=3", "data.kmer_frame"),
+    ("data.kmer_flank_bp=18", "data.kmer_flank_bp"),  # frames 1 and 2 skip two vector bases before the row
+    ("data.kmer_flank_bp=151", "data.kmer_flank_bp"),
     ("run.log_every=0", "run.log_every"),
     ("run.epochs=-1", "run.epochs"),
     ("run.resume=sometimes", "run.resume"),
@@ -429,11 +431,11 @@ def test_gpu_ranks_overlap_reductions_and_keep_small_zero3_parameters_gathered(s
 def test_loader_config_for_training_and_evaluation_follows_the_run():
     config = load_config(overrides=["model.name=bert", "data.batch_size=12", "data.eval_batch_size=5",
                                     "data.shuffle_buffer=300", "data.num_workers=2", "data.kmer_frame=1",
-                                    "data.kmer_all_frames=true", "run.seed=7"])
+                                    "data.kmer_all_frames=true", "data.kmer_flank_bp=23", "run.seed=7"])
     train = config.loader_config("train", training=True)
     assert train == LoaderConfig(split="train", view="all", tokens="kmer", batch_size=12, shuffle=True,
                                  shuffle_buffer=300, drop_last=True, seed=7, num_workers=2, kmer_frame=1,
-                                 kmer_all_frames=True)
+                                 kmer_all_frames=True, kmer_flank_bp=23)
     val = config.loader_config("val", training=False)  # every row once, in order, read by the same workers
     assert val == dataclasses.replace(train, split="val", batch_size=5, shuffle=False, drop_last=False)
     assert config.loader_config("val", training=False, pin_memory=True).pin_memory  # a GPU rank's

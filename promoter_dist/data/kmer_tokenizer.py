@@ -22,6 +22,14 @@ Flank joining
     18% of the training rows) keep all their own bases; nothing is trimmed or
     realigned, so their extended length is ``270 + len(row)``.
 
+Shorter flanks (``flank_bp``, ``data.kmer_flank_bp``)
+    The vector bases are the same in every row, yet at 150 bp a side they are 100 of a
+    110-bp row's 128 tokens, and the compute of a step follows the tokens. ``flank_bp``
+    counts the extension on each side as above, the row's own adapters included: 150
+    (the default) is the published context; ``flank_bp = b`` in 19..150 adds only the
+    ``b - 17`` vector bases next to the 5' adapter and the ``b - 13`` next to the 3'
+    adapter. 19 keeps the two vector bases before the row that the frame offsets take.
+
 Reading frames
     Tokens are non-overlapping 3-mers. Frame ``f`` in {0, 1, 2} starts at offset ``f``
     of the extended sequence (its first ``f`` bases, all vector, are skipped); a
@@ -59,7 +67,9 @@ Truncation (``max_tokens`` in :func:`encode_codes`)
 
 from __future__ import annotations
 
+import functools
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 from typing import TYPE_CHECKING
@@ -83,8 +93,28 @@ UPSTREAM_FLANK = UPSTREAM_150[: -len(ADAPTER_5P)]
 DOWNSTREAM_FLANK = DOWNSTREAM_150[len(ADAPTER_3P) :]
 EXTENSION = len(UPSTREAM_FLANK) + len(DOWNSTREAM_FLANK)  # 270
 
-_UP_CODES = encode(UPSTREAM_FLANK)
-_DOWN_CODES = encode(DOWNSTREAM_FLANK)
+#: The published extension on each side of a row, its own adapters included (bp).
+FULL_FLANK_BP = 150
+#: The shortest: two vector bases before the 5' adapter, which frames 1 and 2 skip.
+MIN_FLANK_BP = len(ADAPTER_5P) + 2
+
+
+def check_flank_bp(flank_bp: int) -> None:
+    """ValueError unless ``flank_bp`` is in ``MIN_FLANK_BP..FULL_FLANK_BP``."""
+    if isinstance(flank_bp, bool) or not isinstance(flank_bp, int) or not MIN_FLANK_BP <= flank_bp <= FULL_FLANK_BP:
+        raise ValueError(f"flank_bp must be an integer in {MIN_FLANK_BP}..{FULL_FLANK_BP}, not {flank_bp!r}")
+
+
+def vector_flanks(flank_bp: int = FULL_FLANK_BP) -> tuple[str, str]:
+    """The vector bases added before and after a row: the ``flank_bp - 17`` / ``flank_bp - 13`` next to it."""
+    check_flank_bp(flank_bp)
+    return (UPSTREAM_FLANK[len(UPSTREAM_FLANK) - (flank_bp - len(ADAPTER_5P)) :],
+            DOWNSTREAM_FLANK[: flank_bp - len(ADAPTER_3P)])
+
+
+def extension_bp(flank_bp: int = FULL_FLANK_BP) -> int:
+    """Vector bases added to a row in all (270 at the published 150 bp a side)."""
+    return sum(map(len, vector_flanks(flank_bp)))
 
 # Codes are clipped to 0..5 (5 = anything that is not a base: PAD or INVALID) and a
 # 3-mer is looked up as 36*c0 + 6*c1 + c2 (at most 215, so uint8 arithmetic is exact).
@@ -102,32 +132,35 @@ def kmer_vocabulary() -> dict[str, int]:
     return vocab
 
 
-def extend_with_vector(sequence: str) -> str:
-    """The row inside its plasmid context: ``UPSTREAM_150[:-17] + row + DOWNSTREAM_150[13:]``.
+def extend_with_vector(sequence: str, flank_bp: int = FULL_FLANK_BP) -> str:
+    """The row inside its plasmid context: ``UPSTREAM_150[:-17] + row + DOWNSTREAM_150[13:]`` at 150 bp a side.
 
-    The row is kept as given (its own adapters, its case); a 110-bp row gives 380 bp.
+    The row is kept as given (its own adapters, its case); a 110-bp row gives 380 bp
+    (``flank_bp``: see the module docstring).
     """
-    return UPSTREAM_FLANK + sequence + DOWNSTREAM_FLANK
+    upstream, downstream = vector_flanks(flank_bp)
+    return upstream + sequence + downstream
 
 
-def kmer_count(length: int | np.ndarray, frame: int = 0) -> int | np.ndarray:
+def kmer_count(length: int | np.ndarray, frame: int = 0, flank_bp: int = FULL_FLANK_BP) -> int | np.ndarray:
     """Number of 3-mers (specials not counted) a row of ``length`` bases gives in ``frame``."""
     _check_frame(frame)
-    return (length + EXTENSION - frame) // K
+    return (length + extension_bp(flank_bp) - frame) // K
 
 
-def split_kmers(sequence: str, frame: int = 0) -> list[str]:
+def split_kmers(sequence: str, frame: int = 0, flank_bp: int = FULL_FLANK_BP) -> list[str]:
     """The 3-mers of a row in ``frame`` as strings (upper-cased, not yet mapped to ids).
 
     A plain-Python statement of the rule both tokenizer paths implement.
     """
     _check_frame(frame)
-    extended = extend_with_vector(_fold_case(sequence))
+    extended = extend_with_vector(_fold_case(sequence), flank_bp)
     stop = frame + (len(extended) - frame) // K * K
     return [extended[i : i + K] for i in range(frame, stop, K)]
 
 
-def build_tokenizer(frame: int = 0, model_max_length: int = 512) -> PreTrainedTokenizerFast:
+def build_tokenizer(frame: int = 0, model_max_length: int = 512,
+                    flank_bp: int = FULL_FLANK_BP) -> PreTrainedTokenizerFast:
     """A Hugging Face fast tokenizer that turns a raw row into [CLS] 3-mers... [SEP] ids.
 
     The vector extension, the frame offset and case folding all live inside the
@@ -139,6 +172,7 @@ def build_tokenizer(frame: int = 0, model_max_length: int = 512) -> PreTrainedTo
     from transformers import PreTrainedTokenizerFast
 
     _check_frame(frame)
+    upstream, downstream = vector_flanks(flank_bp)
     backend = Tokenizer(models.WordLevel(vocab=kmer_vocabulary(), unk_token="[UNK]"))
     backend.normalizer = normalizers.Sequence(
         # Fold only the five base letters: other letters become [UNK] either way, and
@@ -147,9 +181,9 @@ def build_tokenizer(frame: int = 0, model_max_length: int = 512) -> PreTrainedTo
         + [
             # The frame offset is applied here: the first `frame` bases of the extended
             # sequence are vector bases, so prepending the flank without them is the same.
-            normalizers.Prepend(UPSTREAM_FLANK[frame:]),
+            normalizers.Prepend(upstream[frame:]),
             # `\z` is the zero-width end of the string: a literal append.
-            normalizers.Replace(Regex(r"\z"), DOWNSTREAM_FLANK),
+            normalizers.Replace(Regex(r"\z"), downstream),
         ]
     )
     # Keep every run of 3 characters (any character, newline included) and drop what
@@ -177,13 +211,15 @@ def build_tokenizer(frame: int = 0, model_max_length: int = 512) -> PreTrainedTo
     )
 
 
-def build_frame_tokenizers(model_max_length: int = 512) -> list[PreTrainedTokenizerFast]:
+def build_frame_tokenizers(model_max_length: int = 512,
+                           flank_bp: int = FULL_FLANK_BP) -> list[PreTrainedTokenizerFast]:
     """One tokenizer per reading frame, in frame order 0, 1, 2."""
-    return [build_tokenizer(frame, model_max_length) for frame in FRAMES]
+    return [build_tokenizer(frame, model_max_length, flank_bp) for frame in FRAMES]
 
 
 def encode_codes(
-    codes: np.ndarray, lengths: np.ndarray, frame: int = 0, max_tokens: int | None = None
+    codes: np.ndarray, lengths: np.ndarray, frame: int = 0, max_tokens: int | None = None,
+    flank_bp: int = FULL_FLANK_BP,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask for a batch of coded rows, without a loop over rows.
 
@@ -195,30 +231,32 @@ def encode_codes(
     """
     _check_frame(frame)
     codes, lengths = _checked(codes, lengths)
-    return _row_frame_ids(codes, lengths, frame, max_tokens)
+    return _row_frame_ids(codes, lengths, frame, max_tokens, _flanked(flank_bp))
 
 
 def encode_for_model(
-    codes: np.ndarray, lengths: np.ndarray, frame: int = 0, all_frames: bool = False
+    codes: np.ndarray, lengths: np.ndarray, frame: int = 0, all_frames: bool = False,
+    flank_bp: int = FULL_FLANK_BP,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The BERT inputs of a run: (n, T) ids and mask in ``frame``, or (n, 3, T) in every frame."""
     if all_frames:
-        return encode_codes_all_frames(codes, lengths)
-    return encode_codes(codes, lengths, frame=frame)
+        return encode_codes_all_frames(codes, lengths, flank_bp=flank_bp)
+    return encode_codes(codes, lengths, frame=frame, flank_bp=flank_bp)
 
 
 def encode_codes_all_frames(
-    codes: np.ndarray, lengths: np.ndarray, max_tokens: int | None = None
+    codes: np.ndarray, lengths: np.ndarray, max_tokens: int | None = None, flank_bp: int = FULL_FLANK_BP,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`encode_codes` for frames 0, 1, 2 at once: int64 (n, 3, T) ids and mask.
 
     T is shared by the three frames (the longest count over frames and rows, or
     ``max_tokens``) so the three sequences stack into one tensor.
     """
+    flanked = _flanked(flank_bp)
     codes, lengths = _checked(codes, lengths)
     if max_tokens is None:
-        max_tokens = (int(lengths.max(initial=0)) + EXTENSION) // K + 2
-    per_frame = [_row_frame_ids(codes, lengths, frame, max_tokens) for frame in FRAMES]
+        max_tokens = (int(lengths.max(initial=0)) + flanked.extension) // K + 2
+    per_frame = [_row_frame_ids(codes, lengths, frame, max_tokens, flanked) for frame in FRAMES]
     ids = np.stack([p[0] for p in per_frame], axis=1)
     mask = np.stack([p[1] for p in per_frame], axis=1)
     return ids, mask
@@ -256,50 +294,77 @@ def _triple_ids(codes: np.ndarray) -> np.ndarray:
     return np.take(_TRIPLE_LUT8, index)
 
 
-def _frame_layout(frame: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def _frame_layout(up_codes: np.ndarray, down_codes: np.ndarray, frame: int
+                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """What a frame's tokens hold besides the row: the upstream flank's whole 3-mers (ids), the
     flank bases left over before the row (codes), and per phase p = (those + row bases) % 3 the
     ids after the row (a slot for the 3-mer across the row's end if p, the downstream flank's
     whole 3-mers, [SEP])."""
-    up = len(_UP_CODES)
+    up = len(up_codes)
     whole = (up - frame) // K
-    up_ids = _triple_ids(_UP_CODES[frame : frame + K * whole])
-    lead = _UP_CODES[frame + K * whole :]
+    up_ids = _triple_ids(up_codes[frame : frame + K * whole])
+    lead = up_codes[frame + K * whole :]
     tails = []
     for phase in range(K):
         skip = (K - phase) % K  # downstream bases in the 3-mer across the row's end
-        down = _DOWN_CODES[skip:]
+        down = down_codes[skip:]
         ids = _triple_ids(down[: len(down) // K * K])
         tails.append(np.concatenate([[UNK_ID] if phase else [], ids, [SEP_ID]]).astype(np.uint8))
     return up_ids, lead, tails
 
 
 _CODES = np.arange(_BAD + 1, dtype=np.uint8)
-_ACROSS_1 = _TRIPLE_LUT8[36 * _CODES + 6 * _DOWN_CODES[0] + _DOWN_CODES[1]]
-"""Id of the 3-mer across a row's end holding its last base (index: that base's code)."""
-_ACROSS_2 = _TRIPLE_LUT8[36 * _CODES[:, None] + 6 * _CODES[None, :] + _DOWN_CODES[0]].ravel()
-"""Id of the 3-mer across a row's end holding its last two bases (index: 6 * code before last + last)."""
 
 
-_LAYOUTS = {frame: _frame_layout(frame) for frame in FRAMES}
-_TAIL_TOKENS = {frame: np.array([len(t) - 1 - (p > 0) for p, t in enumerate(_LAYOUTS[frame][2])]) for frame in FRAMES}
-"""Per frame and phase: the downstream flank's whole 3-mers after a row (the slot across its end and [SEP] not
-counted)."""
-_ROW_TABLES: dict[tuple[int, int, int], np.ndarray] = {}
+@dataclass(frozen=True)
+class _Flanked:
+    """The constant parts of the tokens of one flank length (:func:`_flanked`)."""
+
+    flank_bp: int
+    extension: int
+    """Vector bases added to a row."""
+    layouts: dict[int, tuple[np.ndarray, np.ndarray, list[np.ndarray]]]
+    """Per frame: :func:`_frame_layout`."""
+    tail_tokens: dict[int, np.ndarray]
+    """Per frame and phase: the downstream flank's whole 3-mers after a row (the slot across its end and [SEP] not
+    counted)."""
+    across_1: np.ndarray
+    """Id of the 3-mer across a row's end holding its last base (index: that base's code)."""
+    across_2: np.ndarray
+    """Id of the 3-mer across a row's end holding its last two bases (index: 6 * code before last + last)."""
 
 
-def _row_table(frame: int, most: int, natural: int) -> np.ndarray:
+@functools.lru_cache(maxsize=None)  # a run uses one flank length; tests a few
+def _flanked(flank_bp: int) -> _Flanked:
+    upstream, downstream = vector_flanks(flank_bp)
+    up_codes, down_codes = encode(upstream), encode(downstream)
+    layouts = {frame: _frame_layout(up_codes, down_codes, frame) for frame in FRAMES}
+    return _Flanked(
+        flank_bp=flank_bp,
+        extension=len(upstream) + len(downstream),
+        layouts=layouts,
+        tail_tokens={frame: np.array([len(t) - 1 - (p > 0) for p, t in enumerate(layouts[frame][2])])
+                     for frame in FRAMES},
+        across_1=_TRIPLE_LUT8[36 * _CODES + 6 * down_codes[0] + down_codes[1]],
+        across_2=_TRIPLE_LUT8[36 * _CODES[:, None] + 6 * _CODES[None, :] + down_codes[0]].ravel(),
+    )
+
+
+_ROW_TABLES: dict[tuple[int, int, int, int], np.ndarray] = {}
+
+
+def _row_table(flanked: _Flanked, frame: int, most: int, natural: int) -> np.ndarray:
     """(K * (most + 1), natural) uint8: row ``p * (most + 1) + w`` is [CLS], the upstream flank's 3-mers,
     ``w`` PADs (where a row's own ``w`` 3-mers go), then the tail of phase ``p`` (:func:`_frame_layout`),
     then PADs. One gather of its rows lays out a batch but for the rows' own 3-mers.
 
     Batches share a few shapes, so the tables are kept (a few tens of KB each).
     """
-    key = (frame, most, natural)
+    key = (flanked.flank_bp, frame, most, natural)
     if key not in _ROW_TABLES:
         if len(_ROW_TABLES) > 64:  # bounded: rows of unusual lengths could make many shapes
             _ROW_TABLES.clear()
-        up_ids, _, tails = _LAYOUTS[frame]
+        up_ids, _, tails = flanked.layouts[frame]
         table = np.zeros((K * (most + 1), natural), dtype=np.uint8)
         table[:, 0] = CLS_ID
         table[:, 1 : 1 + len(up_ids)] = up_ids
@@ -324,8 +389,8 @@ def _keep_table(most: int) -> np.ndarray:
     return _KEEP_TABLES[most]
 
 
-def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_tokens: int | None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_tokens: int | None,
+                   flanked: _Flanked) -> tuple[np.ndarray, np.ndarray]:
     """[CLS] 3-mers [SEP] [PAD]... of one frame, computed on the rows only.
 
     The flanks are the same for every row: the upstream flank's whole 3-mers are one
@@ -335,12 +400,12 @@ def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_token
     one across its end) are looked up, read in place from ``codes`` as strided columns.
     """
     n, width = codes.shape
-    up_ids, lead, _ = _LAYOUTS[frame]
+    up_ids, lead, _ = flanked.layouts[frame]
     lead_len = len(lead)
     core_len = lead_len + lengths  # the row with the flank bases before its first 3-mer
     whole = core_len // K  # 3-mers within lead + row
     phase = core_len - K * whole
-    counts = len(up_ids) + whole + (phase > 0) + _TAIL_TOKENS[frame][phase]
+    counts = len(up_ids) + whole + (phase > 0) + flanked.tail_tokens[frame][phase]
     natural = int(counts.max(initial=0)) + 2
     total = natural if max_tokens is None else int(max_tokens)
     if total < 2:
@@ -364,7 +429,7 @@ def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_token
     if most > first:
         row_ids[:, first:] = _triple_ids(codes[:, skip : skip + K * (most - first)])
 
-    ids = _row_table(frame, most, natural)[phase * (most + 1) + whole]  # PADs where the row's 3-mers go
+    ids = _row_table(flanked, frame, most, natural)[phase * (most + 1) + whole]  # PADs where the row's 3-mers go
     start = 1 + len(up_ids)
     # The row's own 3-mers into those PADs (PAD_ID is 0): ANDed with a 0xFF/0 window, then ORed in,
     # cheaper than a copy under a boolean mask.
@@ -375,8 +440,8 @@ def _row_frame_ids(codes: np.ndarray, lengths: np.ndarray, frame: int, max_token
     cross = np.flatnonzero(phase > 0)
     if len(cross):
         last, before = _last_bases(codes, lead, cross, core_len[cross] - 1)
-        ids[cross, start + whole[cross]] = np.where(phase[cross] == 1, _ACROSS_1[last],
-                                                    _ACROSS_2[6 * before.astype(np.intp) + last])
+        ids[cross, start + whole[cross]] = np.where(phase[cross] == 1, flanked.across_1[last],
+                                                    flanked.across_2[6 * before.astype(np.intp) + last])
 
     if total != natural:  # max_tokens: cut long rows (keeping [SEP] last) or pad short ones
         kept = np.zeros((n, total), dtype=np.uint8)

@@ -104,6 +104,8 @@ class LoaderConfig:
     """Reading frame of the 3-mer tokens."""
     kmer_all_frames: bool = False
     """3-mer tokens in all three frames: input_ids and attention_mask (B, 3, T) instead of (B, T)."""
+    kmer_flank_bp: int = 150
+    """Vector extension on each side of a row for the 3-mer tokens, its adapters included (kmer_tokenizer.vector_flanks)."""
     onehot_window: int = 150
     """Length (bp) of the 'onehot' windows: vector sequence + the row without its 5' adapter, the last this many."""
     grad_accum: int = 1
@@ -402,25 +404,31 @@ class _LaneStream(IterableDataset):
 
 @dataclass(frozen=True)
 class BlockAt:
-    """Where a decoded block comes from: its shard file, number in the shard and byte offset (for messages)."""
+    """Where a decoded block comes from: its shard file, number in the shard and index entry (for checks and messages)."""
 
     path: str
     number: int
-    offset: int
+    entry: BlockIndex
+
+    @property
+    def offset(self) -> int:
+        """Byte offset of the block in its shard."""
+        return self.entry.offset
 
 
 def read_units(labelled: bool, verify: bool = True):
     """Stage: each unit's decoded blocks, in order, as (where, block); every block checked (checksum, schema).
 
-    ``labelled``: every label must be finite (shards built from a labelled file).
+    ``labelled``: every label must be finite (shards built from a labelled file). The view
+    counts are left to :func:`select_view`, which counts the rows of its view as it selects them.
     ``verify=False`` skips the checks; only the benchmark that measures their cost uses it.
     """
 
     def stage(units: Iterable[Unit]) -> Iterator[tuple[BlockAt, dict[str, np.ndarray]]]:
         for unit in units:
-            decoded = read_block_range(unit.path, unit.blocks, unit.first_block, labelled, verify)
+            decoded = read_block_range(unit.path, unit.blocks, unit.first_block, labelled, verify, count_views=False)
             for number, (entry, block) in enumerate(zip(unit.blocks, decoded), start=unit.first_block):
-                yield BlockAt(unit.path, number, entry.offset), block
+                yield BlockAt(unit.path, number, entry), block
 
     return stage
 
@@ -428,11 +436,12 @@ def read_units(labelled: bool, verify: bool = True):
 def select_view(view: str, width: int, verify: bool = True):
     """Stage: keep the rows of ``view`` and lay them out as fixed-width row arrays.
 
-    With ``verify``, the NAD view's rows are checked to be 110 bp of A C G T on their
-    padded codes (``shards.check_nad_rows``) before words are made of them. The top view
-    keeps the rows whose label is >= the manifest's ``labels.top_threshold`` (compared as
-    float32, as the build counted them; no bit is stored); with ``verify`` their count must
-    be the block's ``rows_top``, on which the epoch plan rests.
+    With ``verify``, the NAD view's rows must number the block's ``rows_nad`` and are
+    checked to be 110 bp of A C G T on their padded codes (``shards.check_nad_rows``)
+    before words are made of them. The top view keeps the rows whose label is >= the
+    manifest's ``labels.top_threshold`` (compared as float32, as the build counted them;
+    no bit is stored); with ``verify`` their count must be the block's ``rows_top``. The
+    epoch plan rests on these counts.
     """
     bit = VIEWS[view]
     folders: dict[str, tuple[np.float32, dict[str, list[int]]]] = {}
@@ -460,13 +469,16 @@ def select_view(view: str, width: int, verify: bool = True):
                                           f"says {said}")
             else:
                 rows = np.flatnonzero(block["flags"] & bit) if bit else None
+                if verify and bit == FLAG_NAD and len(rows) != where.entry.rows_nad:
+                    raise ShardBlockError(where.path, where.number, where.offset,
+                                          f"{len(rows)} NAD-eligible rows; the manifest says {where.entry.rows_nad}")
             if rows is not None and not len(rows):
                 continue
             pick = slice(None) if rows is None else rows
             codes = padded_codes(block, rows, width)
             lengths = block["len"][pick].astype(np.int64)
             if verify and bit == FLAG_NAD:
-                problem = check_nad_rows(codes, lengths)
+                problem = check_nad_rows(codes, lengths, where.entry.max_length)
                 if problem is not None:
                     raise ShardBlockError(where.path, where.number, where.offset, problem)
             yield {"codes": codes, "len": lengths, "y": block["y"][pick],
@@ -554,7 +566,8 @@ def batch_rows(batch_size: int, quota: int, skip: int, partial_last: bool):
     return stage
 
 
-def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False, onehot_window: int = 150):
+def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False, onehot_window: int = 150,
+                    kmer_flank_bp: int = 150):
     """Stage: row arrays -> torch tensors for the model (None passes through: skipped batch)."""
 
     def stage(batches: Iterable[dict[str, np.ndarray] | None]) -> Iterator[dict[str, torch.Tensor] | None]:
@@ -568,7 +581,7 @@ def to_model_inputs(tokens: str, kmer_frame: int, kmer_all_frames: bool = False,
             elif tokens == "kmer":
                 from .kmer_tokenizer import encode_for_model
 
-                ids, mask = encode_for_model(rows["codes"], rows["len"], kmer_frame, kmer_all_frames)
+                ids, mask = encode_for_model(rows["codes"], rows["len"], kmer_frame, kmer_all_frames, kmer_flank_bp)
                 out["input_ids"], out["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
                 out["lengths"] = torch.from_numpy(rows["len"])  # where the row's own tokens are
             elif tokens == "onehot":
@@ -643,7 +656,7 @@ class _RankStream(IterableDataset):
             select_view(cfg.view, self.width, self.verify),
             shuffle_rows(cfg.shuffle_buffer, rng),
             batch_rows(cfg.batch_size, quota, skip, partial_last=not cfg.drop_last),
-            to_model_inputs(cfg.tokens, cfg.kmer_frame, cfg.kmer_all_frames, cfg.onehot_window),
+            to_model_inputs(cfg.tokens, cfg.kmer_frame, cfg.kmer_all_frames, cfg.onehot_window, cfg.kmer_flank_bp),
         )
         return iter(pipeline)
 
@@ -762,7 +775,8 @@ class ShardLoader:
         readers = max(cfg.num_workers, 1)
         rank_lanes = self._stream.rank_lanes(plan.lanes)
         pieces_per_step = min(readers, len(rank_lanes))
-        to_inputs = to_model_inputs(cfg.tokens, cfg.kmer_frame, cfg.kmer_all_frames, cfg.onehot_window)
+        to_inputs = to_model_inputs(cfg.tokens, cfg.kmer_frame, cfg.kmer_all_frames, cfg.onehot_window,
+                                    cfg.kmer_flank_bp)
         per_micro = len(rank_lanes) // accum * plan.rows_per_lane
         pending: list[dict[str, np.ndarray]] = []
         for item in self.batches():

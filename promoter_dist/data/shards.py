@@ -1193,6 +1193,8 @@ _MEMBER_NPY = {member: (descr.encode(), np.dtype(descr)) for member, descr in ME
 _SUM, _MAX = np.add.reduce, np.maximum.reduce
 # Which flag values carry the NAD bit (a selector over the flag counts): summing theirs gives the view's rows.
 _NAD_FLAG_SELECTOR = [bool(value & FLAG_NAD) for value in range(KNOWN_FLAGS + 1)]
+# check_block tells unknown flag bits by a maximum: that needs the known bits to be the low ones.
+assert KNOWN_FLAGS & (KNOWN_FLAGS + 1) == 0
 # The most uint16 lengths whose sum fits uint32 exactly: 65,536 x 65,535 < 2**32.
 _UINT32_EXACT_ROWS = 2**32 // 2**16
 
@@ -1236,14 +1238,17 @@ def _decode_block(data: bytes, start: int, end: int) -> dict[str, np.ndarray]:
 
 
 def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool,
-                top_threshold: float | None = None) -> str | None:
+                top_threshold: float | None = None, count_views: bool = True) -> str | None:
     """What is wrong with a decoded block against the schema and its index entry, or None.
 
     Vectorised, a few microseconds per block: row counts, lengths summing to the bases
-    held, base codes 0..4, known flag bits, view counts (the top-expression count only
-    given the manifest's ``top_threshold``: the loader's top view counts it as it selects),
-    finite labels (``labelled``; else NaN marks an unlabelled row, never infinity). That NAD-eligible rows are 110 bp without
-    N is checked where their words are made, on their padded codes (:func:`check_nad_rows`).
+    held, base codes 0..4, known flag bits, finite labels (``labelled``; else NaN marks an
+    unlabelled row, never infinity) and, with ``count_views``, the view counts (the
+    top-expression count only given the manifest's ``top_threshold``). The loader passes
+    ``count_views=False``: each of its views counts its own rows as it selects them
+    (``loader.select_view``), and the other views' counts play no part in its epoch plan.
+    That NAD-eligible rows are 110 bp without N is checked where their words are made, on
+    their padded codes (:func:`check_nad_rows`).
     """
     seq, lengths, y, flags = block["seq"], block["len"], block["y"], block["flags"]
     if not len(lengths) == len(y) == len(flags) == len(block["line"]) == entry.rows:
@@ -1260,15 +1265,20 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool,
     top_code = int(_MAX(seq)) if len(seq) else 0
     if top_code > MAX_CODE:
         return f"base code {top_code} outside 0..{MAX_CODE} (A C G T N)"
-    counts = np.bincount(flags, minlength=KNOWN_FLAGS + 1)
-    if len(counts) > KNOWN_FLAGS + 1:
+    if count_views:
+        counts = np.bincount(flags, minlength=KNOWN_FLAGS + 1)
+        known = len(counts) <= KNOWN_FLAGS + 1
+    else:  # the known bits are the low ones, so a maximum tells (cheaper than counting)
+        known = not len(flags) or int(_MAX(flags)) <= KNOWN_FLAGS
+    if not known:
         unknown = int(np.bitwise_or.reduce(flags)) & ~KNOWN_FLAGS
         return f"unknown flag bits {unknown:#04x} (known: {KNOWN_FLAGS:#04x})"
-    nad = sum(itertools.compress(counts.tolist(), _NAD_FLAG_SELECTOR))  # four numbers: Python beats numpy calls
-    top = entry.rows_top if top_threshold is None else int((y >= np.float32(top_threshold)).sum())
-    if (nad, top) != (entry.rows_nad, entry.rows_top):
-        return (f"{nad} NAD-eligible and {top} top-expression rows; the manifest says {entry.rows_nad} and "
-                f"{entry.rows_top}")
+    if count_views:
+        nad = sum(itertools.compress(counts.tolist(), _NAD_FLAG_SELECTOR))  # four numbers: Python beats numpy calls
+        top = entry.rows_top if top_threshold is None else int((y >= np.float32(top_threshold)).sum())
+        if (nad, top) != (entry.rows_nad, entry.rows_top):
+            return (f"{nad} NAD-eligible and {top} top-expression rows; the manifest says {entry.rows_nad} and "
+                    f"{entry.rows_top}")
     if math.isfinite(_SUM(y)):  # one reduction: NaN and infinity carry through a sum (finite overflow: look closer)
         return None
     if labelled and not np.isfinite(y).all():
@@ -1279,14 +1289,17 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool,
     return None
 
 
-def check_nad_rows(codes: np.ndarray, lengths: np.ndarray) -> str | None:
+def check_nad_rows(codes: np.ndarray, lengths: np.ndarray, longest: int | None = None) -> str | None:
     """What is wrong with the rows flagged NAD-eligible, given as (n, 110) padded codes and lengths, or None.
 
     NAD's words are read from exactly 110 bases of A C G T: a shorter row (padded), a
-    longer one or an N would make word ids outside the vocabulary.
+    longer one or an N would make word ids outside the vocabulary. ``longest``: the
+    block's longest row where it is known (its index entry, checked by :func:`check_block`);
+    at most 110 spares the rows' length maximum.
     """
-    # Two reductions on the hot path: a short row shows as PAD in its codes, a long one in its length.
-    if not len(lengths) or (_MAX(codes, axis=None) <= T and _MAX(lengths) <= NOMINAL_LENGTH):
+    # One or two reductions on the hot path: a short row shows as PAD in its codes, a long one in its length.
+    short_enough = longest is not None and longest <= NOMINAL_LENGTH
+    if not len(lengths) or (_MAX(codes, axis=None) <= T and (short_enough or _MAX(lengths) <= NOMINAL_LENGTH)):
         return None
     if (lengths != NOMINAL_LENGTH).any():
         return f"a row flagged NAD-eligible is {int(lengths[lengths != NOMINAL_LENGTH][0])} bp, not {NOMINAL_LENGTH}"
@@ -1316,14 +1329,16 @@ def _read_range(path: str | os.PathLike, offset: int, nbytes: int) -> bytes:
 
 def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], first: int = 0,
                      labelled: bool = True, verify: bool = True,
-                     top_threshold: float | None = None) -> Iterator[dict[str, np.ndarray]]:
+                     top_threshold: float | None = None, count_views: bool = True,
+                     ) -> Iterator[dict[str, np.ndarray]]:
     """Decode a run of consecutive blocks of a shard; ``blocks[0]`` is the shard's block number ``first``.
 
     Any block boundary is a valid tar start, so one read fetches the whole run. The tar
     is parsed by :func:`iter_tar_members` (not ``tarfile`` nor webdataset) and each
     ``.npy`` member by :func:`_load_npy`. With ``verify`` each block's bytes are hashed
     against its checksum before decoding and its arrays checked by :func:`check_block`
-    (``labelled``: finite labels; ``top_threshold``: the top-expression counts too) before it is yielded; any difference is a
+    (``labelled``: finite labels; ``top_threshold``: the top-expression counts too; ``count_views``: see there)
+    before it is yielded; any difference is a
     :class:`ShardBlockError` naming the file, block and byte offset. ``verify=False``
     exists only to measure what the checks cost.
     """
@@ -1340,7 +1355,7 @@ def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], firs
                                   "corrupt or was altered: rebuild or restore it)")
         try:
             block = _decode_block(data, lo, hi)
-            problem = check_block(block, entry, labelled, top_threshold) if verify else None
+            problem = check_block(block, entry, labelled, top_threshold, count_views) if verify else None
         except ValueError as exc:
             problem = str(exc)
         if problem is not None:

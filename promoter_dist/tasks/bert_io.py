@@ -11,6 +11,7 @@ the tasks join them here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -19,8 +20,9 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
-from ..data.kmer_tokenizer import build_tokenizer
-from ..errors import UserError
+from ..data.alphabet import ADAPTER_3P
+from ..data.kmer_tokenizer import FULL_FLANK_BP, build_tokenizer
+from ..errors import ConfigError, UserError
 from ..models.bert import SAFE_WEIGHT_FILES, quiet_transformers, unsafe_weights_problem
 
 if TYPE_CHECKING:  # transformers is imported where used
@@ -30,8 +32,9 @@ if TYPE_CHECKING:  # transformers is imported where used
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int) -> Path:
-    """Save ``model`` (``save_pretrained``) and the frame's tokenizer into ``out_dir``, atomically.
+def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int,
+                      flank_bp: int = FULL_FLANK_BP) -> Path:
+    """Save ``model`` (``save_pretrained``) and the tokenizer of the run's frame and flanks into ``out_dir``, atomically.
 
     Everything is written into a hidden sibling folder first and renamed into place, so
     a reader never sees a half-written export. An existing export at ``out_dir`` is
@@ -54,7 +57,8 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int) 
         if not any((tmp / name).is_file() for name in SAFE_WEIGHT_FILES):  # what every reader requires
             raise RuntimeError(f"save_pretrained wrote no {SAFE_WEIGHT_FILES[0]} into {tmp}")
         # The tokenizer's position limit follows the model's position table.
-        build_tokenizer(frame, model_max_length=model.config.max_position_embeddings).save_pretrained(tmp)
+        build_tokenizer(frame, model_max_length=model.config.max_position_embeddings,
+                        flank_bp=flank_bp).save_pretrained(tmp)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{tag}"
             out_dir.rename(old)
@@ -66,6 +70,42 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, frame: int) 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+#: tokenizer.json is a few kB; a larger one is not read for the flank check.
+_MAX_TOKENIZER_BYTES = 1 << 20
+
+
+def export_flank_bp(out_dir: str | os.PathLike) -> int | None:
+    """The ``data.kmer_flank_bp`` an export's tokenizer was built with, or None where it does not say.
+
+    Read from ``tokenizer.json`` (JSON only): the downstream flank it appends to every row
+    is ``flank_bp - 13`` bases (:func:`promoter_dist.data.kmer_tokenizer.vector_flanks`).
+    """
+    path = Path(out_dir) / TOKENIZER_FILE
+    try:
+        if path.stat().st_size > _MAX_TOKENIZER_BYTES:
+            return None
+        steps = json.loads(path.read_text(encoding="utf-8"))["normalizer"]["normalizers"]
+        appended = [step["content"] for step in steps
+                    if step.get("type") == "Replace" and step.get("pattern") == {"Regex": r"\z"}]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if len(appended) != 1 or not isinstance(appended[0], str):
+        return None
+    return len(appended[0]) + len(ADAPTER_3P)
+
+
+def check_export_flanks(pretrained: str, flank_bp: int) -> None:
+    """ConfigError if the export at ``pretrained`` was made with other vector flanks than ``flank_bp``.
+
+    The flanks set where a row's tokens sit, and so which position embeddings they meet.
+    """
+    made_with = export_flank_bp(Path(pretrained).expanduser())
+    if made_with is not None and made_with != flank_bp:
+        raise ConfigError(f"model.bert.pretrained={pretrained!r} was made with data.kmer_flank_bp={made_with}, this "
+                          f"run has {flank_bp}: set data.kmer_flank_bp={made_with} (a row's tokens must sit where "
+                          "they sat in pretraining)")
 
 
 def load_exported(

@@ -50,10 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.kmer_tokenizer import K, MASK_ID, PAD_ID, SPECIAL_TOKENS, UPSTREAM_FLANK, VOCAB_SIZE
+from ..data.kmer_tokenizer import (FULL_FLANK_BP, K, MASK_ID, PAD_ID, SPECIAL_TOKENS, VOCAB_SIZE, extension_bp,
+                                   vector_flanks)
 from ..errors import UserError
 from ..models.bert import build_mlm_model
-from .bert_io import export_pretrained
+from .bert_io import check_export_flanks, export_pretrained
 
 IGNORE = -100  # label of positions not predicted (torch cross_entropy's default ignore_index)
 FIRST_KMER = len(SPECIAL_TOKENS)  # 5: ids FIRST_KMER..VOCAB_SIZE-1 are the 125 3-mers
@@ -142,17 +143,20 @@ def _apply_masking(
     return masked, labels
 
 
-def row_token_mask(lengths: torch.Tensor, frame: int | torch.Tensor, tokens: int) -> torch.Tensor:
+def row_token_mask(lengths: torch.Tensor, frame: int | torch.Tensor, tokens: int,
+                   flank_bp: int = FULL_FLANK_BP) -> torch.Tensor:
     """(n, tokens) bool: the positions whose 3-mer lies wholly inside the row, not in the vector flanks.
 
     Position p >= 1 holds the 3-mer starting at base ``frame + 3(p - 1)`` of the extended row,
-    whose own bases start at ``len(UPSTREAM_FLANK)``; [CLS], [SEP] and [PAD] positions never do.
-    ``frame`` is one frame for all rows or an (n,) tensor of each row's frame.
+    whose own bases start after the upstream flank (``kmer_tokenizer.vector_flanks(flank_bp)``);
+    [CLS], [SEP] and [PAD] positions never do. ``frame`` is one frame for all rows or an (n,)
+    tensor of each row's frame.
     """
     if isinstance(frame, torch.Tensor):
         frame = frame.to(lengths.device, torch.int64)[:, None]
     start = frame + K * (torch.arange(tokens, device=lengths.device) - 1)
-    first, end = len(UPSTREAM_FLANK), len(UPSTREAM_FLANK) + lengths.to(torch.int64)[:, None]
+    first = len(vector_flanks(flank_bp)[0])
+    end = first + lengths.to(torch.int64)[:, None]
     return (start >= first) & (start + K <= end)
 
 
@@ -185,9 +189,12 @@ class MLMTask:
         self.settings = config.model.bert
         self.mask_prob = float(config.task.mask_prob)
         self.frame = int(config.data.kmer_frame)
+        self.flank_bp = int(config.data.kmer_flank_bp)
 
     def build_model(self) -> nn.Module:
         """A ``BertForMaskedLM`` (random init, or continued from ``model.bert.pretrained``)."""
+        if self.settings.pretrained:
+            check_export_flanks(self.settings.pretrained, self.flank_bp)
         return build_mlm_model(self.settings, vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID)
 
     @staticmethod
@@ -240,7 +247,7 @@ class MLMTask:
         out = {"loss_sum": loss_sum.reshape(1), "correct": hits.sum().reshape(1), "count": chosen.sum().reshape(1)}
         if "lengths" in batch:  # the same, over the row's own tokens only (the flanks are constant)
             frame = batch.get("frame", self.frame)
-            in_row = row_token_mask(batch["lengths"].to(input_ids.device), frame, input_ids.shape[1])
+            in_row = row_token_mask(batch["lengths"].to(input_ids.device), frame, input_ids.shape[1], self.flank_bp)
             out["row_correct"] = (hits & in_row).sum().reshape(1)
             out["row_count"] = (chosen & in_row).sum().reshape(1)
         return out
@@ -264,7 +271,7 @@ class MLMTask:
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         """Hugging Face export (model + this run's frame tokenizer) for fine-tuning / reuse."""
-        export_pretrained(model, out_dir, frame=self.frame)
+        export_pretrained(model, out_dir, frame=self.frame, flank_bp=self.flank_bp)
 
     def _check_length(self, input_ids: torch.Tensor) -> None:
         """A clear error instead of an index error inside the position embeddings."""
@@ -272,5 +279,6 @@ class MLMTask:
         if tokens > self.settings.max_tokens:
             raise UserError(
                 f"a batch has {tokens} tokens, more than model.bert.max_tokens={self.settings.max_tokens}; "
-                "raise model.bert.max_tokens (a row of L bp gives (L + 270 - frame) // 3 + 2 tokens)"
+                f"raise model.bert.max_tokens (a row of L bp gives (L + {extension_bp(self.flank_bp)} - frame) // 3 + 2 "
+                "tokens)"
             )

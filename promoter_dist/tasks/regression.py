@@ -55,7 +55,10 @@ class RegressionTask:
             return NADModel(self.config.model.nad, embedding, num_words=NUM_WORDS)
         from ..data.kmer_tokenizer import PAD_ID, VOCAB_SIZE
         from ..models.bert import build_regression_model
+        from .bert_io import check_export_flanks
 
+        if self.config.model.bert.pretrained:
+            check_export_flanks(self.config.model.bert.pretrained, self.config.data.kmer_flank_bp)
         return build_regression_model(self.config.model.bert, vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID)
 
     def heads(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -129,4 +132,4 @@ class RegressionTask:
         if self.model_name == "bert":
             from .bert_io import export_pretrained
 
-            export_pretrained(model, out_dir, frame=self.config.data.kmer_frame)
+            export_pretrained(model, out_dir, frame=self.config.data.kmer_frame, flank_bp=self.config.data.kmer_flank_bp)

@@ -238,9 +238,11 @@ def test_bad_arguments_are_refused() -> None:
     assert ids.tolist() == [[kt.CLS_ID, kt.SEP_ID]] * 2 and mask.tolist() == [[1, 1]] * 2
 
 
-def test_random_rows_of_every_length_phase_and_letter_equal_hf() -> None:
+@pytest.mark.parametrize("flank_bp", [150, 19, 20, 21, 23, 64])
+def test_random_rows_of_every_length_phase_and_letter_equal_hf(flank_bp: int) -> None:
     """The row-only numpy path (constant flank 3-mers, tail placed per phase) against the HF tokenizer:
-    lengths 1..140 (every phase of every frame), N, invalid letters at the row's edges, truncation."""
+    lengths 1..140 (every phase of every frame), N, invalid letters at the row's edges, truncation; the
+    published flanks and shorter ones of every length phase (2-4 vector bases before the row, 6-8 after)."""
     rng = np.random.default_rng(11)
     letters = np.array(list("ACGTNacgtnX*"))
     sequences = []
@@ -252,23 +254,26 @@ def test_random_rows_of_every_length_phase_and_letter_equal_hf() -> None:
             sequences.append("".join(chosen))
     codes, lengths = to_codes(sequences)
     for frame in kt.FRAMES:
-        tok = kt.build_tokenizer(frame)
-        ids, mask = kt.encode_codes(codes, lengths, frame)
+        tok = kt.build_tokenizer(frame, flank_bp=flank_bp)
+        ids, mask = kt.encode_codes(codes, lengths, frame, flank_bp=flank_bp)
         hf_ids, hf_mask = hf_batch(tok, sequences)
         np.testing.assert_array_equal(ids, hf_ids)
         np.testing.assert_array_equal(mask, hf_mask)
+        assert (mask.sum(axis=1) == kt.kmer_count(lengths, frame, flank_bp) + 2).all()
         for max_tokens in (2, 60, 127, 200):
-            ids, mask = kt.encode_codes(codes, lengths, frame, max_tokens=max_tokens)
+            ids, mask = kt.encode_codes(codes, lengths, frame, max_tokens=max_tokens, flank_bp=flank_bp)
             hf_ids, hf_mask = hf_batch(tok, sequences, padding="max_length", truncation=True, max_length=max_tokens)
             np.testing.assert_array_equal(ids, hf_ids)
             np.testing.assert_array_equal(mask, hf_mask)
 
 
-def _plain_ids(sequence: str, frame: int, total: int) -> tuple[list[int], list[int]]:
+def _plain_ids(sequence: str, frame: int, total: int, flank_bp: int = 150) -> tuple[list[int], list[int]]:
     """The module docstring's rule, row by row on strings: flank, skip ``frame`` bases, whole 3-mers
     (any letter outside ACGTN: [UNK]), [CLS] ... [SEP], cut to keep [SEP] last, then [PAD]."""
     vocab = kt.kmer_vocabulary()
-    extended = (kt.UPSTREAM_FLANK + sequence.upper() + kt.DOWNSTREAM_FLANK)[frame:]
+    upstream = UPSTREAM_150[: -len(ADAPTER_5P)][len(UPSTREAM_150) - flank_bp :]
+    downstream = DOWNSTREAM_150[len(ADAPTER_3P) : flank_bp]
+    extended = (upstream + sequence.upper() + downstream)[frame:]
     kmers = [extended[i : i + 3] for i in range(0, len(extended) - 2, 3)]
     ids = [vocab.get(kmer, kt.UNK_ID) for kmer in kmers][: total - 2]
     ids = [kt.CLS_ID, *ids, kt.SEP_ID]
@@ -302,3 +307,25 @@ def test_loader_layout_of_random_rows_equals_a_plain_reference() -> None:
     ids, mask = kt.encode_codes_all_frames(codes, lengths)
     for frame in kt.FRAMES:
         np.testing.assert_array_equal(ids[:, frame], [_plain_ids(s, frame, ids.shape[2])[0] for s in sequences])
+    for flank_bp in (19, 23):
+        ids, mask = kt.encode_codes_all_frames(codes, lengths, flank_bp=flank_bp)
+        for frame in kt.FRAMES:
+            np.testing.assert_array_equal(ids[:, frame], [_plain_ids(s, frame, ids.shape[2], flank_bp)[0]
+                                                          for s in sequences])
+
+
+def test_shorter_flanks_are_the_vector_bases_next_to_the_row() -> None:
+    assert kt.vector_flanks() == (kt.UPSTREAM_FLANK, kt.DOWNSTREAM_FLANK)
+    assert kt.extension_bp() == kt.EXTENSION == 270
+    upstream, downstream = kt.vector_flanks(23)
+    # The 150-bp extension either side, counted with the row's own adapters: 6 + 17 before, 13 + 10 after.
+    assert len(upstream) == 6 and (upstream + ADAPTER_5P) == UPSTREAM_150[-23:]
+    assert len(downstream) == 10 and (ADAPTER_3P + downstream) == DOWNSTREAM_150[:23]
+    assert kt.extend_with_vector("ACGT", 23) == upstream + "ACGT" + downstream
+    kmers = kt.split_kmers("A" * 110, 1, 23)
+    extended = upstream + "A" * 110 + downstream  # 126 bp: frame 1 reads bases 1..123, the last two dropped
+    assert kmers == [extended[i : i + 3] for i in range(1, 124, 3)]
+    assert len(kmers) == kt.kmer_count(110, 1, 23) == (110 + 16 - 1) // 3
+    for bad in (18, 151, 0, True, 23.0):
+        with pytest.raises(ValueError, match="flank_bp"):
+            kt.vector_flanks(bad)

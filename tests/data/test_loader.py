@@ -197,11 +197,12 @@ def test_nad_words_and_labels_match_the_source(small_shards: Path) -> None:
         assert batch["y"][i].item() == pytest.approx(y, rel=1e-6)
 
 
-def test_kmer_tokens_equal_the_hf_tokenizer(small_shards: Path) -> None:
+@pytest.mark.parametrize("flank_bp", [150, 23])
+def test_kmer_tokens_equal_the_hf_tokenizer(small_shards: Path, flank_bp: int) -> None:
     source = _source()
-    config = LoaderConfig(view="all", tokens="kmer", batch_size=64, shuffle=False)
+    config = LoaderConfig(view="all", tokens="kmer", batch_size=64, shuffle=False, kmer_flank_bp=flank_bp)
     batch = next(iter(ShardLoader(small_shards, config, rank=0, world_size=1)))
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(flank_bp=flank_bp)
     for i, line in enumerate(batch["line"].tolist()):
         expected = tokenizer(source[line][0])["input_ids"]
         got = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()

@@ -149,6 +149,20 @@ def _n_in_a_nad_row(block: dict[str, np.ndarray]) -> None:
     block["seq"][start + 50] = 4  # an N inside a row still flagged NAD-eligible
 
 
+def _nad_row_of(length: int) -> Callable[[dict[str, np.ndarray]], None]:
+    def change(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # The first NAD-eligible row cut or lengthened at its end, still flagged: the index follows (max_length).
+        row = int(np.flatnonzero(block["flags"] & 2)[0])
+        end = int(block["len"][: row + 1].astype(np.int64).sum())
+        old = int(block["len"][row])
+        seq = np.concatenate([block["seq"][: end - max(old - length, 0)], np.zeros(max(length - old, 0), np.uint8),
+                              block["seq"][end:]])
+        return block | {"seq": seq, "len": np.concatenate([block["len"][:row], [length], block["len"][row + 1:]])
+                        .astype(np.uint16)}
+
+    return change
+
+
 SCHEMA_CASES = {
     "base_code": (_set("seq", 7, 9), "base code 9 outside 0..4"),
     "flag_bits": (_set("flags", 3, 0x42), "unknown flag bits 0x40"),
@@ -157,6 +171,8 @@ SCHEMA_CASES = {
     "nan_label": (_set("y", 5, np.nan), "row 5 has label nan in shards built from a labelled file"),
     "dtype": (lambda block: block | {"y": block["y"].astype(np.float64)}, "y: dtype '<f8', expected '<f4'"),
     "n_in_nad_row": (_n_in_a_nad_row, "a row flagged NAD-eligible holds an N"),
+    "long_nad_row": (_nad_row_of(111), "a row flagged NAD-eligible is 111 bp, not 110"),
+    "short_nad_row": (_nad_row_of(109), "a row flagged NAD-eligible is 109 bp, not 110"),
 }
 
 
@@ -170,6 +186,20 @@ def test_arrays_outside_the_schema_are_named_by_the_loader_and_verify(work: Path
     assert message.startswith(where) and problem in message, message
     report = verify_report(work, capsys)
     assert where in report and problem in report, report
+
+
+def test_a_nad_row_count_the_block_does_not_hold_is_named_by_the_nad_view_and_verify(work: Path, capsys) -> None:
+    # The count the NAD view's epoch plan rests on, raised by one in a manifest whose checksums all still match.
+    manifest = json.loads((work / MANIFEST).read_text())
+    entry = manifest["splits"]["train"]["shards"][SHARD]["blocks"][BLOCK]
+    held = entry[3]  # BlockIndex field order: offset, nbytes, rows, rows_nad, ...
+    entry[3] = held + 1
+    (work / MANIFEST).write_text(json.dumps(manifest))
+    path, offset = target(work)
+    message = loader_error(work, NAD_ROWS)
+    assert message == f"{path}: block {BLOCK} at byte {offset}: {held} NAD-eligible rows; the manifest says {held + 1}"
+    report = verify_report(work, capsys)
+    assert f"block {BLOCK} at byte {offset}: {held} NAD-eligible" in report and f"says {held + 1} and" in report
 
 
 # --------------------------------------------------------------------------- manifests of the wrong shape

@@ -69,6 +69,35 @@ def test_regression_fine_tunes_from_an_export(tmp_path):
             assert torch.equal(value, source[key]), key
 
 
+def test_an_export_records_its_flanks_and_a_run_with_others_is_refused(sample, tmp_path):
+    from promoter_dist.config import load_config
+    from promoter_dist.errors import ConfigError
+    from promoter_dist.tasks.bert_io import export_flank_bp
+    from promoter_dist.tasks.mlm import MLMTask
+    from promoter_dist.tasks.regression import RegressionTask
+
+    mlm = build_mlm_model(BertConfig(**TINY), **VOCABULARY)
+    export_pretrained(mlm, tmp_path / "short", frame=0, flank_bp=23)
+    export_pretrained(mlm, tmp_path / "full", frame=2)
+    assert export_flank_bp(tmp_path / "short") == 23 and export_flank_bp(tmp_path / "full") == 150
+    assert export_flank_bp(tmp_path / "nowhere") is None
+    # The saved tokenizer adds the short flanks itself: the same ids as the loader's path.
+    codes, lengths = sample[1], sample[2]
+    enc = AutoTokenizer.from_pretrained(tmp_path / "short")(sample[0], padding=True, return_tensors="np")
+    np.testing.assert_array_equal(enc["input_ids"], encode_codes(codes, lengths, 0, flank_bp=23)[0])
+    sizes = [f"model.bert.{key}={value}" for key, value in TINY.items()]
+    for task, name in ((MLMTask, "mlm"), (RegressionTask, "regression")):
+        def config(flank_bp: int, export: str = "short"):
+            return load_config(None, ["model.name=bert", f"task.name={name}", *sizes,
+                                      f"model.bert.pretrained={tmp_path / export}", f"data.kmer_flank_bp={flank_bp}"])
+
+        assert task(config(23)).build_model() is not None
+        with pytest.raises(ConfigError, match=r"was made with data\.kmer_flank_bp=23, this run has 150"):
+            task(config(150)).build_model()
+        with pytest.raises(ConfigError, match=r"was made with data\.kmer_flank_bp=150, this run has 23"):
+            task(config(23, "full")).build_model()
+
+
 def test_reload_errors_are_clear(tmp_path):
     missing = tmp_path / "nowhere"
     export_pretrained(build_regression_model(BertConfig(**TINY), **VOCABULARY), tmp_path / "reg", frame=0)

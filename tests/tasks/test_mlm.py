@@ -197,8 +197,9 @@ def test_summarize_of_nothing_and_too_long_batches(batch):
         task.training_loss(task.build_model(), batch)
 
 
+@pytest.mark.parametrize("flank_bp", [150, 19, 20, 23])
 @pytest.mark.parametrize("frame", [0, 1, 2])
-def test_row_token_mask_marks_exactly_the_tokens_inside_the_row(frame):
+def test_row_token_mask_marks_exactly_the_tokens_inside_the_row(frame, flank_bp):
     """All-N rows in ACGT flanks: the tokens wholly inside a row are exactly its 'NNN' tokens."""
     from promoter_dist.data.alphabet import encode
     from promoter_dist.data.kmer_tokenizer import kmer_vocabulary
@@ -206,8 +207,8 @@ def test_row_token_mask_marks_exactly_the_tokens_inside_the_row(frame):
 
     lengths = np.array([80, 110, 111, 112, 113, 150])
     codes = np.stack([np.pad(encode("N" * n), (0, 150 - n), constant_values=5) for n in lengths])
-    ids, _ = encode_codes(codes, lengths, frame=frame)
-    in_row = row_token_mask(torch.from_numpy(lengths), frame, ids.shape[1])
+    ids, _ = encode_codes(codes, lengths, frame=frame, flank_bp=flank_bp)
+    in_row = row_token_mask(torch.from_numpy(lengths), frame, ids.shape[1], flank_bp)
     assert torch.equal(in_row, torch.from_numpy(ids == kmer_vocabulary()["NNN"]))
     assert int(in_row[1].sum()) == 36  # a 110-bp row: 36 whole 3-mers in every frame (110 = 36 x 3 + 2)
 
