@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from .choices import check_choice, is_choice
-from .data.kmer_tokenizer import FULL_FLANK_BP, MIN_FLANK_BP
+from .data.kmer_tokenizer import FULL_FLANK_BP, MIN_FLANK_BP, check_flank_bp
 from .data.loader import KmerFrame, LoaderConfig, Tokens, View
 from .errors import ConfigError, UserError
 from .io import read_input
@@ -124,10 +124,11 @@ class DataConfig:
     """LegNet and Prix Fixe models: input window (bp), the row without its 5' adapter after vector sequence, its last this many bases (published: 150)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.kmer_flank_bp, bool) or not isinstance(self.kmer_flank_bp, int) \
-                or not MIN_FLANK_BP <= self.kmer_flank_bp <= FULL_FLANK_BP:
+        try:
+            check_flank_bp(self.kmer_flank_bp)
+        except ValueError:
             raise ConfigError(f"data.kmer_flank_bp must be an integer in {MIN_FLANK_BP}..{FULL_FLANK_BP} (150 bp of "
-                              f"vector each side, adapters included, as published), not {self.kmer_flank_bp!r}")
+                              f"vector each side, adapters included, as published), not {self.kmer_flank_bp!r}") from None
         if not 1 <= self.onehot_window <= 150:
             raise ConfigError(f"data.onehot_window must be in [1, 150] (the vector flank is 150 bp), not {self.onehot_window}")
         # The loader's rule for the fields it is built from (TrainConfig.loader_config), under data.* names.
