@@ -274,18 +274,36 @@ def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
     assert verify_shards(resumed).ok
 
 
-def test_shards_of_format_version_1_are_refused_until_rebuilt(tmp_path: Path) -> None:
-    out = tmp_path / "old"
-    build_shards(DEMO_TRAIN, out, SMALL, progress=False)
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["format_version"] = manifest["fingerprint"]["format_version"] = 1
+def _as_format_1(manifest: dict) -> None:
     for info in manifest["splits"].values():
         for shard in info["shards"]:
             shard["blocks"] = [entry[:6] for entry in shard["blocks"]]  # no checksums
+
+
+def _as_format_3(manifest: dict) -> None:
+    manifest["source"]["sha256"] = hashlib.sha256(DEMO_TRAIN.read_bytes()).hexdigest()
+    del manifest["source"]["xxh3_128"]
+
+
+OLD_FORMATS = {  # version: (what made it old, manifest.json's message, the build's message)
+    1: (_as_format_1, "shards without block checksums", r"\(no block checksums\)"),
+    3: (_as_format_3, "the source identified by sha256", r"\(the source identified by sha256\)"),
+}
+
+
+@pytest.mark.parametrize("version", sorted(OLD_FORMATS))
+def test_shards_of_an_older_format_are_refused_until_rebuilt(tmp_path: Path, version: int) -> None:
+    """Readers refuse an older format naming what it lacks, a build asks for --overwrite, then rebuilds."""
+    make_old, read_problem, build_problem = OLD_FORMATS[version]
+    out = tmp_path / "old"
+    build_shards(DEMO_TRAIN, out, SMALL, progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["format_version"] = manifest["fingerprint"]["format_version"] = version
+    make_old(manifest)
     (out / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=r"manifest\.json: format_version 1: shards without block checksums; rebuild"):
+    with pytest.raises(UserError, match=rf"manifest\.json: format_version {version}: {read_problem}; rebuild"):
         load_manifest(out)
-    with pytest.raises(UserError, match=r"holds shards of format version 1 \(no block checksums\); pass --overwrite"):
+    with pytest.raises(UserError, match=rf"holds shards of format version {version} {build_problem}; pass --overwrite"):
         build_shards(DEMO_TRAIN, out, SMALL, progress=False)
     result = build_shards(DEMO_TRAIN, out, SMALL, overwrite=True, progress=False)
     assert result.manifest["format_version"] == FORMAT_VERSION and verify_shards(out).ok
@@ -301,23 +319,6 @@ def test_manifest_names_the_source_by_its_xxh3_128(small_shards: Path) -> None:
     source = load_manifest(small_shards)["source"]
     assert source["xxh3_128"] == xxhash.xxh3_128(DEMO_TRAIN.read_bytes()).hexdigest()
     assert "sha256" not in source and source["bytes"] == DEMO_TRAIN.stat().st_size
-
-
-def test_shards_of_format_version_3_are_refused_until_rebuilt(tmp_path: Path) -> None:
-    """Format 3 named the source by sha256: readers refuse it, a build asks for --overwrite, then rebuilds."""
-    out = tmp_path / "v3"
-    build_shards(DEMO_TRAIN, out, SMALL, progress=False)
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["format_version"] = manifest["fingerprint"]["format_version"] = 3
-    manifest["source"]["sha256"] = hashlib.sha256(DEMO_TRAIN.read_bytes()).hexdigest()
-    del manifest["source"]["xxh3_128"]
-    (out / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=r"manifest\.json: format_version 3: the source identified by sha256; rebuild"):
-        load_manifest(out)
-    with pytest.raises(UserError, match=r"format version 3 \(the source identified by sha256\); pass --overwrite"):
-        build_shards(DEMO_TRAIN, out, SMALL, progress=False)
-    result = build_shards(DEMO_TRAIN, out, SMALL, overwrite=True, progress=False)
-    assert result.manifest["format_version"] == FORMAT_VERSION and verify_shards(out).ok
 
 
 def _random_blocks(rng: np.random.Generator, sizes: list[int]) -> list[dict[str, np.ndarray]]:
