@@ -13,8 +13,8 @@ one-sample-per-sequence ``webdataset.ShardWriter`` on a subset; the build's peak
 at 1M, 3M and all rows, its bytes/row (slope of a line fit) and the fit's figure for 100M
 rows; loader samples/s in one process for each
 kind of model input; the cost of the per-block checks (xxh3 checksum and schema) as the
-median ratio of --pairs pairs of loader runs with and without them, in alternating order,
-timed by the process's CPU clock (other processes on a shared machine shift each pair
+median ratio of --pairs pairs of loader runs with and without them (each a whole epoch by
+default), in alternating order, timed by the process's CPU clock (other processes on a shared machine shift each pair
 alike); GloVe count + fit time over the NAD words of the train split. Targets on a
 2-core machine: build >= 1M rows/s (floor 500k) and <= 150 B/row, W workers >= 0.9 x W x
 one worker, peak memory a constant plus a few bytes/row (100M rows < 4 GB), loader >= 1M
@@ -159,7 +159,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--pairs", type=int, default=21,
                         help="pairs of loader runs with and without block checks, alternating order (default 21)")
-    parser.add_argument("--pair-rows", type=int, default=200_000, help="rows per loader run of a pair")
+    parser.add_argument("--pair-rows", type=int, default=0,
+                        help="rows per loader run of a pair (default 0: a whole epoch of the train split, at most "
+                             "2M rows: what training sees; a short run reads more blocks per row delivered, because "
+                             "every lane's shuffle buffer starts inside a block)")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated parts to run (default: all of {','.join(PARTS)}); a part that needs "
                              "the synthetic file or the shards reuses those of --workdir when the parts making them "
@@ -261,8 +264,8 @@ def main() -> None:
                 rates: dict[bool, list[float]] = {True: [], False: []}
                 for pair in range(max(args.pairs, 1)):
                     for verify in ((True, False) if pair % 2 == 0 else (False, True)):
-                        rates[verify].append(loader_rate(work / "shards", config, min(sample, args.pair_rows), verify,
-                                                         clock=time.process_time))
+                        rates[verify].append(loader_rate(work / "shards", config, min(sample, args.pair_rows or sample),
+                                                         verify, clock=time.process_time))
                 ratios = [a / b for a, b in zip(rates[True], rates[False])]
                 low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
                 print(f"  with / without block checks: median ratio {statistics.median(ratios):.3f} (quartiles "
