@@ -70,14 +70,22 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: the loader's numpy path needs neither library
     from transformers import PreTrainedTokenizerFast
 
-from .alphabet import ADAPTER_3P, ADAPTER_5P, BASES, DOWNSTREAM_150, PAD, UPSTREAM_150, encode
+from .alphabet import (
+    ADAPTER_3P,
+    ADAPTER_5P,
+    BASES,
+    DOWNSTREAM_150,
+    PAD,
+    UPSTREAM_150,
+    encode,
+)
 from .dream import gather_windows
 
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[UNK]", "[SEP]", "[MASK]"]
@@ -115,6 +123,7 @@ def vector_flanks(flank_bp: int = FULL_FLANK_BP) -> tuple[str, str]:
 def extension_bp(flank_bp: int = FULL_FLANK_BP) -> int:
     """Vector bases added to a row in all (270 at the published 150 bp a side)."""
     return sum(map(len, vector_flanks(flank_bp)))
+
 
 # Codes are clipped to 0..5 (5 = anything that is not a base: PAD or INVALID) and a
 # 3-mer is looked up as 36*c0 + 6*c1 + c2 (at most 215, so uint8 arithmetic is exact).
@@ -168,7 +177,15 @@ def build_tokenizer(frame: int = 0, model_max_length: int = 512,
     same ids as :func:`encode_codes` on its codes, and the saved tokenizer needs no
     code from this package to reload.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     _check_frame(frame)

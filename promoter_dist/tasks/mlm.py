@@ -50,8 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.kmer_tokenizer import (FULL_FLANK_BP, K, MASK_ID, PAD_ID, SPECIAL_TOKENS, VOCAB_SIZE, extension_bp,
-                                   vector_flanks)
+from ..data.kmer_tokenizer import (
+    FULL_FLANK_BP,
+    MASK_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    VOCAB_SIZE,
+    K,
+    extension_bp,
+    vector_flanks,
+)
 from ..errors import UserError
 from ..models.bert import build_mlm_model
 from .bert_io import check_export_flanks, export_pretrained
