@@ -20,7 +20,7 @@ import torch
 from promoter_dist.cli import main
 from promoter_dist.data.alphabet import ADAPTER_3P, ADAPTER_5P, encode
 from promoter_dist.data.dream import ReadOptions, read_dream
-from promoter_dist.data.kmer_tokenizer import UPSTREAM_FLANK, encode_codes
+from promoter_dist.data.kmer_tokenizer import UPSTREAM_FLANK, encode_codes, encode_for_model
 from promoter_dist.data.nad_words import words_from_codes
 from promoter_dist.errors import InputError, UserError
 from promoter_dist.metrics import rankdata
@@ -233,7 +233,8 @@ def test_bert_rows_are_encoded_like_the_loader_and_too_long_rows_refused(tmp_pat
     from promoter_dist.config import load_config
 
     config = load_config(REPO / "configs" / "bert" / "finetune_debug.yaml",
-                         ["model.bert.pretrained=", "model.bert.max_tokens=128", "data.kmer_frame=1"])
+                         ["model.bert.pretrained=", "model.bert.max_tokens=128", "data.kmer_frame=1",
+                          "data.kmer_all_frames=false", "data.kmer_flank_bp=150"])  # the published encoding
     encoder = RowEncoder(config, "rows.txt", pad=False)
     seqs = sample_sequences(2)
     seqs[1] = seqs[1][:100]
@@ -271,9 +272,11 @@ def test_bert_run_predicts_rows_of_any_length_like_one_at_a_time(tmp_path):
     task, model, config = load_trained(run, "latest")
     seqs = [s[: 80 + 3 * i] if i < 10 else s + "ACGT" * (i - 9) for i, s in enumerate(sample_sequences(30))]
     values = predict_with_model(task, model, config, write_rows(tmp_path / "rows.txt", seqs), batch_size=8)
+    data = config.data  # the recipe's encoding: every frame, short vector flanks
     with torch.no_grad():
         one_by_one = [task.predict(model, dict(zip(("input_ids", "attention_mask"), map(
-            torch.from_numpy, encode_codes(encode(s)[None], np.array([len(s)])))))).item() for s in seqs]
+            torch.from_numpy, encode_for_model(encode(s)[None], np.array([len(s)]), data.kmer_frame,
+                                               data.kmer_all_frames, data.kmer_flank_bp))))).item() for s in seqs]
     np.testing.assert_allclose(values, one_by_one, rtol=1e-5, atol=1e-5)
 
 

@@ -141,9 +141,10 @@ def finetune_config(folder: Path, out: Path | None = None):
 
 def real_export(folder: Path) -> Path:
     """A masked-LM export of the size the fine-tuning config expects (safetensors, tokenizer.json)."""
-    settings = dataclasses.replace(finetune_config(folder).model.bert, pretrained="")
+    config = finetune_config(folder)
+    settings = dataclasses.replace(config.model.bert, pretrained="")
     torch.manual_seed(0)
-    export_pretrained(build_mlm_model(settings), folder, frame=0)
+    export_pretrained(build_mlm_model(settings), folder, frame=0, flank_bp=config.data.kmer_flank_bp)
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
     return folder
 
