@@ -277,16 +277,17 @@ def micro_batch_lanes(lanes: int, world_size: int, grad_accum: int, rank: int) -
     return [range((rank * grad_accum + a) * per, (rank * grad_accum + a + 1) * per) for a in range(grad_accum)]
 
 
-def read_pieces(labelled: bool, view_stage, verify: bool = True):
+def read_pieces(unit_reader, view_stage):
     """Stage: a lane's pieces -> its view rows in order (each unit read once, trimmed to the piece).
 
-    ``view_stage``: a :func:`select_view` stage, shared by the lanes of a worker.
+    ``unit_reader``: a :func:`read_units` stage; ``view_stage``: a :func:`select_view` stage;
+    both shared by the lanes of a worker.
     """
 
     def stage(pieces: Iterable[LanePiece]) -> Iterator[dict[str, np.ndarray]]:
         for piece in pieces:
             seen = 0
-            for rows in view_stage(read_units(labelled, verify)([piece.unit])):
+            for rows in view_stage(unit_reader([piece.unit])):
                 n = len(rows["len"])
                 lo, hi = max(piece.start - seen, 0), min(piece.stop - seen, n)
                 seen += n
@@ -374,11 +375,12 @@ class _LaneStream(IterableDataset):
             cfg, q = self.config, plan.rows_per_lane
             capacity = max(cfg.shuffle_buffer // plan.lanes, MIN_LANE_BUFFER)
             takers = []
+            unit_reader = read_units(labels_required(self.manifest), self.verify, all_codes=cfg.view != "nad")
             view_stage = select_view(cfg.view, self.width, self.verify)
             for lane in mine:
                 rng = np.random.default_rng([cfg.seed, epoch, 0x1A4E, lane]) if cfg.shuffle else None
                 pipeline = wds.DataPipeline(lambda lane=lane: iter(plan.pieces[lane]),
-                                            read_pieces(labels_required(self.manifest), view_stage, self.verify),
+                                            read_pieces(unit_reader, view_stage),
                                             shuffle_rows(capacity, rng))
                 takers.append(RowTaker(iter(pipeline)))
             lane_ids = np.repeat(np.asarray(mine, dtype=np.int32), q)
@@ -416,17 +418,20 @@ class BlockAt:
         return self.entry.offset
 
 
-def read_units(labelled: bool, verify: bool = True):
+def read_units(labelled: bool, verify: bool = True, all_codes: bool = True):
     """Stage: each unit's decoded blocks, in order, as (where, block); every block checked (checksum, schema).
 
     ``labelled``: every label must be finite (shards built from a labelled file). The view
     counts are left to :func:`select_view`, which counts the rows of its view as it selects them.
+    ``all_codes=False`` (the NAD view, whose rows' codes :func:`select_view` checks) skips the
+    scan of every block's base codes.
     ``verify=False`` skips the checks; only the benchmark that measures their cost uses it.
     """
 
     def stage(units: Iterable[Unit]) -> Iterator[tuple[BlockAt, dict[str, np.ndarray]]]:
         for unit in units:
-            decoded = read_block_range(unit.path, unit.blocks, unit.first_block, labelled, verify, count_views=False)
+            decoded = read_block_range(unit.path, unit.blocks, unit.first_block, labelled, verify, count_views=False,
+                                       all_codes=all_codes)
             for number, (entry, block) in enumerate(zip(unit.blocks, decoded), start=unit.first_block):
                 yield BlockAt(unit.path, number, entry), block
 
@@ -652,7 +657,7 @@ class _RankStream(IterableDataset):
         units = plan.units[self.rank][logical]
         pipeline = wds.DataPipeline(
             lambda: iter(units),
-            read_units(labels_required(self.manifest), self.verify),
+            read_units(labels_required(self.manifest), self.verify, all_codes=cfg.view != "nad"),
             select_view(cfg.view, self.width, self.verify),
             shuffle_rows(cfg.shuffle_buffer, rng),
             batch_rows(cfg.batch_size, quota, skip, partial_last=not cfg.drop_last),

@@ -1238,7 +1238,7 @@ def _decode_block(data: bytes, start: int, end: int) -> dict[str, np.ndarray]:
 
 
 def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool,
-                top_threshold: float | None = None, count_views: bool = True) -> str | None:
+                top_threshold: float | None = None, count_views: bool = True, all_codes: bool = True) -> str | None:
     """What is wrong with a decoded block against the schema and its index entry, or None.
 
     Vectorised, a few microseconds per block: row counts, lengths summing to the bases
@@ -1248,7 +1248,8 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool,
     ``count_views=False``: each of its views counts its own rows as it selects them
     (``loader.select_view``), and the other views' counts play no part in its epoch plan.
     That NAD-eligible rows are 110 bp without N is checked where their words are made, on
-    their padded codes (:func:`check_nad_rows`).
+    their padded codes (:func:`check_nad_rows`); as that covers every base the NAD view
+    reads, its loader passes ``all_codes=False`` to skip the scan of the block's codes.
     """
     seq, lengths, y, flags = block["seq"], block["len"], block["y"], block["flags"]
     if not len(lengths) == len(y) == len(flags) == len(block["line"]) == entry.rows:
@@ -1262,7 +1263,7 @@ def check_block(block: dict[str, np.ndarray], entry: BlockIndex, labelled: bool,
     longest = int(_MAX(lengths)) if len(lengths) else 0
     if longest != entry.max_length:
         return f"longest row is {longest} bp; the manifest says {entry.max_length}"
-    top_code = int(_MAX(seq)) if len(seq) else 0
+    top_code = int(_MAX(seq)) if all_codes and len(seq) else 0
     if top_code > MAX_CODE:
         return f"base code {top_code} outside 0..{MAX_CODE} (A C G T N)"
     if count_views:
@@ -1293,7 +1294,7 @@ def check_nad_rows(codes: np.ndarray, lengths: np.ndarray, longest: int | None =
     """What is wrong with the rows flagged NAD-eligible, given as (n, 110) padded codes and lengths, or None.
 
     NAD's words are read from exactly 110 bases of A C G T: a shorter row (padded), a
-    longer one or an N would make word ids outside the vocabulary. ``longest``: the
+    longer one, an N or a code outside the alphabet would make word ids outside the vocabulary. ``longest``: the
     block's longest row where it is known (its index entry, checked by :func:`check_block`);
     at most 110 spares the rows' length maximum.
     """
@@ -1303,6 +1304,8 @@ def check_nad_rows(codes: np.ndarray, lengths: np.ndarray, longest: int | None =
         return None
     if (lengths != NOMINAL_LENGTH).any():
         return f"a row flagged NAD-eligible is {int(lengths[lengths != NOMINAL_LENGTH][0])} bp, not {NOMINAL_LENGTH}"
+    if _MAX(codes, axis=None) > MAX_CODE:  # every row is 110 bp here: PAD is a stored code >4, clipped (padded_codes)
+        return f"a row flagged NAD-eligible holds a base code outside 0..{MAX_CODE} (A C G T N)"
     return "a row flagged NAD-eligible holds an N"
 
 
@@ -1329,7 +1332,7 @@ def _read_range(path: str | os.PathLike, offset: int, nbytes: int) -> bytes:
 
 def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], first: int = 0,
                      labelled: bool = True, verify: bool = True,
-                     top_threshold: float | None = None, count_views: bool = True,
+                     top_threshold: float | None = None, count_views: bool = True, all_codes: bool = True,
                      ) -> Iterator[dict[str, np.ndarray]]:
     """Decode a run of consecutive blocks of a shard; ``blocks[0]`` is the shard's block number ``first``.
 
@@ -1337,7 +1340,8 @@ def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], firs
     is parsed by :func:`iter_tar_members` (not ``tarfile`` nor webdataset) and each
     ``.npy`` member by :func:`_load_npy`. With ``verify`` each block's bytes are hashed
     against its checksum before decoding and its arrays checked by :func:`check_block`
-    (``labelled``: finite labels; ``top_threshold``: the top-expression counts too; ``count_views``: see there)
+    (``labelled``: finite labels; ``top_threshold``: the top-expression counts too; ``count_views``,
+    ``all_codes``: see there)
     before it is yielded; any difference is a
     :class:`ShardBlockError` naming the file, block and byte offset. ``verify=False``
     exists only to measure what the checks cost.
@@ -1355,7 +1359,8 @@ def read_block_range(path: str | os.PathLike, blocks: Sequence[BlockIndex], firs
                                   "corrupt or was altered: rebuild or restore it)")
         try:
             block = _decode_block(data, lo, hi)
-            problem = check_block(block, entry, labelled, top_threshold, count_views) if verify else None
+            problem = (check_block(block, entry, labelled, top_threshold, count_views, all_codes)
+                       if verify else None)
         except ValueError as exc:
             problem = str(exc)
         if problem is not None:
@@ -1368,7 +1373,8 @@ def padded_codes(block: dict[str, np.ndarray], rows: np.ndarray | None = None, w
 
     Each row is one copy of ``width`` bases from where it starts in ``seq`` (:func:`gather_windows`);
     what lies beyond its length becomes PAD by ORing in a 0/255 window of a constant table and
-    clipping to PAD (stored codes are 0..4, :func:`check_block`): two passes instead of a
+    clipping to PAD (stored codes are 0..4, :func:`check_block`; a code above that reads as PAD,
+    which :func:`check_nad_rows` refuses in a 110-bp row): two passes instead of a
     boolean-mask assignment, which cost more than the rest of the layout.
     """
     lengths = block["len"].astype(np.int64)

@@ -143,10 +143,13 @@ def _set(member: str, row: int, value) -> Callable[[dict[str, np.ndarray]], None
     return change
 
 
-def _n_in_a_nad_row(block: dict[str, np.ndarray]) -> None:
-    row = int(np.flatnonzero(block["flags"] & 2)[0])
-    start = int(block["len"][:row].astype(np.int64).sum())
-    block["seq"][start + 50] = 4  # an N inside a row still flagged NAD-eligible
+def _in_a_nad_row(code: int) -> Callable[[dict[str, np.ndarray]], None]:
+    def change(block: dict[str, np.ndarray]) -> None:
+        row = int(np.flatnonzero(block["flags"] & 2)[0])
+        start = int(block["len"][:row].astype(np.int64).sum())
+        block["seq"][start + 50] = code  # inside a row still flagged NAD-eligible
+
+    return change
 
 
 def _nad_row_of(length: int) -> Callable[[dict[str, np.ndarray]], None]:
@@ -163,27 +166,32 @@ def _nad_row_of(length: int) -> Callable[[dict[str, np.ndarray]], None]:
     return change
 
 
+# What each view must refuse: the NAD view reads only NAD-eligible rows, and checks their codes itself.
+BOTH_VIEWS = {"all": ALL_ROWS, "nad": NAD_ROWS}
 SCHEMA_CASES = {
-    "base_code": (_set("seq", 7, 9), "base code 9 outside 0..4"),
-    "flag_bits": (_set("flags", 3, 0x42), "unknown flag bits 0x40"),
-    "lengths": (_set("len", 0, 111), "row lengths sum to"),
-    "infinite_label": (_set("y", 5, np.inf), "row 5 has label inf"),
-    "nan_label": (_set("y", 5, np.nan), "row 5 has label nan in shards built from a labelled file"),
-    "dtype": (lambda block: block | {"y": block["y"].astype(np.float64)}, "y: dtype '<f8', expected '<f4'"),
-    "n_in_nad_row": (_n_in_a_nad_row, "a row flagged NAD-eligible holds an N"),
-    "long_nad_row": (_nad_row_of(111), "a row flagged NAD-eligible is 111 bp, not 110"),
-    "short_nad_row": (_nad_row_of(109), "a row flagged NAD-eligible is 109 bp, not 110"),
+    "base_code": (_set("seq", 7, 9), "base code 9 outside 0..4", ["all"]),
+    "base_code_in_nad_row": (_in_a_nad_row(9), "outside 0..4 (A C G T N)", ["all", "nad"]),
+    "flag_bits": (_set("flags", 3, 0x42), "unknown flag bits 0x40", ["all", "nad"]),
+    "lengths": (_set("len", 0, 111), "row lengths sum to", ["all", "nad"]),
+    "infinite_label": (_set("y", 5, np.inf), "row 5 has label inf", ["all", "nad"]),
+    "nan_label": (_set("y", 5, np.nan), "row 5 has label nan in shards built from a labelled file", ["all", "nad"]),
+    "dtype": (lambda block: block | {"y": block["y"].astype(np.float64)}, "y: dtype '<f8', expected '<f4'",
+              ["all", "nad"]),
+    "n_in_nad_row": (_in_a_nad_row(4), "a row flagged NAD-eligible holds an N", ["nad"]),
+    "long_nad_row": (_nad_row_of(111), "a row flagged NAD-eligible is 111 bp, not 110", ["nad"]),
+    "short_nad_row": (_nad_row_of(109), "a row flagged NAD-eligible is 109 bp, not 110", ["nad"]),
 }
 
 
 @pytest.mark.parametrize("case", list(SCHEMA_CASES))
 def test_arrays_outside_the_schema_are_named_by_the_loader_and_verify(work: Path, case: str, capsys) -> None:
-    change, problem = SCHEMA_CASES[case]
+    change, problem, views = SCHEMA_CASES[case]
     path = rewrite_shard(work, change)
     offset = load_manifest(work)["splits"]["train"]["shards"][SHARD]["blocks"][BLOCK][0]
     where = f"{path}: block {BLOCK} at byte {offset}: "
-    message = loader_error(work, NAD_ROWS)
-    assert message.startswith(where) and problem in message, message
+    for view in views:
+        message = loader_error(work, BOTH_VIEWS[view])
+        assert message.startswith(where) and problem in message, (view, message)
     report = verify_report(work, capsys)
     assert where in report and problem in report, report
 
