@@ -60,7 +60,7 @@ from .shards import (
     VIEWS,
     BlockIndex,
     ShardBlockError,
-    check_nad_rows,
+    nad_row_codes,
     labels_required,
     load_manifest,
     padded_codes,
@@ -375,7 +375,7 @@ class _LaneStream(IterableDataset):
             cfg, q = self.config, plan.rows_per_lane
             capacity = max(cfg.shuffle_buffer // plan.lanes, MIN_LANE_BUFFER)
             takers = []
-            unit_reader = read_units(labels_required(self.manifest), self.verify, all_codes=cfg.view != "nad")
+            unit_reader = read_units(labels_required(self.manifest), cfg.view, self.verify)
             view_stage = select_view(cfg.view, self.width, self.verify)
             for lane in mine:
                 rng = np.random.default_rng([cfg.seed, epoch, 0x1A4E, lane]) if cfg.shuffle else None
@@ -418,20 +418,19 @@ class BlockAt:
         return self.entry.offset
 
 
-def read_units(labelled: bool, verify: bool = True, all_codes: bool = True):
+def read_units(labelled: bool, view: str, verify: bool = True):
     """Stage: each unit's decoded blocks, in order, as (where, block); every block checked (checksum, schema).
 
-    ``labelled``: every label must be finite (shards built from a labelled file). The view
-    counts are left to :func:`select_view`, which counts the rows of its view as it selects them.
-    ``all_codes=False`` (the NAD view, whose rows' codes :func:`select_view` checks) skips the
-    scan of every block's base codes.
+    ``labelled``: every label must be finite (shards built from a labelled file). The checks
+    that :func:`select_view` makes for ``view`` as it lays the rows out are left to it
+    (``shards.check_block``): the view counts, the lengths' sum and, for the NAD view, the
+    lengths and codes of the only rows it reads.
     ``verify=False`` skips the checks; only the benchmark that measures their cost uses it.
     """
 
     def stage(units: Iterable[Unit]) -> Iterator[tuple[BlockAt, dict[str, np.ndarray]]]:
         for unit in units:
-            decoded = read_block_range(unit.path, unit.blocks, unit.first_block, labelled, verify, count_views=False,
-                                       all_codes=all_codes)
+            decoded = read_block_range(unit.path, unit.blocks, unit.first_block, labelled, verify, view=view)
             for number, (entry, block) in enumerate(zip(unit.blocks, decoded), start=unit.first_block):
                 yield BlockAt(unit.path, number, entry), block
 
@@ -441,9 +440,9 @@ def read_units(labelled: bool, verify: bool = True, all_codes: bool = True):
 def select_view(view: str, width: int, verify: bool = True):
     """Stage: keep the rows of ``view`` and lay them out as fixed-width row arrays.
 
-    With ``verify``, the NAD view's rows must number the block's ``rows_nad`` and are
-    checked to be 110 bp of A C G T on their padded codes (``shards.check_nad_rows``)
-    before words are made of them. The top view keeps the rows whose label is >= the
+    Every view's layout checks the lengths' sum (``shards.row_offsets``). With ``verify``,
+    the NAD view's rows must number the block's ``rows_nad`` and are checked to be 110 bp
+    of A C G T as they are laid out (``shards.nad_row_codes``) before words are made of them. The top view keeps the rows whose label is >= the
     manifest's ``labels.top_threshold`` (compared as float32, as the build counted them;
     no bit is stored); with ``verify`` their count must be the block's ``rows_top``. The
     epoch plan rests on these counts.
@@ -479,14 +478,12 @@ def select_view(view: str, width: int, verify: bool = True):
                                           f"{len(rows)} NAD-eligible rows; the manifest says {where.entry.rows_nad}")
             if rows is not None and not len(rows):
                 continue
+            try:
+                codes = nad_row_codes(block, rows, verify) if bit == FLAG_NAD else padded_codes(block, rows, width)
+            except ValueError as exc:
+                raise ShardBlockError(where.path, where.number, where.offset, str(exc)) from None
             pick = slice(None) if rows is None else rows
-            codes = padded_codes(block, rows, width)
-            lengths = block["len"][pick].astype(np.int64)
-            if verify and bit == FLAG_NAD:
-                problem = check_nad_rows(codes, lengths, where.entry.max_length)
-                if problem is not None:
-                    raise ShardBlockError(where.path, where.number, where.offset, problem)
-            yield {"codes": codes, "len": lengths, "y": block["y"][pick],
+            yield {"codes": codes, "len": block["len"][pick].astype(np.int64), "y": block["y"][pick],
                    "line": block["line"][pick].astype(np.int64), "flags": block["flags"][pick]}
 
     return stage
@@ -657,7 +654,7 @@ class _RankStream(IterableDataset):
         units = plan.units[self.rank][logical]
         pipeline = wds.DataPipeline(
             lambda: iter(units),
-            read_units(labels_required(self.manifest), self.verify, all_codes=cfg.view != "nad"),
+            read_units(labels_required(self.manifest), cfg.view, self.verify),
             select_view(cfg.view, self.width, self.verify),
             shuffle_rows(cfg.shuffle_buffer, rng),
             batch_rows(cfg.batch_size, quota, skip, partial_last=not cfg.drop_last),

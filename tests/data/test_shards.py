@@ -418,3 +418,58 @@ def test_nad_rows_are_counted_from_every_flag_value_with_the_bit() -> None:
     assert shards_module.check_block(block, replace(entry, rows_nad=3), labelled=True) is None
     problem = shards_module.check_block(block, replace(entry, rows_nad=2), labelled=True)
     assert problem == "3 NAD-eligible and 0 top-expression rows; the manifest says 2 and 0"
+
+
+def _nad_block(lengths: list[int], seq: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A block of rows of ``lengths`` bp, of random A C G T unless ``seq`` is given, every row flagged NAD-eligible."""
+    rows = len(lengths)
+    seq = np.random.default_rng(7).integers(0, 4, sum(lengths), dtype=np.uint8) if seq is None else seq
+    return {"seq": seq, "len": np.asarray(lengths, np.uint16), "y": np.zeros(rows, np.float32),
+            "line": np.arange(rows, dtype=np.uint32), "flags": np.full(rows, FLAG_NAD, np.uint8)}
+
+
+def test_nad_row_codes_are_each_rows_110_bases() -> None:
+    block = _nad_block([110, 120, 110, 110])
+    starts = [0, 110, 230, 340]
+    rows = np.array([0, 2, 3])
+    codes = shards_module.nad_row_codes(block, rows)
+    np.testing.assert_array_equal(codes, [block["seq"][starts[r] : starts[r] + 110] for r in rows])
+    np.testing.assert_array_equal(codes, padded_codes(block, rows, 110))
+    assert shards_module.nad_row_codes(block, np.array([], np.int64)).shape == (0, 110)
+
+
+@pytest.mark.parametrize(("lengths", "code", "problem"), [
+    ([110, 109, 110], None, "a row flagged NAD-eligible is 109 bp, not 110"),
+    ([110, 110, 111], None, "a row flagged NAD-eligible is 111 bp, not 110"),
+    ([110, 110, 110], 4, "a row flagged NAD-eligible holds an N"),
+    ([110, 110, 110], 9, "a row flagged NAD-eligible holds a base code outside 0..4 (A C G T N)"),
+])
+def test_nad_row_codes_refuse_rows_that_are_not_110_bp_of_acgt(lengths: list[int], code: int | None,
+                                                              problem: str) -> None:
+    block = _nad_block(lengths)
+    if code is not None:
+        block["seq"][150] = code
+    with pytest.raises(ValueError, match=f"^{re.escape(problem)}$"):
+        shards_module.nad_row_codes(block, np.arange(len(lengths)))
+
+
+def test_nad_row_lengths_are_checked_past_the_byte_run_too() -> None:
+    # More NAD rows than the run of 110s compared as bytes: the lengths are compared one by one.
+    rows = 65_537
+    lengths = [110] * rows
+    lengths[-1] = 109
+    block = _nad_block(lengths, np.zeros(sum(lengths), np.uint8))
+    with pytest.raises(ValueError, match="is 109 bp, not 110"):
+        shards_module.nad_row_codes(block, np.arange(rows))
+    block = _nad_block([110] * rows, np.zeros(110 * rows, np.uint8))
+    assert shards_module.nad_row_codes(block, np.arange(rows)).shape == (rows, 110)
+
+
+def test_row_offsets_refuse_lengths_that_do_not_sum_to_the_bases_held() -> None:
+    block = _nad_block([110, 110])
+    np.testing.assert_array_equal(shards_module.row_offsets(block), [0, 110])
+    block["len"][1] = 111
+    with pytest.raises(ValueError, match="^row lengths sum to 221 bases but seq holds 220$"):
+        shards_module.row_offsets(block)
+    with pytest.raises(ValueError, match="^row lengths sum to 221 bases but seq holds 220$"):
+        padded_codes(block)

@@ -210,6 +210,22 @@ def test_a_nad_row_count_the_block_does_not_hold_is_named_by_the_nad_view_and_ve
     assert f"block {BLOCK} at byte {offset}: {held} NAD-eligible" in report and f"says {held + 1} and" in report
 
 
+def test_a_block_longer_than_its_index_says_is_named_by_the_views_that_lay_it_out(work: Path, capsys) -> None:
+    # The longest row sets the width other views lay rows out at; the NAD view checks its own rows' lengths instead.
+    manifest = json.loads((work / MANIFEST).read_text())
+    entry = manifest["splits"]["train"]["shards"][SHARD]["blocks"][BLOCK]
+    longest = entry[5]  # BlockIndex field order: offset, nbytes, rows, rows_nad, rows_top, max_length, checksum
+    entry[5] = longest - 1
+    (work / MANIFEST).write_text(json.dumps(manifest))
+    path, offset = target(work)
+    message = loader_error(work, ALL_ROWS)
+    assert message == f"{path}: block {BLOCK} at byte {offset}: longest row is {longest} bp; the manifest says " \
+                      f"{longest - 1}"
+    assert sum(len(batch["y"]) for batch in ShardLoader(work, NAD_ROWS, rank=0, world_size=1)) > 0
+    report = verify_report(work, capsys)
+    assert f"block {BLOCK} at byte {offset}: longest row is {longest} bp" in report
+
+
 # --------------------------------------------------------------------------- manifests of the wrong shape
 
 
