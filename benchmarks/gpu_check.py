@@ -73,6 +73,12 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 """Dense bf16 tensor-core peak by GPU name (datasheets; H100 and H200 SXM), for model FLOPs utilisation."""
 GSAM_TOLERANCE = 1e-3
 """Largest relative difference of a step's loss between GSAM at ZeRO 0 and ZeRO 3 (fp32, TF32 off)."""
+LEGNET_PUBLISHED_STEPS = 80_000
+"""LegNet's published run: 80 epochs x 1,000 batches (../shared/reference/models.md, "The winner: LegNet")."""
+LEGNET_PUBLISHED_ROWS_PER_STEP = 512
+"""Rows of one published step: batch 1,024 samples, each row once forward and once reverse-complemented."""
+LEGNET_PUBLISHED_HOURS = 8.0
+"""The published cost of those steps: about 8 h on one RTX A5000 (about 2,800 samples/s)."""
 DREAM_TRAIN_ROWS = 6_739_258
 """Rows of the DREAM 2022 training file: the size of the shard-build part on a GPU machine."""
 OPTIONAL_MODULES = ("gensim", "scipy", "matplotlib", "tensorboard")
@@ -634,6 +640,12 @@ class GPUCheck:
                    f"step{'s' if every > 1 else ''}); "
                    f"peak {peak / 2**30:.2f} GiB ({'GPU' if self.device == 'cuda' else 'RSS'}); "
                    f"{parameters:,} params")
+        if config.model == "legnet":
+            # samples_per_s counts rows (data.batch_size per micro batch); the model sees each row on both strands.
+            hours = LEGNET_PUBLISHED_STEPS * LEGNET_PUBLISHED_ROWS_PER_STEP / samples / 3600
+            figures["published_steps_hours"] = hours
+            summary += (f"; the published {LEGNET_PUBLISHED_STEPS:,} steps of {LEGNET_PUBLISHED_ROWS_PER_STEP} rows: "
+                        f"{hours:.1f} h at this rate (published: about {LEGNET_PUBLISHED_HOURS:g} h on one RTX A5000)")
         if config.model == "bert":
             tokens = tokens_per_row(config, self.shards)
             figures["tokens_per_s"] = samples * tokens

@@ -252,3 +252,23 @@ def test_a_run_submitted_again_on_fewer_tasks_resumes_with_the_same_losses(small
     assert steps == list(range(1, STEPS + 1))
     for step in steps:
         assert train[step]["loss"] == pytest.approx(expected[step]["loss"], rel=2e-4), step
+
+
+@pytest.mark.parametrize("name", ["legnet", "dream_rnn"])
+def test_the_winners_models_train_as_a_slurm_job(name: str, small_shards, tmp_path):
+    # LegNet and DREAM-RNN (the LegNet task: soft bins, both strands) through the same submission path.
+    out = tmp_path / "run"
+    config = REPO / "configs" / name / "debug.yaml"
+    tiny = [f"run.out_dir={out}", f"data.shards={small_shards}", "data.batch_size=16", "data.eval_batch_size=256",
+            "run.max_steps=4", "run.log_every=1", "run.checkpoint_every=4", "run.eval_every=4", "run.plots=false"]
+    job = submit_training(config, tiny, ClusterOptions(cluster="slurm", tasks_per_node=2, time="30",
+                                                       setup=list(SETUP)))
+    wait(job)
+    log = job_log(job, 0) + job_log(job, 1)
+    assert "task rank 0/2 (local 0/2, node 0/1)" in log and "task rank 1/2 (local 1/2, node 0/1)" in log
+    steps, train, val = records(out)
+    assert steps == [1, 2, 3, 4] and all(train[s]["loss"] > 0 for s in steps)  # KL divergence: finite, positive
+    assert [r["step"] for r in val] == [4] and -1 <= val[0]["pearson"] <= 1
+    assert (out / "checkpoints" / "latest").read_text() == "step00000004"
+    resolved = (out / "config.yaml").read_text()
+    assert f"name: {name}" in resolved and "soft_classification" in resolved
