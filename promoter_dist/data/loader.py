@@ -442,7 +442,8 @@ def select_view(view: str, width: int, verify: bool = True):
 
     Every view's layout checks the lengths' sum (``shards.row_offsets``). With ``verify``,
     the NAD view's rows must number the block's ``rows_nad`` and are checked to be 110 bp
-    of A C G T as they are laid out (``shards.nad_row_codes``) before words are made of them. The top view keeps the rows whose label is >= the
+    of A C G T as they are laid out (``shards.nad_row_codes``) before words are made of
+    them. The top view keeps the rows whose label is >= the
     manifest's ``labels.top_threshold`` (compared as float32, as the build counted them;
     no bit is stored); with ``verify`` their count must be the block's ``rows_top``. The
     epoch plan rests on these counts.

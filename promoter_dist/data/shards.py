@@ -1331,11 +1331,12 @@ def nad_row_codes(block: dict[str, np.ndarray], rows: np.ndarray, check: bool = 
     if not len(rows):
         return np.empty((0, NOMINAL_LENGTH), np.uint8)
     offsets = row_offsets(block)[rows]
-    lengths = block["len"][rows]
-    if check and not (_NOMINAL_LENGTHS.startswith(lengths.tobytes()) if len(rows) <= _UINT32_EXACT_ROWS
-                      else bool((lengths == NOMINAL_LENGTH).all())):
-        raise ValueError(f"a row flagged NAD-eligible is {int(lengths[lengths != NOMINAL_LENGTH][0])} bp, "
-                         f"not {NOMINAL_LENGTH}")
+    if check:
+        lengths = block["len"][rows]
+        if not (_NOMINAL_LENGTHS.startswith(lengths.tobytes()) if 2 * len(rows) <= len(_NOMINAL_LENGTHS)
+                else bool((lengths == NOMINAL_LENGTH).all())):
+            raise ValueError(f"a row flagged NAD-eligible is {int(lengths[lengths != NOMINAL_LENGTH][0])} bp, "
+                             f"not {NOMINAL_LENGTH}")
     codes = gather_windows(block["seq"], offsets, NOMINAL_LENGTH)
     if check and _MAX(codes, axis=None) > T:
         if _MAX(codes, axis=None) > MAX_CODE:
@@ -1410,10 +1411,11 @@ def padded_codes(block: dict[str, np.ndarray], rows: np.ndarray | None = None, w
     boolean-mask assignment, which cost more than the rest of the layout. A ValueError when the
     lengths do not sum to the bases held (:func:`row_offsets`).
     """
-    lengths = block["len"].astype(np.int64)
     offsets = row_offsets(block)
+    lengths = block["len"]
     if rows is not None:
         lengths, offsets = lengths[rows], offsets[rows]
+    lengths = lengths.astype(np.int64)
     width = int(lengths.max(initial=0)) if width is None else width
     seq = np.concatenate([block["seq"], np.full(max(width, 1), PAD, np.uint8)])
     codes = gather_windows(seq, offsets, width)
